@@ -1,0 +1,219 @@
+"""The append-only log: its interface, its errors, and the live tail every backend shares.
+
+A backend implements the storage methods (`append`, `read_all`, `read_stream`,
+`idempotent`, `transact`, `query`, ...). The tail is written once here, on top of
+`read_all` and the backend's commit notifications, so every backend resumes alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from events.envelope import Meta, RecordedEvent
+from events.types import EventData
+
+ANY: None = None
+"""Expected version: append whatever the stream's version is."""
+NO_STREAM = 0
+"""Expected version: the stream must not exist yet."""
+
+
+class WrongExpectedVersion(Exception):
+    def __init__(self, stream: str, expected: int, actual: int):
+        self.stream, self.expected, self.actual = stream, expected, actual
+        super().__init__(f"stream {stream!r} is at version {actual}, not {expected}")
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"idempotency key {key!r} was already used for a different append")
+
+
+class LogClosed(Exception):
+    """The log is closing; nothing more is accepted."""
+
+
+class Transaction(Protocol):
+    """What a projector may do inside an append's transaction: plain SQL with `?` parameters."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+
+Projector = Callable[[Transaction, list[RecordedEvent]], None]
+"""Called inside every append transaction with the events it records, in order.
+If it raises, the append fails and nothing of it is written."""
+
+T = TypeVar("T")
+
+
+class Page(NamedTuple):
+    events: list[RecordedEvent]
+    next: int
+    """The position to pass as `after` for the next page."""
+
+
+class TypeFilter:
+    """`types` as API.md defines it: exact names, or prefixes ending in `.` or `*`."""
+
+    def __init__(self, types: Iterable[str]):
+        self.exact: set[str] = set()
+        self.prefixes: list[str] = []
+        for t in types:
+            if t.endswith("*"):
+                self.prefixes.append(t[:-1])
+            elif t.endswith("."):
+                self.prefixes.append(t)
+            else:
+                self.exact.add(t)
+
+    def __call__(self, event_type: str) -> bool:
+        return event_type in self.exact or any(event_type.startswith(p) for p in self.prefixes)
+
+
+def matcher(streams: Sequence[str] | None, types: TypeFilter | None) -> Callable[[RecordedEvent], bool]:
+    stream_set = set(streams) if streams else None
+    return lambda e: (stream_set is None or e.stream in stream_set) and (types is None or types(e.type))
+
+
+class EventLog(ABC):
+    """One append-only log. Positions are global, gapless and start at 1."""
+
+    recent_capacity = 20_000
+    """How many of the newest events the tail keeps at hand for live readers."""
+
+    def __init__(self) -> None:
+        self._head = 0
+        self._advanced = asyncio.Event()
+        self._recent: list[RecordedEvent] = []  # contiguous positions ending at self._head
+
+    # --- storage, per backend -------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[EventData],
+        *,
+        expected: int | None = ANY,
+        meta: Meta | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> list[RecordedEvent]:
+        """Append atomically, durably; returns the recorded events.
+
+        With an `idempotency_key` already used with the same fingerprint (by default, a
+        digest of the stream and events), returns the events recorded then and writes
+        nothing; with another fingerprint raises IdempotencyConflict.
+        """
+
+    @abstractmethod
+    async def read_all(
+        self,
+        after: int = 0,
+        limit: int = 500,
+        *,
+        streams: Sequence[str] | None = None,
+        types: TypeFilter | None = None,
+        until: int | None = None,
+    ) -> Page:
+        """Events with position in (after, until], oldest first, at most `limit`."""
+
+    @abstractmethod
+    async def read_stream(
+        self, stream: str, after_version: int = 0, *, types: TypeFilter | None = None,
+        until_position: int | None = None, limit: int | None = None,
+    ) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    async def read_head(self) -> int:
+        """The head as stored, which another process may have moved."""
+
+    @abstractmethod
+    async def idempotent(self, key: str) -> tuple[str, list[RecordedEvent]] | None:
+        """The fingerprint and events of an append made with this key, if any."""
+
+    @abstractmethod
+    async def transact(self, fn: Callable[[Transaction], T]) -> T:
+        """Run fn in a write transaction of its own, serialised with appends."""
+
+    @abstractmethod
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """A read of the read models kept beside the log."""
+
+    # --- the live tail, shared by every backend -------------------------------
+
+    @property
+    def head(self) -> int:
+        """The last position this process knows to be committed."""
+        return self._head
+
+    def _committed(self, events: list[RecordedEvent]) -> None:
+        """Called by the backend, in position order, once events are durable."""
+        if not events or events[-1].position <= self._head:
+            return
+        if events[0].position == self._head + 1:
+            self._recent.extend(events)
+            if len(self._recent) > 2 * self.recent_capacity:
+                del self._recent[: -self.recent_capacity]
+        else:  # another process appended in between: the cache restarts here
+            self._recent = [e for e in events if e.position > self._head]
+            if self._recent[0].position != self._head + 1:
+                self._recent = []
+        self._head = events[-1].position
+        self._wake()
+
+    def _wake(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    def _recent_after(self, position: int, limit: int) -> list[RecordedEvent] | None:
+        recent = self._recent
+        if not recent or position + 1 < recent[0].position:
+            return None
+        start = position + 1 - recent[0].position
+        return recent[start : start + limit]
+
+    async def tail(
+        self,
+        after: int = 0,
+        *,
+        streams: Sequence[str] | None = None,
+        types: TypeFilter | None = None,
+        page: int = 500,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every matching event after `after`, history then live, each exactly once, in order.
+
+        It reads only committed events by position, so the seam between history and live
+        cannot gap or repeat.
+        """
+        match = matcher(streams, types)
+        position = after
+        while True:
+            advanced = self._advanced  # taken before reading the head: no missed wake-up
+            head = self._head
+            if position < head:
+                recent = self._recent_after(position, page)
+                if recent is None:
+                    got = await self.read_all(position, page, streams=streams, types=types, until=head)
+                    for event in got.events:
+                        yield event
+                    position = got.next
+                else:
+                    for event in recent:
+                        if match(event):
+                            yield event
+                    position = recent[-1].position
+                continue
+            await advanced.wait()

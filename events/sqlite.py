@@ -1,0 +1,412 @@
+"""The embedded SQLite backend of the log.
+
+Writes go through one writer thread that commits whatever appends are waiting as one
+transaction (group commit): one fsync serves many appends. Each append still checks
+its own expected version against the stream as the transaction sees it, so a conflict
+fails that append alone. The transaction reads the chain's tail itself, so another
+process appending to the same file keeps positions and hashes right.
+Reads go through aiosqlite connections; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import msgspec
+
+from events.envelope import (
+    GENESIS_HASH, Meta, RecordedEvent, canonical_json, chain_hash, encode_payload, now_rfc3339,
+)
+from events.log import (
+    EventLog, IdempotencyConflict, LogClosed, Page, Projector, Transaction, TypeFilter,
+    WrongExpectedVersion,
+)
+from events.types import EventData
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    meta BLOB NOT NULL,
+    recorded_at TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    UNIQUE (stream, version)
+);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    first_position INTEGER NOT NULL,
+    last_position INTEGER NOT NULL
+);
+"""
+
+COLUMNS = "position, stream, version, type, payload, meta, recorded_at, hash"
+_meta_encoder = msgspec.json.Encoder(order="sorted")
+
+
+class _Append:
+    __slots__ = ("stream", "payloads", "expected", "meta", "key", "fingerprint", "future")
+
+    def __init__(self, stream, payloads, expected, meta, key, fingerprint, future):
+        self.stream = stream
+        self.payloads: list[tuple[str, bytes, int]] = payloads  # (type, payload, schema)
+        self.expected: int | None = expected
+        self.meta: Meta = meta
+        self.key: str | None = key
+        self.fingerprint: str | None = fingerprint
+        self.future: asyncio.Future = future
+
+
+def _row(row: tuple) -> RecordedEvent:
+    return RecordedEvent(
+        position=row[0], stream=row[1], version=row[2], type=row[3],
+        payload=msgspec.Raw(row[4]), meta=msgspec.Raw(row[5]), recorded_at=row[6], hash=row[7],
+    )
+
+
+class _Tx:
+    """The Transaction a projector sees: the writer's connection, nothing more."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+
+def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
+    sql, params = [], []
+    if streams:
+        sql.append(f"stream IN ({','.join('?' * len(streams))})")
+        params.extend(streams)
+    if types is not None:
+        alternatives = []
+        if types.exact:
+            alternatives.append(f"type IN ({','.join('?' * len(types.exact))})")
+            params.extend(sorted(types.exact))
+        for prefix in types.prefixes:
+            alternatives.append("substr(type, 1, ?) = ?")
+            params.extend([len(prefix), prefix])
+        sql.append("(" + (" OR ".join(alternatives) or "0") + ")")
+    return "".join(f" AND {s}" for s in sql), params
+
+
+class SqliteLog(EventLog):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        projector: Projector | None = None,
+        durable: bool = True,
+        readers: int = 2,
+        poll_interval: float = 0.2,
+        max_batch: int = 2000,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        self.projector = projector
+        self.durable = durable
+        self.poll_interval = poll_interval
+        self.max_batch = max_batch
+        self._reader_count = readers
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mc-log-writer")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Append] = []
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_thread, self._open_writer)
+        for _ in range(self._reader_count):
+            reader = await aiosqlite.connect(self.path)
+            await reader.execute("PRAGMA busy_timeout = 10000")
+            await reader.execute("PRAGMA query_only = 1")
+            self._readers.append(reader)
+        self._head = await self.read_head()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="mc-log-writer"),
+            asyncio.create_task(self._watch_other_writers(), name="mc-log-watch"),
+        ]
+
+    def _open_writer(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'OFF'}")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        for task in self._tasks:
+            if task.get_name() == "mc-log-writer":
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # drains what was accepted before closing
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for reader in self._readers:
+            await reader.close()
+        loop = asyncio.get_running_loop()
+        if self._conn is not None:
+            await loop.run_in_executor(self._writer_thread, self._conn.close)
+        self._writer_thread.shutdown(wait=True)
+
+    # --- appends -----------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[EventData],
+        *,
+        expected: int | None = None,
+        meta: Meta | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> list[RecordedEvent]:
+        if self._closed:
+            raise LogClosed("the log is closed")
+        payloads = [(e.event_type, encode_payload(e), e.schema) for e in events]
+        if idempotency_key is not None and fingerprint is None:
+            digest = hashlib.sha256(stream.encode())
+            for event_type, payload, _ in payloads:
+                digest.update(b"\0" + event_type.encode() + b"\0" + payload)
+            fingerprint = digest.hexdigest()
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(
+            _Append(stream, payloads, expected, meta or Meta(), idempotency_key, fingerprint, future)
+        )
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                try:
+                    outcomes = await loop.run_in_executor(self._writer_thread, self._commit_batch, batch)
+                except Exception as exc:  # the database itself failed: every append in it fails
+                    outcomes = [exc] * len(batch)
+                committed: list[RecordedEvent] = []
+                for append, outcome in zip(batch, outcomes):
+                    if isinstance(outcome, tuple):
+                        recorded, fresh = outcome
+                        if fresh:
+                            committed.extend(recorded)
+                        if not append.future.done():
+                            append.future.set_result(recorded)
+                    elif not append.future.done():
+                        append.future.set_exception(outcome)
+                self._committed(committed)
+            if self._closed:
+                return
+
+    def _commit_batch(self, batch: list[_Append]) -> list[Any]:
+        """Runs on the writer thread. Returns per append (events, fresh) or an exception."""
+        try:
+            return self._commit(batch)
+        except _ProjectorFailed:
+            # Find the append the projector refuses; the others still commit.
+            return [self._commit([append])[0] for append in batch]
+
+    def _commit(self, batch: list[_Append]) -> list[Any]:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes, rows, keys = self._stage(conn, batch)
+            if rows:
+                conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+            if keys:
+                conn.executemany("INSERT INTO idempotency VALUES (?,?,?,?)", keys)
+            if self.projector is not None and rows:
+                fresh = [e for outcome in outcomes if isinstance(outcome, tuple) and outcome[1] for e in outcome[0]]
+                try:
+                    self.projector(_Tx(conn), fresh)
+                except Exception as exc:
+                    if len(batch) > 1:
+                        raise _ProjectorFailed from exc
+                    conn.execute("ROLLBACK")
+                    return [exc]
+            conn.execute("COMMIT")
+            return outcomes
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _stage(self, conn: sqlite3.Connection, batch: list[_Append]):
+        tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
+        position, previous = tail if tail else (0, GENESIS_HASH)
+        versions: dict[str, int] = {}
+        used_keys: dict[str, tuple[str, list[RecordedEvent]]] = {}
+        outcomes: list[Any] = []
+        rows: list[tuple] = []
+        keys: list[tuple] = []
+        for append in batch:
+            if append.key is not None:
+                earlier = used_keys.get(append.key) or self._recorded_for_key(conn, append.key)
+                if earlier is not None:
+                    fingerprint, recorded = earlier
+                    same = fingerprint == append.fingerprint
+                    outcomes.append((recorded, False) if same else IdempotencyConflict(append.key))
+                    continue
+            version = versions.get(append.stream)
+            if version is None:
+                version = conn.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (append.stream,)
+                ).fetchone()[0]
+            if append.expected is not None and append.expected != version:
+                outcomes.append(WrongExpectedVersion(append.stream, append.expected, version))
+                continue
+            recorded = []
+            for event_type, payload, schema in append.payloads:
+                position += 1
+                version += 1
+                meta = _meta_encoder.encode(msgspec.structs.replace(append.meta, schema=schema))
+                event = RecordedEvent(
+                    position=position, stream=append.stream, version=version, type=event_type,
+                    payload=msgspec.Raw(payload), meta=msgspec.Raw(meta), recorded_at=now_rfc3339(),
+                    hash="",
+                )
+                previous = chain_hash(previous, event)
+                event = msgspec.structs.replace(event, hash=previous)
+                rows.append((position, append.stream, version, event_type, payload, meta, event.recorded_at, previous))
+                recorded.append(event)
+            versions[append.stream] = version
+            if append.key is not None and recorded:
+                used_keys[append.key] = (append.fingerprint, recorded)
+                keys.append((append.key, append.fingerprint, recorded[0].position, recorded[-1].position))
+            outcomes.append((recorded, True))
+        return outcomes, rows, keys
+
+    @staticmethod
+    def _recorded_for_key(conn: sqlite3.Connection, key: str):
+        found = conn.execute(
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = ?", (key,)
+        ).fetchone()
+        if found is None:
+            return None
+        rows = conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position", found[1:]
+        ).fetchall()
+        return found[0], [_row(r) for r in rows]
+
+    async def transact(self, fn: Callable[[Transaction], T]) -> T:
+        def run() -> T:
+            conn = self._conn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(_Tx(conn))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
+
+    # --- reads -----------------------------------------------------------------
+
+    def _reader(self) -> aiosqlite.Connection:
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        return self._readers[self._next_reader]
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        async with self._reader().execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def read_head(self) -> int:
+        rows = await self.query("SELECT COALESCE(MAX(position), 0) FROM events")
+        return rows[0][0]
+
+    async def read_all(self, after=0, limit=500, *, streams=None, types=None, until=None) -> Page:
+        if until is None:
+            until = await self.read_head()
+        where, params = _filters(streams, types)
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ?{where} "
+            "ORDER BY position LIMIT ?",
+            [after, until, *params, limit],
+        )
+        events = [_row(r) for r in rows]
+        return Page(events, events[-1].position if len(events) == limit else max(after, until))
+
+    async def read_stream(self, stream, after_version=0, *, types=None, until_position=None, limit=None):
+        where, params = _filters(None, types)
+        if until_position is not None:
+            where += " AND position <= ?"
+            params.append(until_position)
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE stream = ? AND version > ?{where} ORDER BY version LIMIT ?",
+            [stream, after_version, *params, -1 if limit is None else limit],
+        )
+        return [_row(r) for r in rows]
+
+    async def idempotent(self, key: str):
+        rows = await self.query(
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = ?", (key,)
+        )
+        if not rows:
+            return None
+        fingerprint, first, last = rows[0]
+        page = await self.read_all(first - 1, last - first + 1, until=last)
+        return fingerprint, page.events
+
+    async def _watch_other_writers(self) -> None:
+        """Another process appending to the same file: its events reach tails within `poll_interval`."""
+        reader = await aiosqlite.connect(self.path)
+        try:
+            last = None
+            while True:
+                async with reader.execute("PRAGMA data_version") as cursor:
+                    (version,) = await cursor.fetchone()
+                if version != last:
+                    last = version
+                    head = await self.read_head()
+                    while self._head < head:
+                        page = await self.read_all(self._head, self.recent_capacity, until=head)
+                        self._committed(page.events)
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            await reader.close()
+
+
+class _ProjectorFailed(Exception):
+    pass

@@ -1,0 +1,265 @@
+"""The event types: one msgspec Struct per event name in API.md.
+
+An event's payload is the Struct encoded with camelCase keys; its name lives in the
+`event_type` class variable and is stored beside the payload in the envelope, so payloads
+carry no type tag of their own. `schema` is the payload's current shape version;
+older shapes are turned into the current one by `events.upcast`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+
+TaskType = Literal["prompt", "command"]
+OutputStream = Literal["stdout", "stderr", "text"]
+Decision = Literal["approve", "reject"]
+AgentKind = Literal["shell", "exec", "openai", "echo"]
+AgentStatus = Literal["active", "paused", "stopped", "error"]
+Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
+
+
+class EventData(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
+    """Base of every event payload."""
+
+    event_type: ClassVar[str]
+    schema: ClassVar[int] = 1
+
+
+# Tasks
+
+
+class TaskCreated(EventData):
+    event_type: ClassVar[str] = "task.created"
+    task_id: str
+    type: TaskType
+    content: str
+    project_id: str
+    created_by: str
+    title: str | None = None
+    description: str | None = None
+    desktop_id: str | None = None
+    agent_id: str | None = None
+    requires_approval: bool = False
+    priority: Priority = 5
+    timeout_seconds: int | None = None
+    metadata: dict[str, Any] = {}
+    depends_on: list[str] = []
+    webhook_url: str | None = None
+
+
+class TaskUpdated(EventData):
+    """Only the fields that changed are present."""
+
+    event_type: ClassVar[str] = "task.updated"
+    task_id: str
+    title: str | None | msgspec.UnsetType = msgspec.UNSET
+    description: str | None | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+    priority: Priority | msgspec.UnsetType = msgspec.UNSET
+    metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    timeout_seconds: int | None | msgspec.UnsetType = msgspec.UNSET
+    desktop_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    requires_approval: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class TaskArchived(EventData):
+    """The tombstone; `archived: false` brings a task back into default listings."""
+
+    event_type: ClassVar[str] = "task.archived"
+    task_id: str
+    archived: bool = True
+
+
+class TaskStarted(EventData):
+    event_type: ClassVar[str] = "task.started"
+    task_id: str
+    run_id: str
+    agent_id: str
+
+
+class TaskOutput(EventData):
+    event_type: ClassVar[str] = "task.output"
+    task_id: str
+    run_id: str
+    seq: int
+    stream: OutputStream
+    chunk: str
+
+
+class TaskInputRequested(EventData):
+    event_type: ClassVar[str] = "task.input_requested"
+    task_id: str
+    run_id: str
+    prompt: str = ""
+
+
+class TaskMessage(EventData):
+    event_type: ClassVar[str] = "task.message"
+    task_id: str
+    run_id: str
+    message: str
+
+
+class TaskReview(EventData):
+    """The run finished and its deliverable waits for a person's decision."""
+
+    event_type: ClassVar[str] = "task.review"
+    task_id: str
+    run_id: str
+    result: str | None = None
+
+
+class TaskCompleted(EventData):
+    event_type: ClassVar[str] = "task.completed"
+    task_id: str
+    run_id: str
+    result: str | None = None
+
+
+class TaskFailed(EventData):
+    event_type: ClassVar[str] = "task.failed"
+    task_id: str
+    reason: str
+    error: str
+    run_id: str | None = None
+    exit_code: int | None = None
+    result: str | None = None
+
+
+class TaskCancelled(EventData):
+    event_type: ClassVar[str] = "task.cancelled"
+    task_id: str
+    run_id: str | None = None
+    reason: str | None = None
+
+
+class TaskRetried(EventData):
+    event_type: ClassVar[str] = "task.retried"
+    task_id: str
+
+
+# Approvals (recorded in the task's stream, in the same append as the task's own event)
+
+
+class ApprovalCreated(EventData):
+    event_type: ClassVar[str] = "approval.created"
+    approval_id: str
+    task_id: str
+    run_id: str
+
+
+class ApprovalResolved(EventData):
+    event_type: ClassVar[str] = "approval.resolved"
+    approval_id: str
+    task_id: str
+    decision: Decision
+    feedback: str | None = None
+
+
+# Presence (its own stream per task, so watching a task never moves the task's version)
+
+
+class PresenceMarked(EventData):
+    event_type: ClassVar[str] = "presence.marked"
+    task_id: str
+    device_id: str
+    ttl_seconds: int = 60
+
+
+class PresenceCleared(EventData):
+    event_type: ClassVar[str] = "presence.cleared"
+    task_id: str
+    device_id: str
+
+
+# Agents
+
+
+class AgentRegistered(EventData):
+    event_type: ClassVar[str] = "agent.registered"
+    agent_id: str
+    name: str
+    kind: AgentKind
+    config: dict[str, Any] = {}
+
+
+class AgentUpdated(EventData):
+    event_type: ClassVar[str] = "agent.updated"
+    agent_id: str
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    config: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    status: AgentStatus | msgspec.UnsetType = msgspec.UNSET
+
+
+class AgentPaused(EventData):
+    event_type: ClassVar[str] = "agent.paused"
+    agent_id: str
+
+
+class AgentResumed(EventData):
+    event_type: ClassVar[str] = "agent.resumed"
+    agent_id: str
+
+
+# Projects
+
+
+class ProjectCreated(EventData):
+    event_type: ClassVar[str] = "project.created"
+    project_id: str
+    name: str
+    context: str = ""
+    members: list[str] = []
+
+
+class ProjectUpdated(EventData):
+    event_type: ClassVar[str] = "project.updated"
+    project_id: str
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    context: str | msgspec.UnsetType = msgspec.UNSET
+    members: list[str] | msgspec.UnsetType = msgspec.UNSET
+
+
+# API keys: the hash of the secret, never the secret
+
+
+class ApiKeyIssued(EventData):
+    event_type: ClassVar[str] = "apikey.issued"
+    key_id: str
+    user: str
+    scopes: list[str]
+    token_hash: str
+    project_id: str | None = None
+
+
+class ApiKeyRevoked(EventData):
+    event_type: ClassVar[str] = "apikey.revoked"
+    key_id: str
+
+
+# Webhook deliveries: each attempt's outcome is on the record
+
+
+class WebhookAttempted(EventData):
+    event_type: ClassVar[str] = "webhook.attempted"
+    delivery_id: str
+    task_id: str
+    url: str
+    attempt: int
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    cls.event_type: cls
+    for cls in (
+        TaskCreated, TaskUpdated, TaskArchived, TaskStarted, TaskOutput, TaskInputRequested,
+        TaskMessage, TaskReview, TaskCompleted, TaskFailed, TaskCancelled, TaskRetried,
+        ApprovalCreated, ApprovalResolved, PresenceMarked, PresenceCleared,
+        AgentRegistered, AgentUpdated, AgentPaused, AgentResumed,
+        ProjectCreated, ProjectUpdated, ApiKeyIssued, ApiKeyRevoked, WebhookAttempted,
+    )
+}
