@@ -1,8 +1,8 @@
 """What happened and the log that keeps it. Imports nothing else of Mission Control."""
 
 from events.envelope import (
-    GENESIS_HASH, InvalidEvent, Meta, RecordedEvent, UnknownEventType, canonical_json, chain_hash,
-    decode, decode_meta,
+    GENESIS_HASH, Event, InvalidEvent, Meta, RecordedEvent, UnknownEventType, canonical_json,
+    chain_hash, decode, decode_meta, typed,
 )
 from events.log import (
     ANY, NO_STREAM, EventLog, IdempotencyConflict, LogClosed, Page, Projector, Transaction,
@@ -11,10 +11,10 @@ from events.log import (
 from events.types import EVENT_TYPES, EventData
 
 __all__ = [
-    "ANY", "EVENT_TYPES", "GENESIS_HASH", "NO_STREAM", "EventData", "EventLog", "IdempotencyConflict",
+    "ANY", "EVENT_TYPES", "GENESIS_HASH", "Event", "NO_STREAM", "EventData", "EventLog", "IdempotencyConflict",
     "InvalidEvent", "LogClosed", "Meta", "Page", "Projector", "RecordedEvent", "Transaction",
     "TypeFilter", "UnknownEventType", "WrongExpectedVersion", "canonical_json", "chain_hash",
-    "decode", "decode_meta", "open_log",
+    "decode", "decode_meta", "open_log", "typed",
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -116,3 +116,21 @@ def decode(event: RecordedEvent) -> EventData:
     if schema == cls.schema:
         return msgspec.json.decode(event.payload, type=cls)
     return msgspec.convert(upcast(event.type, schema, msgspec.json.decode(event.payload)), cls)
+
+
+class Event(NamedTuple):
+    """A recorded event with its payload decoded into its current type."""
+
+    data: EventData
+    position: int
+    stream: str
+    version: int
+    recorded_at: str
+    actor: str | None
+
+
+def typed(event: RecordedEvent) -> Event:
+    return Event(
+        decode(event), event.position, event.stream, event.version, event.recorded_at,
+        _meta_decoder.decode(event.meta).actor,
+    )

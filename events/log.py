@@ -44,6 +44,10 @@ class Transaction(Protocol):
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
 
+    def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
+        """Committed events in (after, until], as this transaction sees them."""
+        ...
+
 
 Projector = Callable[[Transaction, list[RecordedEvent]], None]
 """Called inside every append transaction with the events it records, in order.

@@ -93,6 +93,13 @@ class _Tx:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._conn.executemany(sql, rows)
 
+    def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
+        rows = self._conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (after, until, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
 
 def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
     sql, params = [], []

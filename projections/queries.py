@@ -1,0 +1,171 @@
+"""Reads of the read models: what the API serves. Each answers from the tables alone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from events import EventLog, typed
+from projections.agents import Agent
+from projections.apikeys import ApiKey
+from projections.approvals import Approval
+from projections.projects import Project
+from projections.store import APIKEYS, MODELS
+from projections.tasks import STATUSES, Task, evolve
+
+_decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def _one(log: EventLog, table: str, key: str) -> Any:
+    rows = await log.query(f"SELECT state FROM {table} WHERE id = ?", (key,))
+    return _decoders[table].decode(rows[0][0]) if rows else None
+
+
+async def watchers(log: EventLog, task_ids: list[str]) -> dict[str, list[str]]:
+    """Devices whose presence has not expired, judged against the clock now."""
+    if not task_ids:
+        return {}
+    marks = ",".join("?" * len(task_ids))
+    rows = await log.query(
+        f"SELECT task_id, state FROM presence WHERE task_id IN ({marks}) AND expires_at > ? ORDER BY id",
+        [*task_ids, _now()],
+    )
+    found: dict[str, list[str]] = {}
+    for task_id, state in rows:
+        found.setdefault(task_id, []).append(_decoders["presence"].decode(state).device_id)
+    return found
+
+
+async def task(log: EventLog, task_id: str) -> Task | None:
+    found: Task | None = await _one(log, "tasks", task_id)
+    if found is not None:
+        found.watchers = (await watchers(log, [task_id])).get(task_id, [])
+    return found
+
+
+async def task_as_of(log: EventLog, task_id: str, position: int) -> Task | None:
+    """The task as it stood at a log position, folded from its own events."""
+    state: Task | None = None
+    for recorded in await log.read_stream(f"task-{task_id}", until_position=position):
+        state = evolve(state, typed(recorded))
+    return state
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def tasks(
+    log: EventLog,
+    *,
+    statuses: list[str] | None = None,
+    desktop_id: str | None = None,
+    agent_id: str | None = None,
+    project_ids: list[str] | None = None,
+    search: str | None = None,
+    archived: bool | None = False,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Task], int]:
+    """Newest first, and the total that matches. `project_ids` None means every project."""
+    where, params = ["1"], []
+    if statuses:
+        where.append(f"status IN ({','.join('?' * len(statuses))})")
+        params += statuses
+    for column, value in (("desktop_id", desktop_id), ("agent_id", agent_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if project_ids is not None:
+        where.append(f"project_id IN ({','.join('?' * len(project_ids)) or 'NULL'})")
+        params += project_ids
+    if search:
+        where.append("(title LIKE ? ESCAPE '\\' OR content LIKE ? ESCAPE '\\')")
+        params += [f"%{_escape_like(search)}%"] * 2
+    if archived is not None:
+        where.append("archived = ?")
+        params.append(int(archived))
+    condition = " AND ".join(where)
+    total = (await log.query(f"SELECT COUNT(*) FROM tasks WHERE {condition}", params))[0][0]
+    rows = await log.query(
+        f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    )
+    found = [_decoders["tasks"].decode(r[0]) for r in rows]
+    live = await watchers(log, [t.id for t in found])
+    for t in found:
+        t.watchers = live.get(t.id, [])
+    return found, total
+
+
+async def approval(log: EventLog, approval_id: str) -> Approval | None:
+    return await _one(log, "approvals", approval_id)
+
+
+async def approvals(log: EventLog, status: str | None) -> list[Approval]:
+    where, params = ("WHERE status = ?", [status]) if status else ("", [])
+    rows = await log.query(f"SELECT state FROM approvals {where} ORDER BY created_position", params)
+    return [_decoders["approvals"].decode(r[0]) for r in rows]
+
+
+async def agent(log: EventLog, agent_id: str) -> Agent | None:
+    return await _one(log, "agents", agent_id)
+
+
+async def agents(log: EventLog) -> list[Agent]:
+    rows = await log.query("SELECT state FROM agents ORDER BY created_at, id")
+    return [_decoders["agents"].decode(r[0]) for r in rows]
+
+
+async def project(log: EventLog, project_id: str) -> Project | None:
+    return await _one(log, "projects", project_id)
+
+
+async def projects(log: EventLog) -> list[Project]:
+    rows = await log.query("SELECT state FROM projects ORDER BY created_at, id")
+    return [_decoders["projects"].decode(r[0]) for r in rows]
+
+
+async def api_key_by_hash(log: EventLog, token_hash: str) -> ApiKey | None:
+    rows = await log.query(f"SELECT state FROM {APIKEYS.table} WHERE token_hash = ?", (token_hash,))
+    return _decoders["apikeys"].decode(rows[0][0]) if rows else None
+
+
+async def api_keys(log: EventLog) -> list[ApiKey]:
+    rows = await log.query("SELECT state FROM apikeys ORDER BY created_at, id")
+    return [_decoders["apikeys"].decode(r[0]) for r in rows]
+
+
+class Counters(msgspec.Struct):
+    tasks: dict[str, int]
+    active_desktops: int
+    active_agents: int
+    approvals_pending: int
+    streams: int
+    checkpoint: int
+
+
+async def counters(log: EventLog) -> Counters:
+    """The overview's figures: a handful of rows, whatever the size of the log."""
+    rows = dict(await log.query("SELECT name, value FROM counters WHERE name NOT LIKE 'desktop:%'"))
+    desktops = (await log.query("SELECT COUNT(*) FROM counters WHERE name LIKE 'desktop:%' AND value > 0"))[0][0]
+    position = (await log.query("SELECT position FROM checkpoint"))[0][0]
+    return Counters(
+        tasks={s: rows.get(f"tasks.{s}", 0) for s in STATUSES},
+        active_desktops=desktops,
+        active_agents=rows.get("agents.active", 0),
+        approvals_pending=rows.get("approvals.pending", 0),
+        streams=rows.get("log.streams", 0),
+        checkpoint=position,
+    )
+
+
+async def running_count(log: EventLog) -> int:
+    rows = await log.query("SELECT COALESCE(SUM(value), 0) FROM counters WHERE name IN ('tasks.running', 'tasks.awaiting_input')")
+    return rows[0][0]

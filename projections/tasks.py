@@ -1,0 +1,110 @@
+"""The task: its state machine's fold. `decide` (service/deciders.py) reads the same state."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from events import Event
+from events import types as t
+
+Status = Literal["pending", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = ("pending", "running", "awaiting_input", "review", "done", "failed", "cancelled")
+ACTIVE: frozenset[str] = frozenset({"running", "awaiting_input"})
+"""Statuses that hold one of the `maxConcurrent` run slots."""
+
+
+class Task(msgspec.Struct, kw_only=True, rename="camel"):
+    id: str
+    type: t.TaskType
+    content: str
+    title: str | None = None
+    description: str | None = None
+    status: Status = "pending"
+    project_id: str
+    desktop_id: str | None = None
+    agent_id: str | None = None
+    requires_approval: bool = False
+    priority: int = 5
+    timeout_seconds: int | None = None
+    metadata: dict[str, Any] = {}
+    depends_on: list[str] = []
+    webhook_url: str | None = None
+    created_by: str
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    archived: bool = False
+    version: int = 0
+    runs: int = 0
+    result: str | None = None
+    error: str | None = None
+    watchers: list[str] = []
+    """Devices with live presence: judged at read time, never stored by `evolve`."""
+    run_id: str | None = None
+    """The current or last run."""
+    approval_id: str | None = None
+    """The approval of the current review, if any."""
+    input_prompt: str | None = None
+    """What the agent asked for while `awaiting_input`."""
+    created_position: int = 0
+
+
+def evolve(task: Task | None, event: Event) -> Task | None:
+    data = event.data
+    if isinstance(data, t.TaskCreated):
+        return Task(
+            id=data.task_id, type=data.type, content=data.content, title=data.title,
+            description=data.description, project_id=data.project_id, desktop_id=data.desktop_id,
+            agent_id=data.agent_id, requires_approval=data.requires_approval, priority=data.priority,
+            timeout_seconds=data.timeout_seconds, metadata=data.metadata, depends_on=data.depends_on,
+            webhook_url=data.webhook_url, created_by=data.created_by, created_at=event.recorded_at,
+            version=event.version, created_position=event.position,
+        )
+    if task is None:
+        return None
+    changes: dict[str, Any] = {"version": event.version}
+    if isinstance(data, t.TaskUpdated):
+        changes |= {
+            f: getattr(data, f) for f in data.__struct_fields__
+            if f != "task_id" and getattr(data, f) is not msgspec.UNSET
+        }
+    elif isinstance(data, t.TaskArchived):
+        changes["archived"] = data.archived
+    elif isinstance(data, t.TaskStarted):
+        changes |= dict(
+            status="running", run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
+            completed_at=None, runs=task.runs + 1, result=None, error=None, approval_id=None,
+        )
+    elif isinstance(data, t.TaskInputRequested):
+        changes |= dict(status="awaiting_input", input_prompt=data.prompt)
+    elif isinstance(data, t.TaskMessage):
+        changes |= dict(status="running", input_prompt=None)
+    elif isinstance(data, t.TaskReview):
+        changes |= dict(status="review", result=data.result)
+    elif isinstance(data, t.ApprovalCreated):
+        changes["approval_id"] = data.approval_id
+    elif isinstance(data, t.TaskCompleted):
+        changes |= dict(status="done", completed_at=event.recorded_at)
+        if data.result is not None:
+            changes["result"] = data.result
+    elif isinstance(data, t.TaskFailed):
+        changes |= dict(status="failed", completed_at=event.recorded_at, error=data.error, input_prompt=None)
+        if data.result is not None:
+            changes["result"] = data.result
+    elif isinstance(data, t.TaskCancelled):
+        changes |= dict(
+            status="cancelled", completed_at=event.recorded_at, input_prompt=None,
+            error=f"cancelled: {data.reason}" if data.reason else "cancelled",
+        )
+    elif isinstance(data, t.TaskRetried):
+        changes |= dict(status="pending", completed_at=None)
+    return msgspec.structs.replace(task, **changes)
+
+
+def task_id_of(data: t.EventData) -> str | None:
+    """The task whose state an event moves: every task.* and approval.* event."""
+    if isinstance(data, (t.ApprovalCreated, t.ApprovalResolved)) or data.event_type.startswith("task."):
+        return data.task_id  # type: ignore[attr-defined]
+    return None

@@ -1,0 +1,257 @@
+"""The `mission-control` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from events import open_log
+from events.verify import verify_chain
+from projections import queries, store
+from service import auth
+from service.settings import Settings, env_name, from_env
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(env_name(name), default)
+
+
+async def _with_log(settings: Settings, work):
+    log = open_log(str(settings.database), projector=store.project, durable=settings.durable)
+    await log.open()
+    try:
+        await store.prepare(log)
+        return await work(log)
+    finally:
+        await log.close()
+
+
+def _progress(description: str):
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    return update
+
+
+# --- serve ---------------------------------------------------------------------
+
+
+async def first_admin_key(settings: Settings) -> str | None:
+    """On an empty log: issue an admin key, write it to a 0600 file, return it (once)."""
+
+    async def work(log):
+        if await log.read_head() > 0 and await queries.api_keys(log):
+            return None
+        _, token = await auth.issue_key(log, "admin", ["admin"], actor="mission-control:serve")
+        path = Path(settings.data_dir) / ADMIN_TOKEN_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        return token
+
+    return await _with_log(settings, work)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure
+
+    configure()
+    settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    token = asyncio.run(first_admin_key(settings))
+    if token is not None:
+        print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
+        print(token, flush=True)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, access_log=False,
+        log_level="warning", timeout_graceful_shutdown=3, lifespan="on",
+    )
+    return 0
+
+
+# --- tokens ----------------------------------------------------------------------
+
+
+def token_create(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+
+    async def work(log):
+        return await auth.issue_key(log, args.user, scopes, args.project, actor="mission-control:cli")
+
+    try:
+        key_id, token = asyncio.run(_with_log(settings, work))
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"key {key_id} for {args.user} with {', '.join(scopes)}")
+    print(token)
+    return 0
+
+
+def token_list(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+    keys = asyncio.run(_with_log(settings, queries.api_keys))
+    for key in keys:
+        state = "revoked" if key.revoked else "active"
+        print(f"{key.id}  {key.user:<20} {state:<8} {','.join(key.scopes)}  {key.project_id or ''}".rstrip())
+    return 0
+
+
+def token_revoke(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+
+    async def work(log):
+        return await auth.revoke_key(log, args.key_id, actor="mission-control:cli")
+
+    if not asyncio.run(_with_log(settings, work)):
+        return _fail(f"no key {args.key_id}")
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+# --- the auditor's commands ------------------------------------------------------------
+
+
+def verify(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+    against = None
+    if args.against:
+        position, _, digest = args.against.partition(":")
+        if not position.isdigit() or len(digest) != 64:
+            return _fail("--against takes POSITION:HASH, e.g. 1234:9f86d0…")
+        against = (int(position), digest.lower())
+
+    async def work(log):
+        return await verify_chain(log, against=against, progress=_progress("verifying"))
+
+    report = asyncio.run(_with_log(settings, work))
+    if report.ok:
+        print(f"ok: {report.checked} events, head {report.head}")
+        return 0
+    print(f"broken at position {report.first_bad_position}: {report.reason}", file=sys.stderr)
+    return 1
+
+
+def export(args) -> int:
+    import msgspec
+
+    settings = from_env(data_dir=args.data_dir)
+    encoder = msgspec.json.Encoder()
+    out = sys.stdout.buffer
+
+    async def work(log):
+        after, head = args.after, await log.read_head()
+        progress = _progress("exporting")
+        while after < head:
+            page = await log.read_all(after, 5000, until=head)
+            out.write(b"".join(encoder.encode(e) + b"\n" for e in page.events))
+            after = page.next
+            if progress:
+                progress(after, head)
+        out.flush()
+
+    asyncio.run(_with_log(settings, work))
+    return 0
+
+
+def rebuild(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+
+    async def work(log):
+        return await store.rebuild(log, _progress("rebuilding read models"))
+
+    position = asyncio.run(_with_log(settings, work))
+    print(f"rebuilt every read model from {position} events")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"mission-control: {message}", file=sys.stderr)
+    return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="mission-control",
+        description="Hand tasks to AI agents and shell workers, watch them run, prove what happened.",
+        epilog="Example: mission-control serve --port 8000 --data-dir ./var",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn, help_: str, example: str):
+        sub = commands.add_parser(name, help=help_, description=help_, epilog=f"Example: {example}")
+        sub.set_defaults(fn=fn)
+        return sub
+
+    def data_dir(sub):
+        sub.add_argument("--data-dir", default=_env("data_dir"),
+                         help=f"where the log lives (default ./var; env {env_name('data_dir')})")
+
+    sub = command("serve", serve, "Run the service on the embedded SQLite log.",
+                  "mission-control serve --host 127.0.0.1 --port 8000 --data-dir ./var")
+    sub.add_argument("--host", default=_env("host"), help="address to listen on (default 127.0.0.1; env MC_HOST)")
+    sub.add_argument("--port", type=int, default=_env("port"), help="port (default 8000; env MC_PORT)")
+    data_dir(sub)
+
+    token = command("token", None, "Issue, list and revoke API keys.",
+                    "mission-control token create --user alice --scopes task:read,task:write")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    sub = token_commands.add_parser("create", help="issue a key; the token is printed once, on the last line",
+                                    epilog="Example: mission-control token create --user alice --scopes task:read")
+    sub.set_defaults(fn=token_create)
+    sub.add_argument("--user", required=True, help="the user the key acts as")
+    sub.add_argument("--scopes", required=True, help=f"comma list of {', '.join(auth.SCOPES)}")
+    sub.add_argument("--project", default=None, help="restrict the key to this project id")
+    data_dir(sub)
+    sub = token_commands.add_parser("list", help="list keys (never their secrets)",
+                                    epilog="Example: mission-control token list")
+    sub.set_defaults(fn=token_list)
+    data_dir(sub)
+    sub = token_commands.add_parser("revoke", help="revoke a key by id",
+                                    epilog="Example: mission-control token revoke 0b7e…")
+    sub.set_defaults(fn=token_revoke)
+    sub.add_argument("key_id")
+    data_dir(sub)
+
+    sub = command("verify", verify, "Check the log's hash chain; exit 1 with the first bad position.",
+                  "mission-control verify --against 1234:9f86d081…")
+    sub.add_argument("--against", help="POSITION:HASH of a digest saved earlier that the log must still extend")
+    data_dir(sub)
+
+    sub = command("export", export, "Write the log as NDJSON, one recorded event a line, to stdout.",
+                  "mission-control export --after 0 > log.ndjson")
+    sub.add_argument("--after", type=int, default=0, help="start after this position")
+    data_dir(sub)
+
+    sub = command("rebuild", rebuild, "Drop every read model and refold it from the log.",
+                  "mission-control rebuild --data-dir ./var")
+    data_dir(sub)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""What every handler needs from a request: who is asking, and the meta they append under."""
+
+from __future__ import annotations
+
+import hashlib
+
+from starlette.requests import Request
+
+from events import EventLog, Meta
+from projections import queries
+from projections.tasks import Task
+from service.auth import Principal, visible_projects
+from service.commands import Commands, Idempotency
+from service.deciders import Rejected
+from service.http import parse_uuid
+from service.runner import Runner
+from service.settings import Settings
+
+
+def log_of(request: Request) -> EventLog:
+    return request.app.state.log
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def commands_of(request: Request) -> Commands:
+    return request.app.state.commands
+
+
+def runner_of(request: Request) -> Runner:
+    return request.app.state.runner
+
+
+def principal(request: Request, scope: str) -> Principal:
+    """The caller (authenticated by the middleware), refused 403 without `scope`."""
+    found: Principal = request.state.principal
+    found.require(scope)
+    return found
+
+
+def meta(request: Request, who: Principal) -> Meta:
+    return Meta(actor=who.user, request_id=request.state.request_id)
+
+
+def idempotency(request: Request, who: Principal, body: bytes) -> Idempotency | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200:
+        raise Rejected(400, "invalid_request", "Idempotency-Key must be 1 to 200 characters.")
+    fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\0".encode() + body).hexdigest()
+    return Idempotency(f"{who.user}\0{key}", fingerprint)
+
+
+async def replayed(request: Request, idem: Idempotency | None):
+    """The events a request with this key recorded before, or None. 409 if the body differs."""
+    if idem is None:
+        return None
+    found = await log_of(request).idempotent(idem.key)
+    if found is None:
+        return None
+    fingerprint, recorded = found
+    if fingerprint != idem.fingerprint:
+        raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
+    return recorded
+
+
+async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
+    allowed = await visible_projects(log_of(request), who)
+    return allowed is None or project_id in allowed
+
+
+async def visible_task(request: Request, who: Principal, task_id: str | None = None) -> Task:
+    """The task named in the path, or 404 when it does not exist or lies outside the caller's projects."""
+    task_id = parse_uuid(task_id or request.path_params["task_id"], "Task id")
+    task = await queries.task(log_of(request), task_id)
+    if task is None or not await can_see_project(request, who, task.project_id):
+        raise Rejected(404, "not_found", "Task not found.")
+    return task

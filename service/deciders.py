@@ -1,0 +1,246 @@
+"""Pure deciders: `decide(state, command) -> events`, or `Rejected` saying why not.
+
+Each reads the state folded by `projections` (the same `evolve` that builds the read
+models), so the task's state machine exists in one place. No I/O here: everything a
+decision depends on (the agent, the running count, the dependencies) is in the command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from events import types as t
+from projections.agents import Agent
+from projections.approvals import Approval
+from projections.tasks import ACTIVE, Task
+
+
+class Rejected(Exception):
+    """A command that cannot be carried out: an HTTP status, a machine word and a sentence."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+def invalid_status(task: Task, action: str, allowed: str) -> Rejected:
+    return Rejected(409, "invalid_status", f"Cannot {action} a task that is {task.status}; it must be {allowed}.")
+
+
+# --- commands --------------------------------------------------------------
+
+
+class Command(msgspec.Struct, kw_only=True):
+    pass
+
+
+class CreateTask(Command):
+    event: t.TaskCreated
+
+
+class UpdateTask(Command):
+    changes: dict[str, Any]
+    """Field name (snake_case) to new value; only the fields the client sent."""
+
+
+class ArchiveTask(Command):
+    archived: bool = True
+
+
+class StartRun(Command):
+    run_id: str
+    agent: Agent | None
+    agent_id: str
+    running: int
+    limit: int
+    dependencies: dict[str, str | None]
+    """Each dependsOn task id to its status (None if it does not exist)."""
+
+
+class CancelTask(Command):
+    reason: str | None = None
+
+
+class RetryTask(Command):
+    pass
+
+
+class SendMessage(Command):
+    message: str
+
+
+class Review(Command):
+    decision: t.Decision
+    feedback: str | None = None
+
+
+class RecordOutput(Command):
+    run_id: str
+    chunks: list[tuple[int, str, str]]
+    """(seq, stream, chunk) in order."""
+
+
+class RequestInput(Command):
+    run_id: str
+    prompt: str
+
+
+class FinishRun(Command):
+    run_id: str
+    approval_id: str
+    result: str | None
+
+
+class FailRun(Command):
+    run_id: str
+    reason: str
+    error: str
+    exit_code: int | None = None
+    result: str | None = None
+
+
+# --- the task's decider ------------------------------------------------------
+
+PATCHABLE_ANY_TIME = frozenset({"title", "metadata", "archived"})
+
+
+def decide(task: Task | None, command: Command) -> list[t.EventData]:
+    if isinstance(command, CreateTask):
+        if task is not None:
+            raise Rejected(409, "already_exists", f"Task {task.id} already exists.")
+        return [command.event]
+    if task is None:
+        raise Rejected(404, "not_found", "Task not found.")
+    handler = _TASK_DECIDERS[type(command)]
+    return handler(task, command)
+
+
+def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
+    changes = {k: v for k, v in c.changes.items() if getattr(task, k) != v}
+    restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
+    if restricted and task.status != "pending":
+        raise Rejected(
+            409, "invalid_status",
+            f"Cannot change {', '.join(restricted)} of a task that is {task.status}; only title, metadata "
+            "and archived change after a task has left pending.",
+        )
+    events: list[t.EventData] = []
+    archived = changes.pop("archived", None)
+    if changes:
+        events.append(t.TaskUpdated(task_id=task.id, **changes))
+    if archived is not None:
+        events.append(t.TaskArchived(task_id=task.id, archived=archived))
+    return events
+
+
+def _archive(task: Task, c: ArchiveTask) -> list[t.EventData]:
+    return [] if task.archived == c.archived else [t.TaskArchived(task_id=task.id, archived=c.archived)]
+
+
+def _start(task: Task, c: StartRun) -> list[t.EventData]:
+    if task.status != "pending":
+        raise invalid_status(task, "run", "pending")
+    if c.agent is None:
+        raise Rejected(404, "agent_not_found", f"Agent {c.agent_id} not found.")
+    if c.agent.status != "active":
+        raise Rejected(503, "agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
+    if task.type == "command" and c.agent.kind not in ("shell", "echo"):
+        raise Rejected(409, "agent_mismatch", f"A command task runs on a shell agent, not on {c.agent.kind}.")
+    waiting = [dep for dep, status in c.dependencies.items() if status != "done"]
+    if waiting:
+        raise Rejected(409, "dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
+    if c.running >= c.limit:
+        raise Rejected(
+            429, "concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", {"Retry-After": "5"}
+        )
+    return [t.TaskStarted(task_id=task.id, run_id=c.run_id, agent_id=c.agent.id)]
+
+
+def _cancel(task: Task, c: CancelTask) -> list[t.EventData]:
+    if task.status == "cancelled":
+        return []
+    if task.status not in ("pending", "running", "awaiting_input"):
+        raise invalid_status(task, "cancel", "pending, running or awaiting_input")
+    run_id = task.run_id if task.status in ACTIVE else None
+    return [t.TaskCancelled(task_id=task.id, run_id=run_id, reason=c.reason)]
+
+
+def _retry(task: Task, c: RetryTask) -> list[t.EventData]:
+    if task.status not in ("failed", "cancelled"):
+        raise invalid_status(task, "retry", "failed or cancelled")
+    return [t.TaskRetried(task_id=task.id)]
+
+
+def _message(task: Task, c: SendMessage) -> list[t.EventData]:
+    if task.status not in ACTIVE:
+        raise invalid_status(task, "send a message to", "running or awaiting_input")
+    return [t.TaskMessage(task_id=task.id, run_id=task.run_id or "", message=c.message)]
+
+
+def _review(task: Task, c: Review) -> list[t.EventData]:
+    if task.status != "review" or task.approval_id is None:
+        raise invalid_status(task, "review", "review")
+    resolved = t.ApprovalResolved(
+        approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
+    )
+    if c.decision == "approve":
+        return [resolved, t.TaskCompleted(task_id=task.id, run_id=task.run_id or "")]
+    reason = f"rejected: {c.feedback}" if c.feedback else "rejected"
+    return [resolved, t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="rejected", error=reason)]
+
+
+def _current_run(task: Task, run_id: str) -> None:
+    """Runner commands apply only to the run that is still going; a late one changes nothing."""
+    if task.run_id != run_id or task.status not in ACTIVE:
+        raise Rejected(409, "run_over", f"Run {run_id} of task {task.id} is no longer active.")
+
+
+def _output(task: Task, c: RecordOutput) -> list[t.EventData]:
+    _current_run(task, c.run_id)
+    return [
+        t.TaskOutput(task_id=task.id, run_id=c.run_id, seq=seq, stream=stream, chunk=chunk)  # type: ignore[arg-type]
+        for seq, stream, chunk in c.chunks
+    ]
+
+
+def _request_input(task: Task, c: RequestInput) -> list[t.EventData]:
+    _current_run(task, c.run_id)
+    return [t.TaskInputRequested(task_id=task.id, run_id=c.run_id, prompt=c.prompt)]
+
+
+def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
+    _current_run(task, c.run_id)
+    if task.requires_approval:
+        return [
+            t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result),
+            t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id),
+        ]
+    return [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
+
+
+def _fail(task: Task, c: FailRun) -> list[t.EventData]:
+    _current_run(task, c.run_id)
+    return [
+        t.TaskFailed(
+            task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
+            result=c.result,
+        )
+    ]
+
+
+_TASK_DECIDERS = {
+    UpdateTask: _update, ArchiveTask: _archive, StartRun: _start, CancelTask: _cancel,
+    RetryTask: _retry, SendMessage: _message, Review: _review, RecordOutput: _output,
+    RequestInput: _request_input, FinishRun: _finish, FailRun: _fail,
+}
+
+
+def resolve_approval(approval: Approval | None, task: Task | None, command: Review) -> list[t.EventData]:
+    """The approvals door to the same decision as reviewing the task."""
+    if approval is None or task is None:
+        raise Rejected(404, "not_found", "Approval not found.")
+    if approval.status != "pending" or task.approval_id != approval.id:
+        raise Rejected(409, "invalid_status", f"Approval {approval.id} is already {approval.status}.")
+    return decide(task, command)

@@ -1,0 +1,122 @@
+"""HTTP plumbing shared by the routes: JSON in and out, and errors as API.md shapes them."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.deciders import Rejected
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+
+class Error(msgspec.Struct):
+    detail: str
+    code: str
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(body), status, headers, media_type="application/json")
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response(Error(detail=detail, code=code), status, headers)
+
+
+def bad_request(detail: str, code: str = "invalid_request") -> Rejected:
+    return Rejected(400, code, detail)
+
+
+async def read_raw_body(request: Request, required: bool = True) -> bytes:
+    """The body, refused if too large (413) or not JSON (415), before anything is decided."""
+    settings = request.app.state.settings
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        if required:
+            raise bad_request("A JSON request body is required.")
+        return b""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise Rejected(415, "unsupported_media_type", "The request body must be application/json.")
+    return body
+
+
+def decode_body(body: bytes, type_: type[T], max_depth: int, max_string: int) -> T:
+    try:
+        value = msgspec.json.decode(body, type=type_)
+    except RecursionError:
+        raise bad_request("The JSON body is nested too deeply.") from None
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"Invalid request body: {exc}.") from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"Malformed JSON: {exc}.", "malformed_json") from None
+    _check_shape(msgspec.to_builtins(value), max_depth, max_string, "$")
+    return value
+
+
+def _check_shape(value: Any, depth_left: int, max_string: int, path: str) -> None:
+    """Bounds what a client can make us keep forever in the log."""
+    if isinstance(value, str):
+        if len(value) > max_string:
+            raise bad_request(f"{path} is longer than {max_string} characters.")
+        if "\x00" in value:
+            raise bad_request(f"{path} contains a NUL character.")
+        return
+    if isinstance(value, float):
+        raise bad_request(
+            f"{path} is a fractional number; events hold integers, strings, booleans, null, arrays and "
+            "objects only (send decimals as strings)."
+        )
+    if isinstance(value, (list, dict)):
+        if depth_left <= 0:
+            raise bad_request(f"{path} is nested too deeply.")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and len(key) > max_string:
+                raise bad_request(f"A key in {path} is longer than {max_string} characters.")
+            _check_shape(item, depth_left - 1, max_string, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+
+
+async def read_body(request: Request, type_: type[T], required: bool = True) -> T | None:
+    body = await read_raw_body(request, required)
+    if not body:
+        return None
+    settings = request.app.state.settings
+    return decode_body(body, type_, settings.max_json_depth, settings.max_string_length)
+
+
+def parse_uuid(value: str, what: str = "id") -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise bad_request(f"{what} {value[:80]!r} is not a valid UUID.", "invalid_uuid") from None
+
+
+def query_int(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"Query parameter {name} must be an integer, not {raw[:40]!r}.") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise bad_request(f"Query parameter {name} must be {bound}.")
+    return value

@@ -1,0 +1,92 @@
+"""One pure ASGI middleware for what every request goes through: a request id, the API key,
+the per-key rate limit, and one access-log line. Query strings are never logged: they may
+carry `access_token`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.auth import authenticate
+from service.deciders import Rejected
+from service.http import error_response
+from service.ratelimit import RateLimiter
+
+access_log = structlog.get_logger("mission_control.access")
+
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+STREAM_PATH = "/api/mission-control/activity/stream"
+
+
+class ApiMiddleware:
+    def __init__(self, app: ASGIApp, *, state):
+        self.app = app
+        self.state = state  # the app's state: log, settings, metrics
+        self.limiter: RateLimiter | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = (headers.get("x-request-id") or "")[:200] or str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            rejected = await self._admit(scope, headers)
+            if rejected is not None:
+                response = error_response(rejected.status, rejected.code, rejected.detail, rejected.headers)
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            endpoint = scope.get("endpoint")
+            route = getattr(endpoint, "__name__", "unmatched")
+            seconds = time.perf_counter() - started
+            access_log.info(
+                "request", method=scope["method"], path=scope["path"], route=route, status=status,
+                ms=round(seconds * 1000, 2), request_id=request_id,
+            )
+            metrics = getattr(self.state, "metrics", None)
+            if metrics is not None:
+                metrics.observe_request(scope["method"], route, status, seconds)
+
+    async def _admit(self, scope: Scope, headers: Headers) -> Rejected | None:
+        path = scope["path"]
+        settings = self.state.settings
+        if path in PUBLIC or path.startswith(PUBLIC_PREFIXES) or (path == "/metrics" and settings.metrics_public):
+            return None
+        token = None
+        authorization = headers.get("authorization", "")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            token = credentials.strip()
+        elif path == STREAM_PATH:  # browsers' EventSource cannot send headers
+            token = QueryParams(scope.get("query_string", b"")).get("access_token")
+        try:
+            principal = await authenticate(self.state.log, token)
+        except Rejected as rejected:
+            return rejected
+        if self.limiter is None:
+            self.limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+        wait = self.limiter.take(principal.key_id)
+        if wait > 0:
+            return Rejected(
+                429, "rate_limited", "Too many requests for this API key; slow down.",
+                {"Retry-After": str(max(1, round(wait)))},
+            )
+        scope["state"]["principal"] = principal
+        return None

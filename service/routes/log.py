@@ -1,0 +1,99 @@
+"""The log as auditors and dashboards read it: /events, /audit/*, /overview."""
+
+from __future__ import annotations
+
+import msgspec
+import psutil
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from events import TypeFilter
+from events.verify import verify_chain
+from projections import queries
+from service import schemas
+from service.context import log_of, principal, settings_of
+from service.http import bad_request, json_response, query_int
+
+PREFIX = "/api/mission-control"
+_encoder = msgspec.json.Encoder()
+
+
+def type_filter(request: Request) -> TypeFilter | None:
+    raw = request.query_params.get("types")
+    if raw is None:
+        return None
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if not names:
+        raise bad_request("Query parameter types names no event type.")
+    return TypeFilter(names)
+
+
+async def list_events(request: Request) -> Response:
+    principal(request, "audit:read")
+    log = log_of(request)
+    after = query_int(request, "after", 0, 0)
+    stream = request.query_params.get("stream")
+    streams = [stream] if stream else None
+    types = type_filter(request)
+    if "application/x-ndjson" in request.headers.get("accept", ""):
+        return StreamingResponse(_ndjson(log, after, streams, types), media_type="application/x-ndjson")
+    limit = query_int(request, "limit", 500, 1, 5000)
+    head = log.head
+    page = await log.read_all(after, limit, streams=streams, types=types, until=head)
+    return json_response(schemas.EventsPage(events=page.events, next=page.next, head=head))
+
+
+async def _ndjson(log, after: int, streams, types):
+    head = log.head
+    while after < head:
+        page = await log.read_all(after, 5000, streams=streams, types=types, until=head)
+        if page.events:
+            yield b"".join(_encoder.encode(e) + b"\n" for e in page.events)
+        after = page.next
+
+
+async def verify(request: Request) -> Response:
+    principal(request, "audit:read")
+    return json_response(await verify_chain(log_of(request)))
+
+
+async def digest(request: Request) -> Response:
+    principal(request, "audit:read")
+    log = log_of(request)
+    head = await log.read_head()
+    if head == 0:
+        return json_response(schemas.Digest(position=0, hash="0" * 64))
+    page = await log.read_all(head - 1, 1, until=head)
+    return json_response(schemas.Digest(position=head, hash=page.events[0].hash))
+
+
+async def overview(request: Request) -> Response:
+    principal(request, "task:read")
+    log = log_of(request)
+    figures = await queries.counters(log)
+    memory = psutil.virtual_memory()
+    return json_response(schemas.Overview(
+        tasks=figures.tasks,
+        active_desktops=figures.active_desktops,
+        active_agents=figures.active_agents,
+        approvals_pending=figures.approvals_pending,
+        max_concurrent=settings_of(request).max_concurrent,
+        resources=schemas.Resources(
+            cpu=psutil.cpu_percent(interval=None),
+            memory=schemas.Memory(
+                used=(memory.total - memory.available) // 2**20, total=memory.total // 2**20,
+                percent=memory.percent,
+            ),
+        ),
+        log=schemas.LogFigures(head=log.head, streams=figures.streams),
+    ))
+
+
+def routes() -> list[Route]:
+    return [
+        Route(f"{PREFIX}/events", list_events, methods=["GET"]),
+        Route(f"{PREFIX}/audit/verify", verify, methods=["GET"]),
+        Route(f"{PREFIX}/audit/digest", digest, methods=["GET"]),
+        Route(f"{PREFIX}/overview", overview, methods=["GET"]),
+    ]

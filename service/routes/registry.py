@@ -1,0 +1,166 @@
+"""/agents and /projects: the registry of executors, and the contexts tasks share."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from events import typed
+from events import types as t
+from projections import agents, projects, queries
+from projections.agents import Agent
+from projections.projects import Project
+from service import schemas
+from service.auth import Principal, visible_projects
+from service.context import commands_of, idempotency, log_of, meta, principal, replayed, settings_of
+from service.deciders import Rejected
+from service.http import decode_body, json_response, parse_uuid, read_raw_body
+
+PREFIX = "/api/mission-control"
+
+
+async def _body(request: Request, type_):
+    raw = await read_raw_body(request)
+    settings = settings_of(request)
+    return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length)
+
+
+def _changes(body: msgspec.Struct) -> dict:
+    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
+
+
+async def _record(request: Request, who: Principal, stream: str, events: list, expected: int, raw: bytes, evolve):
+    """Append (or find what the same Idempotency-Key appended before) and fold the stream to that point."""
+    idem = idempotency(request, who, raw)
+    recorded = await replayed(request, idem) or await commands_of(request).append(
+        stream, events, expected, meta(request, who), idem
+    )
+    state = None
+    for event in await log_of(request).read_stream(stream, until_position=recorded[-1].position):
+        state = evolve(state, typed(event))
+    return state
+
+
+# --- agents ----------------------------------------------------------------------
+
+
+def _require_agent_write(request: Request, kind: str) -> Principal:
+    who = principal(request, "agent:write")
+    if kind == "shell" and not who.has("admin"):
+        raise Rejected(403, "forbidden", "Only an admin key may register or change a shell agent.")
+    return who
+
+
+async def _agent(request: Request) -> Agent:
+    agent_id = parse_uuid(request.path_params["agent_id"], "Agent id")
+    agent = await queries.agent(log_of(request), agent_id)
+    if agent is None:
+        raise Rejected(404, "not_found", "Agent not found.")
+    return agent
+
+
+async def list_agents(request: Request) -> Response:
+    principal(request, "task:read")
+    return json_response(await queries.agents(log_of(request)))
+
+
+async def get_agent(request: Request) -> Response:
+    principal(request, "task:read")
+    return json_response(await _agent(request))
+
+
+async def create_agent(request: Request) -> Response:
+    raw, body = await _body(request, schemas.CreateAgent)
+    who = _require_agent_write(request, body.kind)
+    agent_id = str(uuid.uuid4())
+    event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
+    agent = await _record(request, who, f"agent-{agent_id}", [event], 0, raw, agents.evolve)
+    return json_response(agent, 201, {"Location": f"{PREFIX}/agents/{agent.id}"})
+
+
+async def update_agent(request: Request) -> Response:
+    agent = await _agent(request)
+    raw, body = await _body(request, schemas.UpdateAgent)
+    who = _require_agent_write(request, agent.kind)
+    return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
+
+
+async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Response:
+    return json_response(await _record(request, who, f"agent-{agent.id}", [event], agent.version, raw, agents.evolve))
+
+
+async def pause_agent(request: Request) -> Response:
+    agent = await _agent(request)
+    who = _require_agent_write(request, agent.kind)
+    raw = await read_raw_body(request, required=False)
+    return await _agent_event(request, who, agent, t.AgentPaused(agent_id=agent.id), raw)
+
+
+async def resume_agent(request: Request) -> Response:
+    agent = await _agent(request)
+    who = _require_agent_write(request, agent.kind)
+    raw = await read_raw_body(request, required=False)
+    return await _agent_event(request, who, agent, t.AgentResumed(agent_id=agent.id), raw)
+
+
+# --- projects --------------------------------------------------------------------
+
+
+async def _project(request: Request, who: Principal) -> Project:
+    project_id = parse_uuid(request.path_params["project_id"], "Project id")
+    project = await queries.project(log_of(request), project_id)
+    allowed = await visible_projects(log_of(request), who)
+    if project is None or (allowed is not None and project_id not in allowed):
+        raise Rejected(404, "not_found", "Project not found.")
+    return project
+
+
+async def list_projects(request: Request) -> Response:
+    who = principal(request, "task:read")
+    allowed = await visible_projects(log_of(request), who)
+    found = [p for p in await queries.projects(log_of(request)) if allowed is None or p.id in allowed]
+    return json_response(found)
+
+
+async def get_project(request: Request) -> Response:
+    who = principal(request, "task:read")
+    return json_response(await _project(request, who))
+
+
+async def create_project(request: Request) -> Response:
+    who = principal(request, "admin")
+    raw, body = await _body(request, schemas.CreateProject)
+    project_id = str(uuid.uuid4())
+    event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
+    project = await _record(request, who, f"project-{project_id}", [event], 0, raw, projects.evolve)
+    return json_response(project, 201, {"Location": f"{PREFIX}/projects/{project.id}"})
+
+
+async def update_project(request: Request) -> Response:
+    who = principal(request, "admin")
+    project = await _project(request, who)
+    raw, body = await _body(request, schemas.UpdateProject)
+    event = t.ProjectUpdated(project_id=project.id, **_changes(body))
+    return json_response(
+        await _record(request, who, f"project-{project.id}", [event], project.version, raw, projects.evolve)
+    )
+
+
+def routes() -> list[Route]:
+    a, p = f"{PREFIX}/agents", f"{PREFIX}/projects"
+    return [
+        Route(a, list_agents, methods=["GET"]),
+        Route(a, create_agent, methods=["POST"]),
+        Route(a + "/{agent_id}", get_agent, methods=["GET"]),
+        Route(a + "/{agent_id}", update_agent, methods=["PATCH"]),
+        Route(a + "/{agent_id}/pause", pause_agent, methods=["POST"]),
+        Route(a + "/{agent_id}/resume", resume_agent, methods=["POST"]),
+        Route(p, list_projects, methods=["GET"]),
+        Route(p, create_project, methods=["POST"]),
+        Route(p + "/{project_id}", get_project, methods=["GET"]),
+        Route(p + "/{project_id}", update_project, methods=["PATCH"]),
+    ]

@@ -1,0 +1,306 @@
+"""/tasks: the task lifecycle of API.md."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from events import TypeFilter
+from events import types as t
+from projections import queries
+from projections.tasks import STATUSES, Task
+from service import schemas
+from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
+from service.context import (
+    can_see_project, commands_of, idempotency, log_of, meta, principal, replayed, runner_of,
+    settings_of, visible_task,
+)
+from service.deciders import (
+    ArchiveTask, CancelTask, CreateTask, Rejected, RetryTask, Review, SendMessage, StartRun, UpdateTask,
+)
+from service.http import (
+    bad_request, decode_body, json_response, parse_uuid, query_int, read_raw_body,
+)
+from service.runner import ECHO_AGENT_ID
+
+PREFIX = "/api/mission-control"
+
+
+def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return json_response(task, status, {"ETag": f'"{task.version}"', **(headers or {})})
+
+
+async def _body(request: Request, type_, required: bool = True):
+    raw = await read_raw_body(request, required)
+    settings = settings_of(request)
+    value = decode_body(raw, type_, settings.max_json_depth, settings.max_string_length) if raw else None
+    return raw, value
+
+
+def _check_if_match(request: Request, task: Task) -> None:
+    expected = request.headers.get("if-match")
+    if expected is not None and expected.strip().strip('"').removeprefix("W/").strip('"') != str(task.version):
+        raise Rejected(412, "precondition_failed", f"The task is at version {task.version}, not {expected}.")
+
+
+async def list_tasks(request: Request) -> Response:
+    who = principal(request, "task:read")
+    q = request.query_params
+    statuses = [s for s in q.get("status", "").split(",") if s]
+    unknown = [s for s in statuses if s not in STATUSES]
+    if unknown:
+        raise bad_request(f"Unknown status {unknown[0]!r}; statuses are {', '.join(STATUSES)}.")
+    archived_raw = q.get("archived", "false")
+    if archived_raw not in ("true", "false", "all"):
+        raise bad_request("Query parameter archived must be true, false or all.")
+    projects = await _project_filter(request, who, q.get("projectId"))
+    agent_id = q.get("agentId")
+    found, total = await queries.tasks(
+        log_of(request),
+        statuses=statuses or None,
+        desktop_id=q.get("desktopId"),
+        agent_id=parse_uuid(agent_id, "agentId") if agent_id else None,
+        project_ids=projects,
+        search=q.get("search") or None,
+        archived=None if archived_raw == "all" else archived_raw == "true",
+        limit=query_int(request, "limit", 50, 1, 500),
+        offset=query_int(request, "offset", 0, 0),
+    )
+    return json_response(found, headers={"X-Total-Count": str(total)})
+
+
+async def _project_filter(request: Request, who: Principal, project_id: str | None) -> list[str] | None:
+    allowed = await visible_projects(log_of(request), who)
+    if project_id is None:
+        return allowed
+    project_id = parse_uuid(project_id, "projectId")
+    return [project_id] if allowed is None or project_id in allowed else []
+
+
+async def create_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    raw, body = await _body(request, schemas.CreateTask)
+    idem = idempotency(request, who, raw)
+    earlier = await replayed(request, idem)
+    log = log_of(request)
+    if earlier:
+        task = await queries.task_as_of(log, earlier[0].stream.removeprefix("task-"), earlier[-1].position)
+        return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+    project_id = await _target_project(request, who, body.project_id)
+    if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
+        raise Rejected(404, "agent_not_found", f"Agent {body.agent_id} not found.")
+    for dependency in body.depends_on:
+        dep = await queries.task(log, str(dependency))
+        if dep is None or not await can_see_project(request, who, dep.project_id):
+            raise Rejected(404, "not_found", f"Dependency {dependency} not found.")
+    task_id = str(uuid.uuid4())
+    event = t.TaskCreated(
+        task_id=task_id, type=body.type, content=body.content, project_id=project_id, created_by=who.user,
+        title=body.title, description=body.description, desktop_id=body.desktop_id,
+        agent_id=str(body.agent_id) if body.agent_id else None,
+        requires_approval=settings_of(request).require_approval if body.requires_approval is None
+        else body.requires_approval,
+        priority=body.priority, timeout_seconds=body.timeout_seconds, metadata=body.metadata,
+        depends_on=[str(d) for d in body.depends_on], webhook_url=body.webhook_url,
+    )
+    task, _ = await commands_of(request).task(task_id, CreateTask(event=event), meta(request, who), idem)
+    return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+
+
+async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
+    if requested is None:
+        if who.project_id is not None:
+            return who.project_id
+        return await ensure_default_project(log_of(request), who.user, meta(request, who))
+    project_id = str(requested)
+    if project_id == default_project_id(who.user):
+        return await ensure_default_project(log_of(request), who.user, meta(request, who))
+    project = await queries.project(log_of(request), project_id)
+    if project is None or not await can_see_project(request, who, project_id):
+        raise Rejected(404, "not_found", f"Project {project_id} not found.")
+    return project_id
+
+
+async def get_task(request: Request) -> Response:
+    who = principal(request, "task:read")
+    task = await visible_task(request, who)
+    if "asOf" in request.query_params:
+        position = query_int(request, "asOf", 0, 0)
+        past = await queries.task_as_of(log_of(request), task.id, position)
+        if past is None:
+            raise Rejected(404, "not_found", f"Task {task.id} did not exist yet at position {position}.")
+        return task_response(past)
+    return task_response(task)
+
+
+async def update_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    raw, body = await _body(request, schemas.UpdateTask)
+    _check_if_match(request, task)
+    changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
+    return await _task_command(request, who, task, UpdateTask(changes=changes), raw)
+
+
+async def delete_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    _check_if_match(request, task)
+    await commands_of(request).task(task.id, ArchiveTask(archived=True), meta(request, who))
+    return Response(status_code=204)
+
+
+async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, status: int = 200):
+    idem = idempotency(request, who, raw)
+    earlier = await replayed(request, idem)
+    if earlier:
+        return task_response(await queries.task_as_of(log_of(request), task.id, earlier[-1].position), status)
+    updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem)
+    return task_response(updated, status)
+
+
+async def run_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    raw, body = await _body(request, schemas.RunTask, required=False)
+    requested = (body.agent_id or body.agent_id_snake) if body else None
+    agent_id = str(requested) if requested else task.agent_id or ECHO_AGENT_ID
+    idem = idempotency(request, who, raw)
+    earlier = await replayed(request, idem)
+    log = log_of(request)
+    if earlier:
+        return task_response(await queries.task_as_of(log, task.id, earlier[-1].position))
+    settings = settings_of(request)
+    commands = commands_of(request)
+
+    async def start(state: Task | None) -> StartRun:
+        deps = {d: (dep.status if (dep := await queries.task(log, d)) else None) for d in (state.depends_on if state else [])}
+        return StartRun(
+            run_id=str(uuid.uuid4()), agent=await queries.agent(log, agent_id), agent_id=agent_id,
+            running=await queries.running_count(log), limit=settings.max_concurrent, dependencies=deps,
+        )
+
+    async with commands.admission:
+        started, _ = await commands.task(task.id, start, meta(request, who), idem)
+    agent = await queries.agent(log, agent_id)
+    runner_of(request).launch(started, agent)
+    return task_response(started)
+
+
+async def cancel_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    raw, body = await _body(request, schemas.CancelTask, required=False)
+    response = await _task_command(request, who, task, CancelTask(reason=body.reason if body else None), raw)
+    await runner_of(request).stop(task.id)
+    return response
+
+
+async def retry_task(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    raw = await read_raw_body(request, required=False)
+    return await _task_command(request, who, task, RetryTask(), raw)
+
+
+async def send_message(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    raw, body = await _body(request, schemas.SendMessage)
+    idem = idempotency(request, who, raw)
+    if not await replayed(request, idem):
+        await commands_of(request).task(task.id, SendMessage(message=body.message), meta(request, who), idem)
+        runner_of(request).deliver(task.id, body.message)
+    return json_response({"accepted": True, "taskId": task.id}, 202)
+
+
+async def review_task(request: Request) -> Response:
+    who = principal(request, "approval:write")
+    task = await visible_task(request, who)
+    raw, body = await _body(request, schemas.ReviewBody)
+    return await _task_command(request, who, task, Review(decision=body.decision, feedback=body.feedback), raw)
+
+
+async def mark_presence(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    _, body = await _body(request, schemas.PresenceBody)
+    await log_of(request).append(
+        f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], meta=meta(request, who)
+    )
+    return Response(status_code=204)
+
+
+async def clear_presence(request: Request) -> Response:
+    who = principal(request, "task:write")
+    task = await visible_task(request, who)
+    device_id = request.query_params.get("deviceId")
+    if device_id is None:
+        _, body = await _body(request, schemas.PresenceBody)
+        device_id = body.device_id
+    if not device_id:
+        raise bad_request("deviceId is required, in the body or the query.")
+    present = await queries.watchers(log_of(request), [task.id])
+    if device_id in present.get(task.id, []):
+        await log_of(request).append(
+            f"presence-{task.id}", [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)
+        )
+    return Response(status_code=204)
+
+
+async def task_events(request: Request) -> Response:
+    who = principal(request, "task:read")
+    task = await visible_task(request, who)
+    after = query_int(request, "after", 0, 0)
+    limit = query_int(request, "limit", 500, 1, 5000)
+    page = await log_of(request).read_all(after, limit, streams=[f"task-{task.id}"])
+    return json_response(page.events, headers={"X-Next-After": str(page.next)})
+
+
+async def task_output(request: Request) -> Response:
+    who = principal(request, "task:read")
+    task = await visible_task(request, who)
+    run_id = request.query_params.get("runId") or task.run_id
+    if run_id is None:
+        return Response("", media_type="text/plain; charset=utf-8")
+    run_id = parse_uuid(run_id, "runId")
+    log = log_of(request)
+    only_output = TypeFilter(["task.output"])
+
+    async def chunks():
+        version = 0
+        while True:
+            page = await log.read_stream(f"task-{task.id}", version, types=only_output, limit=500)
+            if not page:
+                return
+            for event in page:
+                data = msgspec.json.decode(event.payload, type=t.TaskOutput)
+                if data.run_id == run_id:
+                    yield data.chunk.encode()
+            version = page[-1].version
+
+    return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
+
+
+def routes() -> list[Route]:
+    p = f"{PREFIX}/tasks"
+    return [
+        Route(p, list_tasks, methods=["GET"]),
+        Route(p, create_task, methods=["POST"]),
+        Route(p + "/{task_id}", get_task, methods=["GET"]),
+        Route(p + "/{task_id}", update_task, methods=["PATCH"]),
+        Route(p + "/{task_id}", delete_task, methods=["DELETE"]),
+        Route(p + "/{task_id}/run", run_task, methods=["POST"]),
+        Route(p + "/{task_id}/cancel", cancel_task, methods=["POST"]),
+        Route(p + "/{task_id}/retry", retry_task, methods=["POST"]),
+        Route(p + "/{task_id}/messages", send_message, methods=["POST"]),
+        Route(p + "/{task_id}/review", review_task, methods=["POST"]),
+        Route(p + "/{task_id}/presence", mark_presence, methods=["POST"]),
+        Route(p + "/{task_id}/presence", clear_presence, methods=["DELETE"]),
+        Route(p + "/{task_id}/events", task_events, methods=["GET"]),
+        Route(p + "/{task_id}/output", task_output, methods=["GET"]),
+    ]

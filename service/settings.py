@@ -1,0 +1,49 @@
+"""Settings: every one has a default, an environment variable and (for the CLI) an option."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    data_dir: str = "./var"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_concurrent: int = 5
+    """Runs that may be `running` or `awaiting_input` at once, across all tasks."""
+    max_body_bytes: int = 1024 * 1024
+    max_json_depth: int = 32
+    max_string_length: int = 256 * 1024
+    require_approval: bool = False
+    """The default of a new task's `requiresApproval`."""
+    default_timeout_seconds: int = 3600
+    metrics_public: bool = False
+    heartbeat_seconds: float = 15.0
+    send_timeout_seconds: float = 30.0
+    """A stream client that takes no data for this long is dropped."""
+    rate_limit_per_second: float = 200.0
+    rate_limit_burst: int = 400
+    webhook_secret: str = ""
+    durable: bool = True
+
+    @property
+    def database(self) -> Path:
+        return Path(self.data_dir) / "mission-control.db"
+
+
+def env_name(field: str) -> str:
+    return "MC_" + field.upper()
+
+
+def from_env(**overrides) -> Settings:
+    """Defaults, then MC_* environment variables, then explicit overrides (CLI options)."""
+    values: dict = {}
+    for field in Settings.__struct_fields__:
+        raw = os.environ.get(env_name(field))
+        if raw is not None:
+            values[field] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(values, Settings, strict=False)
