@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+import events.upcasters  # noqa: F401  (registers the upcasters `decode` relies on)
 from events.types import EVENT_TYPES, EventData
 from events.upcast import upcast
 
@@ -40,18 +41,6 @@ class RecordedEvent(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
     hash: str
 
 
-class _Canonical(msgspec.Struct, rename="camel"):
-    """The recorded event without its hash; encoded with sorted keys it is the JCS form."""
-
-    meta: msgspec.Raw
-    payload: msgspec.Raw
-    position: int
-    recorded_at: str
-    stream: str
-    type: str
-    version: int
-
-
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
@@ -60,27 +49,55 @@ def canonical_json(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
-def chain_hash(previous_hash: str, event: RecordedEvent | _Canonical) -> str:
-    canonical = _encoder.encode(
-        _Canonical(
-            meta=event.meta, payload=event.payload, position=event.position,
-            recorded_at=event.recorded_at, stream=event.stream, type=event.type,
-            version=event.version,
-        )
-    )
+def link_hash(
+    previous_hash: str, meta: bytes, payload: bytes, position: int, recorded_at: bytes, stream: bytes,
+    type_: bytes, version: int,
+) -> str:
+    """The chain link from parts already in canonical form (`recorded_at`, `stream` and
+    `type_` JSON-encoded, `meta` and `payload` canonical): the event's keys in sorted order."""
+    canonical = b"".join((
+        b'{"meta":', meta, b',"payload":', payload, b',"position":', b"%d" % position,
+        b',"recordedAt":', recorded_at, b',"stream":', stream, b',"type":', type_,
+        b',"version":', b"%d" % version, b"}",
+    ))
     return hashlib.sha256(bytes.fromhex(previous_hash) + canonical).hexdigest()
+
+
+def chain_hash(previous_hash: str, event: RecordedEvent) -> str:
+    """sha256(previous hash + the JCS form of the event without its hash), as API.md defines."""
+    encode = _encoder.encode
+    return link_hash(
+        previous_hash, event.meta, event.payload, event.position, encode(event.recorded_at),
+        encode(event.stream), encode(event.type), event.version,
+    )
 
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _verifiable_float(literal: str) -> float:
+    """Floats (only possible in free-form fields such as `metadata`) must be written as
+    json.dumps writes them, or an auditor re-serialising the payload gets another hash."""
+    value = float(literal)
+    if repr(value) != literal:
+        raise ValueError(f"the number {literal} has no canonical form here; send it as a string")
+    return value
+
+
+_validators: dict[type, msgspec.json.Decoder] = {}
+
+
 def encode_payload(data: EventData) -> bytes:
     """Encode and re-validate an event: Structs do not check constraints on construction."""
-    payload = canonical_json(data)
+    cls = type(data)
+    validator = _validators.get(cls)
+    if validator is None:
+        validator = _validators[cls] = msgspec.json.Decoder(cls, float_hook=_verifiable_float)
     try:
-        msgspec.json.decode(payload, type=type(data))
-    except msgspec.ValidationError as exc:
+        payload = canonical_json(data)
+        validator.decode(payload)
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, UnicodeEncodeError) as exc:
         raise InvalidEvent(f"{data.event_type}: {exc}") from None
     return payload
 
@@ -103,6 +120,14 @@ class InvalidEvent(ValueError):
 _meta_decoder = msgspec.json.Decoder(Meta)
 
 
+class _Schema(msgspec.Struct):
+    schema: int = 1
+
+
+_schema_decoder = msgspec.json.Decoder(_Schema)  # skips the rest of the meta: replay's hot path
+_payload_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
 def decode_meta(event: RecordedEvent) -> Meta:
     return _meta_decoder.decode(event.meta)
 
@@ -112,9 +137,9 @@ def decode(event: RecordedEvent) -> EventData:
     cls = EVENT_TYPES.get(event.type)
     if cls is None:
         raise UnknownEventType(event)
-    schema = _meta_decoder.decode(event.meta).schema
+    schema = _schema_decoder.decode(event.meta).schema
     if schema == cls.schema:
-        return msgspec.json.decode(event.payload, type=cls)
+        return _payload_decoders[event.type].decode(event.payload)
     return msgspec.convert(upcast(event.type, schema, msgspec.json.decode(event.payload)), cls)
 
 

@@ -8,6 +8,7 @@ A backend implements the storage methods (`append`, `read_all`, `read_stream`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -81,7 +82,7 @@ class TypeFilter:
 
 
 def matcher(streams: Sequence[str] | None, types: TypeFilter | None) -> Callable[[RecordedEvent], bool]:
-    stream_set = set(streams) if streams else None
+    stream_set = None if streams is None else set(streams)  # [] matches nothing
     return lambda e: (stream_set is None or e.stream in stream_set) and (types is None or types(e.type))
 
 
@@ -90,11 +91,17 @@ class EventLog(ABC):
 
     recent_capacity = 20_000
     """How many of the newest events the tail keeps at hand for live readers."""
+    recent_bytes = 8 * 1024 * 1024
+    """And at most about this many bytes of their payloads: a run printing megabytes of output
+    must not pile up in memory (a reader that far behind reads from storage instead)."""
 
     def __init__(self) -> None:
         self._head = 0
         self._advanced = asyncio.Event()
         self._recent: list[RecordedEvent] = []  # contiguous positions ending at self._head
+        self._recent_size = 0  # bytes of their payloads
+        self.on_batch: Callable[[int, float], None] | None = None
+        """Optional observer of each commit a backend makes: (appends in it, seconds it took)."""
 
     # --- storage, per backend -------------------------------------------------
 
@@ -149,6 +156,15 @@ class EventLog(ABC):
         """The fingerprint and events of an append made with this key, if any."""
 
     @abstractmethod
+    async def import_recorded(self, events: Iterable[RecordedEvent]) -> int:
+        """Append events another log recorded (an export), keeping each exactly as recorded:
+        position, version, recordedAt, meta and hash. Every event must extend the chain from
+        this log's head (events.verify.Chain); at the first that does not, ChainBroken is
+        raised and nothing of the import is written. The projector runs as for appends.
+        `events` is consumed on the backend's writer, so it may lazily read a file; anything
+        it raises aborts the import as well. Returns the new head."""
+
+    @abstractmethod
     async def transact(self, fn: Callable[[Transaction], T]) -> T:
         """Run fn in a write transaction of its own, serialised with appends."""
 
@@ -169,14 +185,25 @@ class EventLog(ABC):
             return
         if events[0].position == self._head + 1:
             self._recent.extend(events)
-            if len(self._recent) > 2 * self.recent_capacity:
-                del self._recent[: -self.recent_capacity]
+            self._recent_size += sum(len(e.payload) for e in events)
+            if len(self._recent) > 2 * self.recent_capacity or self._recent_size > 2 * self.recent_bytes:
+                self._trim_recent()  # amortised: at most once per capacity's worth of appends
         else:  # another process appended in between: the cache restarts here
             self._recent = [e for e in events if e.position > self._head]
             if self._recent[0].position != self._head + 1:
                 self._recent = []
+            self._recent_size = sum(len(e.payload) for e in self._recent)
         self._head = events[-1].position
         self._wake()
+
+    def _trim_recent(self) -> None:
+        drop = max(0, len(self._recent) - self.recent_capacity)
+        size = self._recent_size - sum(len(e.payload) for e in self._recent[:drop])
+        while size > self.recent_bytes and drop < len(self._recent) - 1:
+            size -= len(self._recent[drop].payload)
+            drop += 1
+        del self._recent[:drop]
+        self._recent_size = size
 
     def _wake(self) -> None:
         self._advanced.set()
@@ -202,7 +229,24 @@ class EventLog(ABC):
         It reads only committed events by position, so the seam between history and live
         cannot gap or repeat.
         """
+        async with contextlib.aclosing(self.tail_pages(after, streams=streams, types=types, page=page)) as pages:
+            async for events in pages:
+                for event in events:
+                    yield event
+
+    async def tail_pages(
+        self,
+        after: int = 0,
+        *,
+        streams: Sequence[str] | None = None,
+        types: TypeFilter | None = None,
+        page: int = 500,
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """`tail` a page at a time: each list is non-empty and holds the matching events among
+        at most `page` positions, so a reader can write a page at once and is never handed
+        more than a page however far behind it is."""
         match = matcher(streams, types)
+        filtered = streams is not None or types is not None
         position = after
         while True:
             advanced = self._advanced  # taken before reading the head: no missed wake-up
@@ -211,13 +255,12 @@ class EventLog(ABC):
                 recent = self._recent_after(position, page)
                 if recent is None:
                     got = await self.read_all(position, page, streams=streams, types=types, until=head)
-                    for event in got.events:
-                        yield event
+                    events = got.events
                     position = got.next
                 else:
-                    for event in recent:
-                        if match(event):
-                            yield event
+                    events = [e for e in recent if match(e)] if filtered else recent
                     position = recent[-1].position
+                if events:
+                    yield events
                 continue
             await advanced.wait()

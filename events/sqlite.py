@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,13 +25,14 @@ import aiosqlite
 import msgspec
 
 from events.envelope import (
-    GENESIS_HASH, Meta, RecordedEvent, canonical_json, chain_hash, encode_payload, now_rfc3339,
+    GENESIS_HASH, Meta, RecordedEvent, encode_payload, link_hash, now_rfc3339,
 )
 from events.log import (
     EventLog, IdempotencyConflict, LogClosed, Page, Projector, Transaction, TypeFilter,
     WrongExpectedVersion,
 )
 from events.types import EventData
+from events.verify import Chain
 
 T = TypeVar("T")
 
@@ -49,6 +52,11 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+-- INSERT OR REPLACE deletes the row it collides with without firing the delete trigger.
+CREATE TRIGGER IF NOT EXISTS events_no_replace BEFORE INSERT ON events
+WHEN EXISTS (SELECT 1 FROM events WHERE position = NEW.position)
+  OR EXISTS (SELECT 1 FROM events WHERE stream = NEW.stream AND version = NEW.version)
+BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -58,7 +66,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 COLUMNS = "position, stream, version, type, payload, meta, recorded_at, hash"
-_meta_encoder = msgspec.json.Encoder(order="sorted")
+_canonical = msgspec.json.Encoder(order="sorted")
+_type_json = functools.lru_cache(maxsize=None)(_canonical.encode)
 
 
 class _Append:
@@ -103,8 +112,8 @@ class _Tx:
 
 def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
     sql, params = [], []
-    if streams:
-        sql.append(f"stream IN ({','.join('?' * len(streams))})")
+    if streams is not None:  # [] matches nothing
+        sql.append(f"stream IN ({','.join('?' * len(streams)) or 'NULL'})")
         params.extend(streams)
     if types is not None:
         alternatives = []
@@ -119,6 +128,9 @@ def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[s
 
 
 class SqliteLog(EventLog):
+    version_cache_size = 100_000
+    """Streams whose version the writer remembers between batches."""
+
     def __init__(
         self,
         path: str | Path,
@@ -137,9 +149,12 @@ class SqliteLog(EventLog):
         self.max_batch = max_batch
         self._reader_count = readers
         self._readers: list[aiosqlite.Connection] = []
+        self._local: sqlite3.Connection  # the event loop's own, for `query`
         self._next_reader = 0
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mc-log-writer")
         self._conn: sqlite3.Connection | None = None
+        self._versions: dict[str, int] = {}  # writer thread only
+        self._versions_at = -1
         self._pending: list[_Append] = []
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -156,6 +171,9 @@ class SqliteLog(EventLog):
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
             self._readers.append(reader)
+        self._local = sqlite3.connect(self.path, check_same_thread=False)
+        self._local.execute("PRAGMA busy_timeout = 1000")
+        self._local.execute("PRAGMA query_only = 1")
         self._head = await self.read_head()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="mc-log-writer"),
@@ -185,6 +203,7 @@ class SqliteLog(EventLog):
                     await task
         for reader in self._readers:
             await reader.close()
+        self._local.close()
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._writer_thread, self._conn.close)
@@ -225,10 +244,14 @@ class SqliteLog(EventLog):
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
+                started = time.perf_counter()
                 try:
                     outcomes = await loop.run_in_executor(self._writer_thread, self._commit_batch, batch)
                 except Exception as exc:  # the database itself failed: every append in it fails
                     outcomes = [exc] * len(batch)
+                if self.on_batch is not None:
+                    with contextlib.suppress(Exception):  # an observer must never stop the writer
+                        self.on_batch(len(batch), time.perf_counter() - started)
                 committed: list[RecordedEvent] = []
                 for append, outcome in zip(batch, outcomes):
                     if isinstance(outcome, tuple):
@@ -256,7 +279,7 @@ class SqliteLog(EventLog):
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
-            outcomes, rows, keys = self._stage(conn, batch)
+            outcomes, rows, keys, versions, head = self._stage(conn, batch)
             if rows:
                 conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
             if keys:
@@ -271,6 +294,7 @@ class SqliteLog(EventLog):
                     conn.execute("ROLLBACK")
                     return [exc]
             conn.execute("COMMIT")
+            self._remember(versions, head)
             return outcomes
         except BaseException:
             if conn.in_transaction:
@@ -280,7 +304,11 @@ class SqliteLog(EventLog):
     def _stage(self, conn: sqlite3.Connection, batch: list[_Append]):
         tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
         position, previous = tail if tail else (0, GENESIS_HASH)
-        versions: dict[str, int] = {}
+        if position != self._versions_at:  # another process appended: what we knew may be stale
+            self._versions.clear()
+        versions: dict[str, int] = {}  # this batch's, merged into self._versions once committed
+        recorded_at = now_rfc3339()  # one group commit, one instant
+        recorded_at_json = _canonical.encode(recorded_at)
         used_keys: dict[str, tuple[str, list[RecordedEvent]]] = {}
         outcomes: list[Any] = []
         rows: list[tuple] = []
@@ -295,6 +323,8 @@ class SqliteLog(EventLog):
                     continue
             version = versions.get(append.stream)
             if version is None:
+                version = self._versions.get(append.stream)
+            if version is None:
                 version = conn.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (append.stream,)
                 ).fetchone()[0]
@@ -302,25 +332,33 @@ class SqliteLog(EventLog):
                 outcomes.append(WrongExpectedVersion(append.stream, append.expected, version))
                 continue
             recorded = []
+            stream_json = _canonical.encode(append.stream)
             for event_type, payload, schema in append.payloads:
                 position += 1
                 version += 1
-                meta = _meta_encoder.encode(msgspec.structs.replace(append.meta, schema=schema))
-                event = RecordedEvent(
-                    position=position, stream=append.stream, version=version, type=event_type,
-                    payload=msgspec.Raw(payload), meta=msgspec.Raw(meta), recorded_at=now_rfc3339(),
-                    hash="",
+                meta = _canonical.encode(msgspec.structs.replace(append.meta, schema=schema))
+                previous = link_hash(
+                    previous, meta, payload, position, recorded_at_json, stream_json, _type_json(event_type), version
                 )
-                previous = chain_hash(previous, event)
-                event = msgspec.structs.replace(event, hash=previous)
-                rows.append((position, append.stream, version, event_type, payload, meta, event.recorded_at, previous))
-                recorded.append(event)
+                rows.append((position, append.stream, version, event_type, payload, meta, recorded_at, previous))
+                recorded.append(RecordedEvent(
+                    position=position, stream=append.stream, version=version, type=event_type,
+                    payload=msgspec.Raw(payload), meta=msgspec.Raw(meta), recorded_at=recorded_at, hash=previous,
+                ))
             versions[append.stream] = version
             if append.key is not None and recorded:
                 used_keys[append.key] = (append.fingerprint, recorded)
                 keys.append((append.key, append.fingerprint, recorded[0].position, recorded[-1].position))
             outcomes.append((recorded, True))
-        return outcomes, rows, keys
+        return outcomes, rows, keys, versions, position
+
+    def _remember(self, versions: dict[str, int], head: int) -> None:
+        """Stream versions as of `head`, so the next batch need not ask the database for them.
+        They are trusted only while the head is still ours: (stream, version) is UNIQUE anyway."""
+        if len(self._versions) + len(versions) > self.version_cache_size:
+            self._versions.clear()
+        self._versions.update(versions)
+        self._versions_at = head
 
     @staticmethod
     def _recorded_for_key(conn: sqlite3.Connection, key: str):
@@ -333,6 +371,50 @@ class SqliteLog(EventLog):
             f"SELECT {COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position", found[1:]
         ).fetchall()
         return found[0], [_row(r) for r in rows]
+
+    async def import_recorded(self, events: Iterable[RecordedEvent]) -> int:
+        if self._closed:
+            raise LogClosed("the log is closed")
+        loop = asyncio.get_running_loop()
+        self._committed(await loop.run_in_executor(self._writer_thread, self._import, events))
+        return self._head
+
+    def _import(self, events: Iterable[RecordedEvent], chunk: int = 5000) -> list[RecordedEvent]:
+        """Runs on the writer thread, in one transaction: a broken event leaves nothing behind.
+        Returns the last chunk written, for the tail."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
+            chain = Chain(*(tail or (0, GENESIS_HASH)), version_of=lambda stream: conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)
+            ).fetchone()[0])
+            batch: list[RecordedEvent] = []
+            written: list[RecordedEvent] = []
+            for event in events:
+                chain.extend(event)
+                batch.append(event)
+                if len(batch) == chunk:
+                    self._write_recorded(conn, batch)
+                    written, batch = batch, []
+            if batch:
+                self._write_recorded(conn, batch)
+                written = batch
+            conn.execute("COMMIT")
+            return written
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _write_recorded(self, conn: sqlite3.Connection, batch: list[RecordedEvent]) -> None:
+        conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", [
+            (e.position, e.stream, e.version, e.type, bytes(e.payload), bytes(e.meta), e.recorded_at, e.hash)
+            for e in batch
+        ])
+        if self.projector is not None:
+            self.projector(_Tx(conn), batch)
 
     async def transact(self, fn: Callable[[Transaction], T]) -> T:
         def run() -> T:
@@ -356,6 +438,12 @@ class SqliteLog(EventLog):
         return self._readers[self._next_reader]
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        # Read models are read by key or by a bounded page: a few microseconds in SQLite, far
+        # less than a round trip to a reader thread, and WAL never makes a reader wait.
+        return self._local.execute(sql, params).fetchall()
+
+    async def _scan(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        """Reads of the log itself, pages of up to thousands of events: on a reader thread."""
         async with self._reader().execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
@@ -367,7 +455,7 @@ class SqliteLog(EventLog):
         if until is None:
             until = await self.read_head()
         where, params = _filters(streams, types)
-        rows = await self.query(
+        rows = await self._scan(
             f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ?{where} "
             "ORDER BY position LIMIT ?",
             [after, until, *params, limit],
@@ -380,7 +468,7 @@ class SqliteLog(EventLog):
         if until_position is not None:
             where += " AND position <= ?"
             params.append(until_position)
-        rows = await self.query(
+        rows = await self._scan(
             f"SELECT {COLUMNS} FROM events WHERE stream = ? AND version > ?{where} ORDER BY version LIMIT ?",
             [stream, after_version, *params, -1 if limit is None else limit],
         )

@@ -1,0 +1,182 @@
+"""What only the SQLite backend promises: the file's guards and settings, and sharing it between processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import events
+from events import Meta, RecordedEvent, UnknownEventType
+from events.envelope import chain_hash, now_rfc3339
+from events.sqlite import SqliteLog
+from events.types import TaskCreated, TaskOutput
+from tests.chain_audit import audit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def created(task_id: str) -> TaskCreated:
+    return TaskCreated(task_id=task_id, type="prompt", content="c", project_id="p", created_by="u")
+
+
+def output(seq: int) -> TaskOutput:
+    return TaskOutput(task_id="t", run_id="r", seq=seq, stream="stdout", chunk=f"{seq}\n")
+
+
+@pytest.fixture
+async def open_sqlite(tmp_path) -> AsyncIterator:
+    logs: list[SqliteLog] = []
+
+    async def open_(name: str = "log.db", **options) -> SqliteLog:
+        log = SqliteLog(tmp_path / name, **options)
+        await log.open()
+        logs.append(log)
+        return log
+
+    yield open_
+    for log in logs:
+        await log.close()
+
+
+async def everything(log: SqliteLog) -> list[RecordedEvent]:
+    got, after = [], 0
+    while page := (await log.read_all(after, 1000)).events:
+        got.extend(page)
+        after = page[-1].position
+    return got
+
+
+def raw(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(path, isolation_level=None))
+
+
+# --- guards and settings of the file ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE events SET payload = x'7b7d' WHERE position = 1",
+    "UPDATE events SET type = 'task.deleted'",
+    "DELETE FROM events WHERE position = 2",
+    "DELETE FROM events",
+    # REPLACE deletes the row it collides with, which fires no delete trigger.
+    "INSERT OR REPLACE INTO events SELECT position, stream, version, 'x', payload, meta, recorded_at, hash "
+    "FROM events WHERE position = 1",
+    "REPLACE INTO events SELECT 99, stream, version, 'x', payload, meta, recorded_at, hash "
+    "FROM events WHERE position = 2",
+])
+async def test_events_table_refuses_changes(open_sqlite, sql):
+    log = await open_sqlite()
+    await log.append("task-a", [created("a"), output(1)])
+    before = await everything(log)
+    with raw(log.path) as conn, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute(sql)
+    assert await everything(log) == before
+    assert audit(before) == 2
+
+
+async def test_journal_and_sync_settings(open_sqlite):
+    durable = await open_sqlite("durable.db")
+    with raw(durable.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # synchronous is a setting of the writer's own connection, which transact runs on.
+    assert await durable.transact(lambda tx: tx.execute("PRAGMA synchronous")) == [(2,)]  # FULL
+    fast = await open_sqlite("fast.db", durable=False)
+    assert await fast.transact(lambda tx: tx.execute("PRAGMA synchronous")) == [(0,)]  # OFF
+
+
+async def test_query_cannot_write(open_sqlite):
+    log = await open_sqlite()
+    await log.transact(lambda tx: tx.execute("CREATE TABLE notes (body TEXT)"))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await log.query("INSERT INTO notes VALUES ('x')")
+
+
+async def test_unknown_event_type(open_sqlite):
+    log = await open_sqlite()
+    await log.append("task-a", [created("a")])
+    # A newer writer's type, written beside this code with a correct chain.
+    with raw(log.path) as conn:
+        previous = conn.execute("SELECT hash FROM events WHERE position = 1").fetchone()[0]
+        event = RecordedEvent(
+            position=2, stream="task-a", version=2, type="task.teleported",
+            payload=msgspec.Raw(b'{"taskId":"a"}'), meta=msgspec.Raw(b'{"schema":1}'),
+            recorded_at=now_rfc3339(), hash="",
+        )
+        row = msgspec.structs.replace(event, hash=chain_hash(previous, event))
+        conn.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", (
+            row.position, row.stream, row.version, row.type, bytes(row.payload), bytes(row.meta),
+            row.recorded_at, row.hash,
+        ))
+
+    recorded = await everything(log)
+    assert audit(recorded) == 2 and recorded[1] == row  # stored and served unchanged
+    with pytest.raises(UnknownEventType, match=r"position 2 has type 'task\.teleported'") as caught:
+        events.decode(recorded[1])
+    assert caught.value.event == row
+    # The log goes on: the next append follows the unknown event in the stream and the chain.
+    after = await log.append("task-a", [output(1)], expected=2)
+    assert (after[0].position, after[0].version) == (3, 3)
+    assert audit(await everything(log)) == 3
+
+
+# --- two processes, one file ----------------------------------------------------------------
+
+
+async def test_two_processes_append_to_one_file(open_sqlite):
+    log = await open_sqlite("shared.db")
+    await log.append("shared", [output(0)], meta=Meta(actor="parent"))
+    count = 300
+
+    child_seen: list[RecordedEvent] = []
+
+    async def watch() -> None:
+        async with contextlib.aclosing(log.tail(0, streams=["shared"])) as tail:
+            async for event in tail:
+                if events.decode_meta(event).actor == "child":
+                    child_seen.append(event)
+                    if len(child_seen) == count:
+                        return
+
+    watcher = asyncio.create_task(watch())
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.crash_child", str(log.path), "--count", str(count),
+        "--stream", "shared", "--actor", "child", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
+        await asyncio.wait_for(child.stdout.readline(), 30)  # the child is appending: start ours
+        finished = asyncio.create_task(child.communicate())
+        mine = 1
+        while not finished.done():
+            await log.append("shared", [output(mine)], meta=Meta(actor="parent"))
+            mine += 1
+        out, _ = await finished
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.returncode == 0
+    acknowledged = dict(line.split() for line in out.decode().splitlines())
+
+    # Every child event reaches the parent's tail (the file is polled, so allow a moment).
+    await asyncio.wait_for(watcher, 5)
+    recorded = await everything(log)
+    assert audit(recorded) == len(recorded) == await log.read_head() == 1 + (count - 1) + mine
+    assert [e.version for e in recorded] == list(range(1, len(recorded) + 1))  # one stream
+    by_actor = {"parent": [], "child": []}
+    for event in recorded:
+        by_actor[events.decode_meta(event).actor].append(event)
+    assert len(by_actor["parent"]) == mine and len(by_actor["child"]) == count
+    assert {str(e.position): e.hash for e in by_actor["child"]}.items() >= acknowledged.items()
+    assert len(acknowledged) == count - 1  # the first line was read above
+    assert child_seen == by_actor["child"]
+    # The two writers really interleaved in the one chain.
+    child_positions = [e.position for e in by_actor["child"]]
+    assert any(child_positions[0] < e.position < child_positions[-1] for e in by_actor["parent"])
