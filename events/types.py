@@ -15,6 +15,7 @@ import msgspec
 TaskType = Literal["prompt", "command"]
 OutputStream = Literal["stdout", "stderr", "text"]
 Decision = Literal["approve", "reject"]
+FailureKind = Literal["error", "exit", "timeout", "interrupted", "rejected"]
 AgentKind = Literal["shell", "exec", "openai", "echo"]
 AgentStatus = Literal["active", "paused", "stopped", "error"]
 Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
@@ -119,9 +120,13 @@ class TaskCompleted(EventData):
 
 
 class TaskFailed(EventData):
+    """Schema 2: `reason`, free text in schema 1, is one of FailureKind, so a reader can tell a
+    timeout from a rejection without parsing prose (see events/upcasters.py)."""
+
     event_type: ClassVar[str] = "task.failed"
+    schema: ClassVar[int] = 2
     task_id: str
-    reason: str
+    reason: FailureKind
     error: str
     run_id: str | None = None
     exit_code: int | None = None
@@ -251,6 +256,9 @@ class WebhookAttempted(EventData):
     ok: bool
     status_code: int | None = None
     error: str | None = None
+    checkpoint: int = 0
+    """Every delivery triggered at or before this position had concluded when this attempt was
+    recorded: where a restarted delivery worker resumes its fold of the log."""
 
 
 EVENT_TYPES: dict[str, type[EventData]] = {

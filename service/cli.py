@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
+import sqlite3
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from events import open_log
-from events.verify import verify_chain
+from events import RecordedEvent, open_log
+from events.verify import ChainBroken, verify_chain
 from projections import queries, store
 from service import auth
 from service.settings import Settings, env_name, from_env
@@ -31,22 +35,21 @@ async def _with_log(settings: Settings, work):
         await log.close()
 
 
-def _progress(description: str):
-    """A rich progress bar on a terminal; nothing otherwise."""
+@contextlib.contextmanager
+def _progress(description: str, unit: str = "events") -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr when it is a terminal (stdout may be carrying an export);
+    None otherwise. Yields `update(done, total)`."""
     if not sys.stderr.isatty():
-        return None
-    from rich.progress import Progress
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(transient=True)
-    bar.start()
-    task = bar.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-        if done >= total:
-            bar.stop()
-
-    return update
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # --- serve ---------------------------------------------------------------------
@@ -81,9 +84,13 @@ def serve(args) -> int:
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
         print(token, flush=True)
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again so that the process
+    # dies by it (status -15). A graceful stop is a success: exit 0 on that signal instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, access_log=False,
         log_level="warning", timeout_graceful_shutdown=3, lifespan="on",
+        log_config=None,  # uvicorn's records go through service.logs, as JSON when not on a terminal
     )
     return 0
 
@@ -131,8 +138,15 @@ def token_revoke(args) -> int:
 # --- the auditor's commands ------------------------------------------------------------
 
 
+def _existing(settings: Settings) -> Settings:
+    """The settings, once sure the log exists: checking a mistyped data dir must not pass."""
+    if not settings.database.is_file():
+        raise _Failed(f"no log at {settings.database}")
+    return settings
+
+
 def verify(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
+    settings = _existing(from_env(data_dir=args.data_dir))
     against = None
     if args.against:
         position, _, digest = args.against.partition(":")
@@ -140,10 +154,8 @@ def verify(args) -> int:
             return _fail("--against takes POSITION:HASH, e.g. 1234:9f86d0…")
         against = (int(position), digest.lower())
 
-    async def work(log):
-        return await verify_chain(log, against=against, progress=_progress("verifying"))
-
-    report = asyncio.run(_with_log(settings, work))
+    with _progress("verifying") as progress:
+        report = asyncio.run(_with_log(settings, lambda log: verify_chain(log, against=against, progress=progress)))
     if report.ok:
         print(f"ok: {report.checked} events, head {report.head}")
         return 0
@@ -154,13 +166,12 @@ def verify(args) -> int:
 def export(args) -> int:
     import msgspec
 
-    settings = from_env(data_dir=args.data_dir)
+    settings = _existing(from_env(data_dir=args.data_dir))
     encoder = msgspec.json.Encoder()
     out = sys.stdout.buffer
 
-    async def work(log):
+    async def work(log, progress):
         after, head = args.after, await log.read_head()
-        progress = _progress("exporting")
         while after < head:
             page = await log.read_all(after, 5000, until=head)
             out.write(b"".join(encoder.encode(e) + b"\n" for e in page.events))
@@ -169,19 +180,71 @@ def export(args) -> int:
                 progress(after, head)
         out.flush()
 
-    asyncio.run(_with_log(settings, work))
+    with _progress("exporting") as progress:
+        asyncio.run(_with_log(settings, lambda log: work(log, progress)))
+    return 0
+
+
+class _ExportLine(RecordedEvent, forbid_unknown_fields=True):
+    """A line of an export. The hash covers every field the API serves, so a field added to
+    a line is a change to the file, as API.md's rule (and scripts/verify_export.py) sees it."""
+
+
+def _recorded(path: Path, progress: Callable[[int, int], None] | None) -> Iterator[RecordedEvent]:
+    """The export's events, one a line. A line that is no recorded event breaks the chain there."""
+    import msgspec
+
+    decoder = msgspec.json.Decoder(_ExportLine)
+    size, done, count = path.stat().st_size, 0, 0
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            done += len(line)
+            if not line.strip():
+                continue
+            try:
+                event = decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                raise ChainBroken(count + 1, f"line {number} is not a recorded event ({exc})") from None
+            count += 1
+            yield event
+            if progress and count % 5000 == 0:
+                progress(done, size)
+    if progress:
+        progress(size, size)
+
+
+def import_(args) -> int:
+    settings = from_env(data_dir=args.data_dir)
+    source = Path(args.file)
+    if not source.is_file():
+        return _fail(f"no file {source}")
+
+    async def work(log, progress):
+        head = await log.read_head()
+        if head:
+            raise _Failed(f"{settings.database} already holds {head} events; import needs an empty data dir")
+        return await log.import_recorded(_recorded(source, progress))
+
+    try:
+        with _progress("importing", "bytes") as progress:
+            head = asyncio.run(_with_log(settings, lambda log: work(log, progress)))
+    except ChainBroken as broken:
+        print(f"mission-control: refused {source}, nothing imported: {broken}", file=sys.stderr)
+        return 1
+    print(f"imported {head} events into {settings.database}")
     return 0
 
 
 def rebuild(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
-
-    async def work(log):
-        return await store.rebuild(log, _progress("rebuilding read models"))
-
-    position = asyncio.run(_with_log(settings, work))
+    settings = _existing(from_env(data_dir=args.data_dir))
+    with _progress("rebuilding read models") as progress:
+        position = asyncio.run(_with_log(settings, lambda log: store.rebuild(log, progress)))
     print(f"rebuilt every read model from {position} events")
     return 0
+
+
+class _Failed(Exception):
+    """A command cannot do what was asked: one line for the user, exit 2."""
 
 
 def _fail(message: str) -> int:
@@ -216,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
                     "mission-control token create --user alice --scopes task:read,task:write")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     sub = token_commands.add_parser("create", help="issue a key; the token is printed once, on the last line",
+                                    description="Issue an API key; the token is printed once, on the last line.",
                                     epilog="Example: mission-control token create --user alice --scopes task:read")
     sub.set_defaults(fn=token_create)
     sub.add_argument("--user", required=True, help="the user the key acts as")
@@ -223,10 +287,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--project", default=None, help="restrict the key to this project id")
     data_dir(sub)
     sub = token_commands.add_parser("list", help="list keys (never their secrets)",
+                                    description="List the API keys: id, user, state, scopes (never their secrets).",
                                     epilog="Example: mission-control token list")
     sub.set_defaults(fn=token_list)
     data_dir(sub)
     sub = token_commands.add_parser("revoke", help="revoke a key by id",
+                                    description="Revoke an API key by its id: it is refused from then on.",
                                     epilog="Example: mission-control token revoke 0b7e…")
     sub.set_defaults(fn=token_revoke)
     sub.add_argument("key_id")
@@ -242,6 +308,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--after", type=int, default=0, help="start after this position")
     data_dir(sub)
 
+    sub = command("import", import_, "Load an export into an empty data dir, checking the chain; "
+                  "exit 1 with the first bad position, importing nothing.",
+                  "mission-control import log.ndjson --data-dir ./replica")
+    sub.add_argument("file", help="an NDJSON export, one recorded event a line")
+    data_dir(sub)
+
     sub = command("rebuild", rebuild, "Drop every read model and refold it from the log.",
                   "mission-control rebuild --data-dir ./var")
     data_dir(sub)
@@ -250,7 +322,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except _Failed as exc:
+        return _fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        return _fail(f"the log cannot be read: {exc}")
+    except BrokenPipeError:  # e.g. `mission-control export | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return _fail("interrupted")
 
 
 if __name__ == "__main__":
