@@ -17,19 +17,20 @@ from events import EventLog, Meta
 from projections import queries
 from projections.agents import Agent
 from projections.tasks import ACTIVE, Task
-from service.agents import AgentFunction, RunContext, RunFailed, echo
+from service.agents import RESULT_LIMIT, RunContext, RunFailed
+from service.agents.kinds import KINDS
+from service.agents.process import kill_orphans
 from service.commands import Commands
 from service.deciders import Command, FailRun, FinishRun, RecordOutput, Rejected, RequestInput
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.runner")
 
-AGENTS: dict[str, AgentFunction] = {"echo": echo.run}
 ECHO_AGENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "mission-control:agent:echo"))
 RUNNER_ACTOR = "mission-control:runner"
 CHUNK_BYTES = 16 * 1024
 FLUSH_SECONDS = 0.05
-RESULT_LIMIT = 64 * 1024
+INTERRUPTED = "The service stopped while this run was in progress."
 
 
 def compose_prompt(context: str | None, dependencies: list[Task], task: Task) -> str:
@@ -50,7 +51,7 @@ class _Output:
         self._seq = 0
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task | None = None
+        self._flushing: asyncio.Task | None = None  # a reference, so the timer's flush is not collected
 
     async def emit(self, stream: str, text: str) -> None:
         if not text:
@@ -59,7 +60,7 @@ class _Output:
             self._pending[-1][1].append(text)
         else:
             self._pending.append((stream, [text]))
-        self._size += len(text)
+        self._size += len(text)  # characters: a cheap lower bound of the bytes
         if self._size >= CHUNK_BYTES:
             await self.flush()  # the producer waits: a chatty run cannot outrun the log
         elif self._timer is None:
@@ -71,23 +72,26 @@ class _Output:
 
     async def flush(self) -> None:
         async with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            pending, self._pending, self._size = self._pending, [], 0
-            chunks = []
-            for stream, parts in pending:
-                text = "".join(parts)
-                for start in range(0, len(text), CHUNK_BYTES):
-                    self._seq += 1
-                    chunks.append((self._seq, stream, text[start : start + CHUNK_BYTES]))
-            if chunks:
+            if chunks := self._take():
                 await self._record(chunks)
 
-    async def close(self) -> None:
-        await self.flush()
-        if self._flushing is not None:
-            await self._flushing
+    async def close(self) -> list[tuple[int, str, str]]:
+        """What is left to record, for the run's ending to carry: one append, not two."""
+        async with self._lock:  # after any flush in flight, so the order holds
+            return self._take()
+
+    def _take(self) -> list[tuple[int, str, str]]:
+        """The pending output as numbered chunks of at most CHUNK_BYTES."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._size = self._pending, [], 0
+        chunks = []
+        for stream, parts in pending:
+            for piece in _pieces("".join(parts)):
+                self._seq += 1
+                chunks.append((self._seq, stream, piece))
+        return chunks
 
 
 class Runner:
@@ -98,13 +102,12 @@ class Runner:
         self.runs: dict[str, tuple[str, asyncio.Task, asyncio.Queue]] = {}
 
     async def recover(self) -> int:
-        """End every run a previous process left in progress: nothing stays running forever."""
+        """End every run a previous process left in progress, and whatever processes it left
+        running: nothing stays running forever."""
         stuck, _ = await queries.tasks(self.log, statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
+        await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id])
         for task in stuck:
-            await self._record(task.id, FailRun(
-                run_id=task.run_id or "", reason="interrupted",
-                error="The service stopped while this run was in progress.",
-            ))
+            await self._record(task.id, FailRun(run_id=task.run_id or "", reason="interrupted", error=INTERRUPTED))
         return len(stuck)
 
     def launch(self, task: Task, agent: Agent) -> None:
@@ -126,8 +129,12 @@ class Runner:
                 await run[1]
 
     async def close(self) -> None:
-        for task_id in list(self.runs):
-            await self.stop(task_id)
+        """At shutdown: stop every run (their process groups at once) and record each as
+        interrupted, as the next start's recovery would."""
+        stopping = {task_id: run[0] for task_id, run in self.runs.items()}
+        await asyncio.gather(*(self.stop(task_id) for task_id in stopping))
+        for task_id, run_id in stopping.items():
+            await self._record(task_id, FailRun(run_id=run_id, reason="interrupted", error=INTERRUPTED))
 
     async def _record(self, task_id: str, command: Command) -> bool:
         try:
@@ -145,42 +152,49 @@ class Runner:
 
     async def _drive(self, task: Task, agent: Agent, messages: asyncio.Queue) -> None:
         run_id = task.run_id or ""
+        job = asyncio.current_task()
+        assert job is not None
 
-        async def record_output(chunks):
-            if not await self._record(task.id, RecordOutput(run_id=run_id, chunks=chunks)):
-                raise asyncio.CancelledError  # the run is over (cancelled): stop producing
+        async def record(command: Command) -> None:
+            if not await self._record(task.id, command):
+                job.cancel()  # the run was ended elsewhere (cancelled): stop the agent
 
-        output = _Output(record_output)
+        output = _Output(lambda chunks: record(RecordOutput(run_id=run_id, chunks=chunks)))
 
-        async def ask(prompt: str) -> str:
+        async def request_input(prompt: str) -> None:
             await output.flush()
-            await self._record(task.id, RequestInput(run_id=run_id, prompt=prompt))
-            return await messages.get()
+            await record(RequestInput(run_id=run_id, prompt=prompt))
 
         ctx = RunContext(
             task=task, run_id=run_id, agent=agent, prompt=await self._prompt(task),
-            workdir=Path(self.settings.data_dir) / "runs" / task.id, emit=output.emit, ask=ask, messages=messages,
+            workdir=Path(self.settings.data_dir) / "runs" / task.id, emit=output.emit,
+            request_input=request_input, messages=messages,
         )
         timeout = task.timeout_seconds or self.settings.default_timeout_seconds
+        last: list[tuple[int, str, str]] = []
         try:
             try:
                 async with asyncio.timeout(timeout):
-                    result = await AGENTS[agent.kind](ctx)
+                    result = await KINDS[agent.kind].run(ctx)
             finally:
-                await output.close()
-            ending: Command = FinishRun(run_id=run_id, approval_id=str(uuid.uuid4()), result=_bounded(result))
+                last = await output.close()
+            ending: Command = FinishRun(
+                run_id=run_id, approval_id=str(uuid.uuid4()), result=_bounded(result), output=last,
+            )
         except TimeoutError:
-            ending = FailRun(run_id=run_id, reason="timeout", error=f"The run took longer than {timeout} s.")
+            ending = FailRun(
+                run_id=run_id, reason="timeout", error=f"The run took longer than {timeout} s.", output=last,
+            )
         except RunFailed as failed:
             ending = FailRun(
                 run_id=run_id, reason=failed.reason, error=failed.error, exit_code=failed.exit_code,
-                result=_bounded(failed.result),
+                result=_bounded(failed.result), output=last,
             )
         except asyncio.CancelledError:
             return
         except Exception as exc:  # an agent's bug still ends the run on the record
             log.exception("run failed", task_id=task.id, run_id=run_id)
-            ending = FailRun(run_id=run_id, reason="error", error=f"{type(exc).__name__}: {exc}")
+            ending = FailRun(run_id=run_id, reason="error", error=f"{type(exc).__name__}: {exc}", output=last)
         finally:
             current = self.runs.get(task.id)
             if current is not None and current[0] == run_id:
@@ -189,7 +203,21 @@ class Runner:
 
 
 def _bounded(text: str | None) -> str | None:
-    """A deliverable is kept whole up to 64 KiB; past that, its tail."""
+    """A deliverable is kept whole up to RESULT_LIMIT characters; past that, its tail."""
     if text is None or len(text) <= RESULT_LIMIT:
         return text
     return text[-RESULT_LIMIT:]
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` in pieces of at most CHUNK_BYTES of UTF-8, cut between characters. A lone
+    surrogate (which UTF-8 cannot hold, so no event could) becomes '?'."""
+    data = text.encode("utf-8", "replace")
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + CHUNK_BYTES, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: back off
+            end -= 1
+        pieces.append(data[start:end].decode())
+        start = end
+    return pieces

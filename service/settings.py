@@ -27,6 +27,10 @@ class Settings(msgspec.Struct, kw_only=True):
     rate_limit_per_second: float = 200.0
     rate_limit_burst: int = 400
     webhook_secret: str = ""
+    webhook_attempts: int = 8
+    """Attempts at one webhook delivery (the first and its retries) before it is given up."""
+    webhook_backoff_seconds: float = 5.0
+    """The wait before a delivery's first retry; each further retry waits twice as long."""
     durable: bool = True
 
     @property

@@ -1,0 +1,31 @@
+"""The agent kinds of API.md: the function that runs each, and the config it takes."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from service.agents import AgentFunction, parse_config
+from service.agents import echo, shell
+from service.agents import exec as exec_agent
+from service.agents import openai as openai_agent
+
+
+class Kind(NamedTuple):
+    run: AgentFunction
+    config: type | None
+    """The msgspec type of its `config`; None: any config (the built-in echo ignores it)."""
+
+
+KINDS: dict[str, Kind] = {
+    "echo": Kind(echo.run, None),
+    "shell": Kind(shell.run, shell.ShellConfig),
+    "exec": Kind(exec_agent.run, exec_agent.ExecConfig),
+    "openai": Kind(openai_agent.run, openai_agent.OpenAIConfig),
+}
+
+
+def check_config(kind: str, config: dict[str, Any]) -> None:
+    """ValueError with a sentence if `config` does not suit an agent of `kind`."""
+    schema = KINDS[kind].config
+    if schema is not None:
+        parse_config(schema, config)

@@ -1,0 +1,201 @@
+"""Subprocess plumbing the `shell` and `exec` agents share.
+
+A run's process leads a process group of its own (a new session), so stopping it reaches
+every grandchild; it gets a minimal environment; its output is decoded as it streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Iterable
+from typing import IO, Annotated
+
+import msgspec
+import psutil
+import structlog
+
+from service.agents import Config, RunContext, RunFailed, Tail
+
+log = structlog.get_logger("mission_control.agents")
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+READ_BYTES = 64 * 1024
+RUN_ID_VARIABLE = "MC_RUN_ID"
+"""Set for every run's processes: how recovery finds what a killed server left behind."""
+
+Sink = Callable[[str], Awaitable[None]]
+Feeder = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+class ProcessConfig(Config):
+    allowed_users: list[str] = []
+    """Who besides admins may run tasks on this agent (`["*"]`: anyone who can see the task).
+    A process agent runs as the service's own OS user, so it is an admin's grant, never a default."""
+    env: list[str] = []
+    """Names of the server's environment variables the process may see. Without them it gets
+    PATH (a fixed default), HOME (its working directory), MC_TASK_ID and MC_RUN_ID only."""
+    kill_grace_seconds: Annotated[float, msgspec.Meta(ge=0, le=30)] = 1.0
+    """Between SIGTERM and SIGKILL when a run is cancelled or times out."""
+
+
+class Output:
+    """A process's stdout and stderr as the run's output; the tail of stdout is kept as the deliverable."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.tail = Tail()
+
+    async def stdout(self, text: str) -> None:
+        self.tail.add(text)
+        await self.ctx.emit("stdout", text)
+
+    async def stderr(self, text: str) -> None:
+        await self.ctx.emit("stderr", text)
+
+
+def environment(ctx: RunContext, allowed: Iterable[str]) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": str(ctx.workdir)}
+    env.update({name: os.environ[name] for name in allowed if name in os.environ})
+    env.update({"MC_TASK_ID": ctx.task.id, RUN_ID_VARIABLE: ctx.run_id})
+    return env
+
+
+async def run_process(
+    ctx: RunContext, argv: list[str], config: ProcessConfig, stdout: Sink, stderr: Sink, feed: Feeder | None = None
+) -> int:
+    """Run argv to its end: output to the sinks as decoded text, stdin written by `feed` (or
+    /dev/null). Returns the exit code (negative: killed by that signal). However it ends,
+    nothing of its process group survives it."""
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        # Popen rather than the loop's subprocess support: it vforks, which stays fast however
+        # large the server is (uvloop's spawn takes tens of milliseconds here).
+        child = subprocess.Popen(
+            argv, cwd=ctx.workdir, env=environment(ctx, config.env), start_new_session=True,
+            stdin=subprocess.PIPE if feed else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise RunFailed("error", f"Cannot start {argv[0]}: {exc.strerror or exc}.") from None
+    assert child.stdout is not None and child.stderr is not None
+    readers = [asyncio.create_task(_pump(child.stdout, stdout)), asyncio.create_task(_pump(child.stderr, stderr))]
+    writer = asyncio.create_task(_feed(child.stdin, feed)) if feed and child.stdin else None
+    helpers = [*readers, *([writer] if writer else [])]
+    exited = asyncio.create_task(_exited(child))
+    stopped = False
+    try:
+        waiting: set[asyncio.Future] = {exited, *helpers}
+        while not exited.done():  # a helper that fails ends the run at once
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for helper in done - {exited}:
+                helper.result()
+        # Whatever the leader left running would keep the pipes open: it ends with the run.
+        stopped = True
+        await stop_group(child, config.kill_grace_seconds)
+        for reader in readers:
+            await reader
+        return child.returncode  # type: ignore[return-value]
+    finally:
+        if not stopped:
+            await stop_group(child, config.kill_grace_seconds)
+        for helper in (*helpers, exited):
+            helper.cancel()
+        await asyncio.gather(*helpers, exited, return_exceptions=True)
+
+
+async def _pump(pipe: IO[bytes], sink: Sink) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_BYTES)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        # Incremental: a character split across reads is decoded whole; invalid bytes become U+FFFD.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := await reader.read(READ_BYTES):
+            if text := decoder.decode(chunk):
+                await sink(text)
+        if text := decoder.decode(b"", final=True):
+            await sink(text)
+    finally:
+        transport.close()
+
+
+async def _feed(pipe: IO[bytes], feed: Feeder) -> None:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, pipe)
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the program stopped reading
+            await feed(asyncio.StreamWriter(transport, protocol, None, loop))
+    finally:
+        transport.close()
+
+
+async def _exited(child: subprocess.Popen) -> None:
+    """Until the child has exited. It is not reaped: as a zombie it keeps its pid, so its process
+    group id cannot be reused by another process before `stop_group` has signalled the group."""
+    if child.returncode is not None:
+        return
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # no pidfd (Linux before 5.3): a thread waits instead
+        await asyncio.to_thread(os.waitid, os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        return
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    loop.add_reader(pidfd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+async def stop_group(child: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the group, SIGKILL it once the leader has exited or after `grace`, whichever is
+    first (grandchildren that ignore or outlive SIGTERM included), then reap the leader."""
+    try:
+        _signal_group(child.pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_exited(child), grace)
+    finally:  # even if cancelled again while waiting
+        _signal_group(child.pid, signal.SIGKILL)
+    await _exited(child)
+    child.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def finished(code: int, stdout: str) -> str:
+    """The deliverable of a process that exited with `code`: its stdout when 0, else RunFailed
+    with the exit code (128 + n for a process killed by signal n, as shells report it)."""
+    if code == 0:
+        return stdout
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        raise RunFailed("exit", f"The process was killed by {name}.", exit_code=128 - code, result=stdout)
+    raise RunFailed("exit", f"The process exited with code {code}.", exit_code=code, result=stdout)
+
+
+def kill_orphans(run_ids: Iterable[str]) -> int:
+    """SIGKILL every process whose environment names one of these runs: what a server that
+    died mid-run (SIGKILL, power loss) left running. Returns how many were killed."""
+    wanted = set(run_ids)
+    if not wanted:
+        return 0
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(RUN_ID_VARIABLE) in wanted:
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    if killed:
+        log.warning("killed processes left by interrupted runs", count=killed)
+    return killed
