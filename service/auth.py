@@ -68,11 +68,14 @@ async def authenticate(log: EventLog, token: str | None) -> Principal:
 
 async def visible_projects(log: EventLog, principal: Principal) -> list[str] | None:
     """The projects whose tasks this principal sees; None means all of them."""
-    if principal.project_id is not None:
-        return [principal.project_id]
-    if principal.sees_everything or principal.has("admin"):
+    if principal.sees_everything:
         return None
-    return [p.id for p in await queries.projects(log) if principal.user in p.members]
+    if principal.project_id is not None and principal.has("audit:read"):
+        return [principal.project_id]
+    member_of = [p.id for p in await queries.projects(log) if principal.user in p.members]
+    if principal.project_id is not None:  # the key's project, while its user is still a member
+        return [principal.project_id] if principal.project_id in member_of else []
+    return member_of
 
 
 async def issue_key(

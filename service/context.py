@@ -6,7 +6,7 @@ import hashlib
 
 from starlette.requests import Request
 
-from events import EventLog, Meta
+from events import EventLog, Meta, RecordedEvent
 from projections import queries
 from projections.tasks import Task
 from service.auth import Principal, visible_projects
@@ -79,3 +79,48 @@ async def visible_task(request: Request, who: Principal, task_id: str | None = N
     if task is None or not await can_see_project(request, who, task.project_id):
         raise Rejected(404, "not_found", "Task not found.")
     return task
+
+
+_task_projects: dict[str, str] = {}
+"""Task id -> project id, shared by every stream. A task never changes project and ids are
+UUIDs, so entries never go stale; the size is bounded by dropping the oldest half."""
+_TASK_PROJECTS_MAX = 50_000
+
+
+class Tenancy:
+    """What a caller who does not see everything may receive: events of the tasks (and their
+    presence) in the caller's projects, of those projects, and of agents. Never API keys."""
+
+    def __init__(self, log: EventLog, who: Principal):
+        self.log, self.who = log, who
+        self.allowed: set[str] | None = None
+
+    async def prepare(self) -> None:
+        allowed = await visible_projects(self.log, self.who)
+        self.allowed = None if allowed is None else set(allowed)
+
+    @property
+    def everything(self) -> bool:
+        return self.allowed is None
+
+    async def admits(self, event: RecordedEvent) -> bool:
+        if self.allowed is None:
+            return True
+        kind, _, ident = event.stream.partition("-")
+        if kind in ("task", "presence"):
+            project = _task_projects.get(ident)
+            if project is None:
+                task = await queries.task(self.log, ident)
+                if task is None:
+                    return False
+                project = task.project_id
+                if len(_task_projects) >= _TASK_PROJECTS_MAX:
+                    for old in list(_task_projects)[: _TASK_PROJECTS_MAX // 2]:
+                        del _task_projects[old]
+                _task_projects[ident] = project
+            return project in self.allowed
+        if kind == "project":
+            # Membership changes only by project events: a join or a leave takes effect here.
+            await self.prepare()
+            return ident in self.allowed
+        return kind == "agent"

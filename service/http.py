@@ -13,6 +13,9 @@ from service.deciders import Rejected
 
 T = TypeVar("T")
 
+MAX_INT = 2**63 - 1
+"""The largest integer SQLite binds; a larger query parameter would be a 500."""
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -33,18 +36,19 @@ def bad_request(detail: str, code: str = "invalid_request") -> Rejected:
     return Rejected(400, code, detail)
 
 
+def body_too_large(limit: int) -> Rejected:
+    return Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+
+
 async def read_raw_body(request: Request, required: bool = True) -> bytes:
-    """The body, refused if too large (413) or not JSON (415), before anything is decided."""
-    settings = request.app.state.settings
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+    """The body, refused if too large (413) or not JSON (415), before anything is decided.
+    (The middleware has refused a declared Content-Length over the limit; this counts what arrives.)"""
+    limit = request.app.state.settings.max_body_bytes
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+            raise body_too_large(limit)
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
@@ -64,7 +68,7 @@ def decode_body(body: bytes, type_: type[T], max_depth: int, max_string: int) ->
         raise bad_request("The JSON body is nested too deeply.") from None
     except msgspec.ValidationError as exc:
         raise bad_request(f"Invalid request body: {exc}.") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets invalid UTF-8 through as the latter
         raise bad_request(f"Malformed JSON: {exc}.", "malformed_json") from None
     _check_shape(msgspec.to_builtins(value), max_depth, max_string, "$")
     return value
@@ -88,8 +92,10 @@ def _check_shape(value: Any, depth_left: int, max_string: int, path: str) -> Non
             raise bad_request(f"{path} is nested too deeply.")
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            if isinstance(key, str) and len(key) > max_string:
-                raise bad_request(f"A key in {path} is longer than {max_string} characters.")
+            if isinstance(key, str) and (len(key) > max_string or "\x00" in key):
+                raise bad_request(
+                    f"A key in {path} is longer than {max_string} characters or contains a NUL character."
+                )
             _check_shape(item, depth_left - 1, max_string, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
 
 
@@ -108,15 +114,22 @@ def parse_uuid(value: str, what: str = "id") -> str:
         raise bad_request(f"{what} {value[:80]!r} is not a valid UUID.", "invalid_uuid") from None
 
 
-def query_int(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+def whole_number(raw: str) -> int | None:
+    """`raw` as a whole number SQLite can bind, or None. ASCII digits only: str.isdigit()
+    also takes "²", which int() then refuses."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_INT)):
+        return None
+    value = int(raw)
+    return value if value <= MAX_INT else None
+
+
+def query_int(request: Request, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"Query parameter {name} must be an integer, not {raw[:40]!r}.") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise bad_request(f"Query parameter {name} must be {bound}.")
+    value = whole_number(raw)
+    if value is None or not minimum <= value <= maximum:
+        raise bad_request(
+            f"Query parameter {name} must be a whole number from {minimum} to {maximum}, not {raw[:40]!r}."
+        )
     return value

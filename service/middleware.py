@@ -4,6 +4,8 @@ carry `access_token`."""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
 
@@ -13,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import authenticate
 from service.deciders import Rejected
-from service.http import error_response
+from service.http import body_too_large, error_response, whole_number
 from service.ratelimit import RateLimiter
 
 access_log = structlog.get_logger("mission_control.access")
@@ -21,6 +23,13 @@ access_log = structlog.get_logger("mission_control.access")
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 STREAM_PATH = "/api/mission-control/activity/stream"
+REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
+"""A client's X-Request-ID is kept (in every event's meta) only if it is printable ASCII."""
+
+
+def request_id_of(headers: Headers) -> str:
+    given = (headers.get("x-request-id") or "")[:200]
+    return given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
 
 
 class ApiMiddleware:
@@ -30,11 +39,13 @@ class ApiMiddleware:
         self.limiter: RateLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # fail closed: nothing here authenticates a websocket
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         headers = Headers(scope=scope)
-        request_id = (headers.get("x-request-id") or "")[:200] or str(uuid.uuid4())
+        request_id = request_id_of(headers)
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
 
@@ -86,7 +97,11 @@ class ApiMiddleware:
         if wait > 0:
             return Rejected(
                 429, "rate_limited", "Too many requests for this API key; slow down.",
-                {"Retry-After": str(max(1, round(wait)))},
+                {"Retry-After": str(max(1, math.ceil(wait)))},
             )
+        declared = headers.get("content-length")
+        size = whole_number(declared) if declared else 0
+        if size is None or size > settings.max_body_bytes:  # for every route; read_raw_body counts chunked ones
+            return body_too_large(settings.max_body_bytes)
         scope["state"]["principal"] = principal
         return None

@@ -11,7 +11,9 @@ class RateLimiter:
         self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
     def take(self, key: str) -> float:
-        """0 if the request may go now, else the seconds until it may."""
+        """0 if the request may go now, else the seconds until it may. A rate of 0 turns the limit off."""
+        if self.rate <= 0:
+            return 0.0
         now = self.clock()
         tokens, at = self.buckets.get(key, (float(self.burst), now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
