@@ -1,84 +1,150 @@
-"""GET /activity/stream: the log's tail as Server-Sent Events."""
+"""GET /activity/stream: the log's tail as Server-Sent Events.
+
+What a consumer can rely on, and why it holds:
+- Exactness. Events come from the log's own tail (history after `after` / `Last-Event-ID`,
+  then live), which reads committed events by position: no gap or repeat at the seam, and a
+  reconnect with the last id seen resumes exactly. A filtered stream resumes the same way,
+  since the ids it sends are the positions of the events it sent.
+- Bounded memory per client. The tail hands over at most a page of events at a time, and the
+  next page is read only once the previous one was written: uvicorn's `send` waits while the
+  socket's buffer is above its high-water mark. A slow client therefore costs one page, never
+  a queue, and catches up from the log; one that takes nothing for `send_timeout_seconds`
+  is dropped.
+- Vanishing clients and shutdown end the response's tasks (sse-starlette's task group); on
+  shutdown the chunked body is closed properly, so clients see a clean end and reconnect.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+
+import anyio
 import msgspec
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+import structlog
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from events import RecordedEvent
-from service.auth import Principal, visible_projects
-from service.context import log_of, principal, settings_of
-from service.http import bad_request, parse_uuid
-from service.routes.log import type_filter
 from projections import queries
+from service.context import Tenancy, log_of, principal, settings_of
+from service.http import bad_request, parse_uuid, whole_number
+from service.routes.log import type_filter
 
 PATH = "/api/mission-control/activity/stream"
 RETRY_MS = 2000
+PAGE = 200
+"""Log positions a client is handed at a time (the most one client makes the server hold)."""
+CHUNK_BYTES = 64 * 1024
+"""Frames are written together up to this size: one write per page, not per event."""
+
+HELLO = b": connected\r\nretry: %d\r\n\r\n" % RETRY_MS
 _encoder = msgspec.json.Encoder()
+logger = structlog.get_logger("mission_control.stream")
+
+
+def frame(event: RecordedEvent) -> bytes:
+    # Compact JSON has no line breaks, so one `data:` line carries the whole event; no
+    # `event:` field, so EventSource.onmessage sees everything.
+    return b"id: %d\r\ndata: %s\r\n\r\n" % (event.position, _encoder.encode(event))
 
 
 def resume_position(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit():
+    position = whole_number(raw.strip())
+    if position is None:
         raise bad_request("Last-Event-ID and after must be a log position (a whole number).")
-    return int(raw)
+    return position
 
 
-class Tenancy:
-    """Which events a caller who does not see everything may receive."""
+def stream_filter(request: Request) -> list[str] | None:
+    """The streams asked for: None for all, [] when `taskId` and `stream` exclude each other."""
+    streams = None
+    if (task_id := request.query_params.get("taskId")) is not None:
+        task_id = parse_uuid(task_id, "taskId")
+        streams = [f"task-{task_id}", f"presence-{task_id}"]
+    if (stream := request.query_params.get("stream")) is not None:
+        if not stream:
+            raise bad_request("Query parameter stream names no stream.")
+        streams = [s for s in (streams or [stream]) if s == stream]
+    return streams
 
-    def __init__(self, request: Request, who: Principal):
-        self.request, self.who = request, who
-        self.allowed: set[str] | None = None
-        self.task_projects: dict[str, str | None] = {}
 
-    async def prepare(self) -> None:
-        allowed = await visible_projects(log_of(self.request), self.who)
-        self.allowed = None if allowed is None else set(allowed)
+def _only_send_timeouts(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_send_timeouts(e) for e in exc.exceptions)
+    return isinstance(exc, SendTimeoutError)
 
-    async def admits(self, event: RecordedEvent) -> bool:
-        if self.allowed is None:
-            return True
-        kind, _, ident = event.stream.partition("-")
-        if kind in ("task", "presence"):
-            if ident not in self.task_projects:
-                task = await queries.task(log_of(self.request), ident)
-                self.task_projects[ident] = task.project_id if task else None
-            return self.task_projects[ident] in self.allowed
-        if kind == "project":
-            if ident not in self.allowed:
-                await self.prepare()  # a project the caller just joined
-            return ident in self.allowed
-        return kind == "agent"
+
+class EventStream(EventSourceResponse):
+    """sse-starlette's response, ending the way a long-lived stream should."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if not _only_send_timeouts(exc):
+                raise
+            # A client that stopped reading: expected in production, not a server error.
+            logger.info(
+                "stream client dropped", reason=f"took no data for {self.send_timeout} s",
+                request_id=scope.get("state", {}).get("request_id"),
+            )
+            return
+        if self.active:
+            # Still active after the response returned: the server is shutting down and cut
+            # the stream. End the chunked body so the client sees a clean end, not a broken
+            # connection, and reconnects (elsewhere) with its Last-Event-ID.
+            with anyio.move_on_after(1):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def activity_stream(request: Request) -> Response:
     who = principal(request, "task:read")
     after = resume_position(request)
     types = type_filter(request)
-    streams = None
-    if task_id := request.query_params.get("taskId"):
-        task_id = parse_uuid(task_id, "taskId")
-        streams = [f"task-{task_id}", f"presence-{task_id}"]
-    if stream := request.query_params.get("stream"):
-        streams = [s for s in (streams or [stream]) if s == stream]
-    tenancy = Tenancy(request, who)
-    await tenancy.prepare()
+    streams = stream_filter(request)
     log = log_of(request)
     settings = settings_of(request)
+    tenancy = Tenancy(log, who)
+    await tenancy.prepare()
+    checked_at = time.monotonic()
 
-    async def events():
-        yield ServerSentEvent(comment="connected", retry=RETRY_MS)
-        async for event in log.tail(after, streams=streams, types=types):
-            if await tenancy.admits(event):
-                yield ServerSentEvent(data=_encoder.encode(event).decode(), id=str(event.position))
+    async def key_still_valid() -> bool:
+        """A revoked key's stream ends: nothing reaches it a second after the revocation."""
+        nonlocal checked_at
+        if time.monotonic() - checked_at < 1:
+            return True
+        checked_at = time.monotonic()
+        key = await queries.api_key(log, who.key_id)
+        return key is not None and not key.revoked
 
-    return EventSourceResponse(
-        events(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    async def body():
+        yield HELLO
+        if streams == []:
+            await anyio.sleep_forever()  # nothing can match: heartbeats only
+        async with contextlib.aclosing(log.tail_pages(after, streams=streams, types=types, page=PAGE)) as pages:
+            async for events in pages:
+                if not await key_still_valid():
+                    return
+                chunk: list[bytes] = []
+                size = 0
+                for event in events:
+                    if tenancy.everything or await tenancy.admits(event):
+                        chunk.append(data := frame(event))
+                        size += len(data)
+                        if size >= CHUNK_BYTES:
+                            yield b"".join(chunk)
+                            chunk, size = [], 0
+                if chunk:
+                    yield b"".join(chunk)
+
+    return EventStream(
+        body(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds,
+        headers={"Cache-Control": "no-store"},
     )
 
 
