@@ -137,9 +137,14 @@ async def api_key_by_hash(log: EventLog, token_hash: str) -> ApiKey | None:
     return _decoders["apikeys"].decode(rows[0][0]) if rows else None
 
 
+async def api_key(log: EventLog, key_id: str) -> ApiKey | None:
+    return await _one(log, "apikeys", key_id)
+
+
 async def api_keys(log: EventLog) -> list[ApiKey]:
-    rows = await log.query("SELECT state FROM apikeys ORDER BY created_at, id")
-    return [_decoders["apikeys"].decode(r[0]) for r in rows]
+    # The apikeys table has no created_at column; keys are few, so they are sorted here.
+    rows = await log.query("SELECT state FROM apikeys")
+    return sorted((_decoders["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
 
 
 class Counters(msgspec.Struct):

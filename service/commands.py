@@ -7,7 +7,10 @@ so no command is ever applied twice or on a state it did not see.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
 
 from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, typed
 from events.types import EventData
@@ -16,6 +19,7 @@ from projections.tasks import Task, evolve
 from service.deciders import Command, Rejected, decide
 
 ATTEMPTS = 10
+logger = structlog.get_logger("mission_control.commands")
 
 
 class Idempotency:
@@ -30,6 +34,8 @@ class Commands:
         self.log = log
         self.admission = asyncio.Lock()
         """Held while a run is admitted, so the concurrency limit holds at every position."""
+        self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
+        """Idempotency keys in use, with their lock and how many requests hold or await it."""
 
     async def task(
         self,
@@ -37,10 +43,68 @@ class Commands:
         command: Command | Callable[[Task | None], Awaitable[Command]],
         meta: Meta,
         idempotency: Idempotency | None = None,
+        if_match: int | None = None,
     ) -> tuple[Task, list[RecordedEvent]]:
-        """Decide and append; returns the task after the append and what was recorded."""
+        """Decide and append; returns the task after the append and what was recorded.
+
+        With `if_match`, the client's `If-Match` version: a task at any other version,
+        even one reached during a lost race, answers 412 instead of being decided again.
+        With `idempotency`, a key already used answers the task as that first request left
+        it, and an empty list: nothing was recorded now, so the caller starts nothing again.
+        """
+        if idempotency is None:
+            return await self._task(task_id, command, meta, None, if_match)
+        async with self._holding(idempotency.key):
+            earlier = await self.log.idempotent(idempotency.key)
+            if earlier is not None:
+                fingerprint, recorded = earlier
+                if fingerprint != idempotency.fingerprint:
+                    raise Rejected(
+                        409, "idempotency_conflict", "This Idempotency-Key was used with a different request."
+                    )
+                return await self._as_recorded(recorded), []
+            return await self._task(task_id, command, meta, idempotency, if_match)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, key: str) -> AsyncIterator[None]:
+        """Requests racing with one key run one after the other, so the later ones find the
+        first one's events and answer with them. (The log alone would append nothing twice,
+        but could not tell the caller that its answer is a replay.)"""
+        lock, users = self._keys.get(key, (asyncio.Lock(), 0))
+        self._keys[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._keys[key]
+            if users == 1:
+                del self._keys[key]
+            else:
+                self._keys[key] = (lock, users - 1)
+
+    async def _as_recorded(self, recorded: list[RecordedEvent]) -> Task:
+        """The task as an earlier append with the same key left it."""
+        stream = recorded[-1].stream
+        task = None
+        if stream.startswith("task-"):
+            task = await queries.task_as_of(self.log, stream.removeprefix("task-"), recorded[-1].position)
+        if task is None:  # the key's first use recorded no task: it was another request
+            logger.warning("idempotency key replay found no task", stream=stream, position=recorded[-1].position)
+            raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
+        return task
+
+    async def _task(
+        self,
+        task_id: str,
+        command: Command | Callable[[Task | None], Awaitable[Command]],
+        meta: Meta,
+        idempotency: Idempotency | None,
+        if_match: int | None,
+    ) -> tuple[Task, list[RecordedEvent]]:
         for _ in range(ATTEMPTS):
             state = await queries.task(self.log, task_id)
+            if if_match is not None and state is not None and state.version != if_match:
+                raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {if_match}.")
             concrete = command if isinstance(command, Command) else await command(state)
             events = decide(state, concrete)
             if not events:
@@ -53,7 +117,7 @@ class Commands:
             except WrongExpectedVersion:
                 continue
             if idempotency is not None:  # the answer of the first request with this key
-                task = await queries.task_as_of(self.log, task_id, recorded[-1].position)
+                task = await self._as_recorded(recorded)
             else:
                 task = state
                 for event in recorded:

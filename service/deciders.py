@@ -53,6 +53,8 @@ class StartRun(Command):
     run_id: str
     agent: Agent | None
     agent_id: str
+    actor: str
+    actor_is_admin: bool
     running: int
     limit: int
     dependencies: dict[str, str | None]
@@ -91,19 +93,25 @@ class FinishRun(Command):
     run_id: str
     approval_id: str
     result: str | None
+    output: list[tuple[int, str, str]] = []
+    """The run's last output, as in RecordOutput: recorded in the same append as its end."""
 
 
 class FailRun(Command):
     run_id: str
-    reason: str
+    reason: t.FailureKind
     error: str
     exit_code: int | None = None
     result: str | None = None
+    output: list[tuple[int, str, str]] = []
+    """The run's last output, as in RecordOutput: recorded in the same append as its end."""
 
 
 # --- the task's decider ------------------------------------------------------
 
 PATCHABLE_ANY_TIME = frozenset({"title", "metadata", "archived"})
+PROCESS_KINDS = frozenset({"shell", "exec"})
+"""Agents that run programs on this machine as the service's own user."""
 
 
 def decide(task: Task | None, command: Command) -> list[t.EventData]:
@@ -117,13 +125,19 @@ def decide(task: Task | None, command: Command) -> list[t.EventData]:
     return handler(task, command)
 
 
+def _camel(field: str) -> str:
+    head, *rest = field.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
 def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
     changes = {k: v for k, v in c.changes.items() if getattr(task, k) != v}
     restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
     if restricted and task.status != "pending":
+        named = ", ".join(_camel(f) for f in restricted)  # the fields as the client sent them
         raise Rejected(
             409, "invalid_status",
-            f"Cannot change {', '.join(restricted)} of a task that is {task.status}; only title, metadata "
+            f"Cannot change {named} of a task that is {task.status}; only title, metadata "
             "and archived change after a task has left pending.",
         )
     events: list[t.EventData] = []
@@ -144,10 +158,19 @@ def _start(task: Task, c: StartRun) -> list[t.EventData]:
         raise invalid_status(task, "run", "pending")
     if c.agent is None:
         raise Rejected(404, "agent_not_found", f"Agent {c.agent_id} not found.")
+    if c.agent.kind in PROCESS_KINDS and not c.actor_is_admin:
+        allowed = c.agent.config.get("allowedUsers", [])
+        if "*" not in allowed and c.actor not in allowed:
+            raise Rejected(
+                403, "forbidden", f"Agent {c.agent.name} runs processes as the service itself; only admins and "
+                "the users its allowedUsers config names may run tasks on it.",
+            )
     if c.agent.status != "active":
         raise Rejected(503, "agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
     if task.type == "command" and c.agent.kind not in ("shell", "echo"):
         raise Rejected(409, "agent_mismatch", f"A command task runs on a shell agent, not on {c.agent.kind}.")
+    if task.type == "prompt" and c.agent.kind == "shell":
+        raise Rejected(409, "agent_mismatch", "A shell agent runs command tasks, not prompts.")
     waiting = [dep for dep, status in c.dependencies.items() if status != "done"]
     if waiting:
         raise Rejected(409, "dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
@@ -211,18 +234,17 @@ def _request_input(task: Task, c: RequestInput) -> list[t.EventData]:
 
 
 def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
-    _current_run(task, c.run_id)
+    output = _output(task, RecordOutput(run_id=c.run_id, chunks=c.output))
     if task.requires_approval:
-        return [
+        return output + [
             t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result),
             t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id),
         ]
-    return [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
+    return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
 
 
 def _fail(task: Task, c: FailRun) -> list[t.EventData]:
-    _current_run(task, c.run_id)
-    return [
+    return _output(task, RecordOutput(run_id=c.run_id, chunks=c.output)) + [
         t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
             result=c.result,

@@ -10,7 +10,7 @@ from projections import queries
 from projections.approvals import Approval
 from service import schemas
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal, replayed, settings_of,
+    can_see_project, commands_of, idempotency, log_of, meta, principal, settings_of,
 )
 from service.deciders import Rejected, Review, resolve_approval
 from service.http import bad_request, decode_body, json_response, parse_uuid, read_raw_body
@@ -68,15 +68,14 @@ async def resolve(request: Request) -> Response:
     settings = settings_of(request)
     body = decode_body(raw, schemas.ReviewBody, settings.max_json_depth, settings.max_string_length)
     idem = idempotency(request, who, raw)
-    if not await replayed(request, idem):
-        log = log_of(request)
-        command = Review(decision=body.decision, feedback=body.feedback)
+    log = log_of(request)
+    command = Review(decision=body.decision, feedback=body.feedback)
 
-        async def through_approval(task):
-            resolve_approval(await queries.approval(log, approval.id), task, command)
-            return command
+    async def through_approval(task):
+        resolve_approval(await queries.approval(log, approval.id), task, command)
+        return command
 
-        await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem)
+    await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem)
     return json_response(await approval_out(request, await queries.approval(log_of(request), approval.id)))
 
 

@@ -12,7 +12,7 @@ from events import TypeFilter
 from events.verify import verify_chain
 from projections import queries
 from service import schemas
-from service.context import log_of, principal, settings_of
+from service.context import Tenancy, log_of, principal, settings_of
 from service.http import bad_request, json_response, query_int
 
 PREFIX = "/api/mission-control"
@@ -30,26 +30,33 @@ def type_filter(request: Request) -> TypeFilter | None:
 
 
 async def list_events(request: Request) -> Response:
-    principal(request, "audit:read")
+    who = principal(request, "audit:read")
     log = log_of(request)
     after = query_int(request, "after", 0, 0)
     stream = request.query_params.get("stream")
     streams = [stream] if stream else None
     types = type_filter(request)
+    tenancy = Tenancy(log, who)  # an auditor's key issued for one project reads that project's events
+    await tenancy.prepare()
     if "application/x-ndjson" in request.headers.get("accept", ""):
-        return StreamingResponse(_ndjson(log, after, streams, types), media_type="application/x-ndjson")
+        return StreamingResponse(_ndjson(log, after, streams, types, tenancy), media_type="application/x-ndjson")
     limit = query_int(request, "limit", 500, 1, 5000)
-    head = log.head
+    head = await log.read_head()  # as stored: the CLI's appends count too, not only once the tail has seen them
     page = await log.read_all(after, limit, streams=streams, types=types, until=head)
-    return json_response(schemas.EventsPage(events=page.events, next=page.next, head=head))
+    events = await _admitted(tenancy, page.events)
+    return json_response(schemas.EventsPage(events=events, next=page.next, head=head))
 
 
-async def _ndjson(log, after: int, streams, types):
-    head = log.head
+async def _admitted(tenancy: Tenancy, events: list) -> list:
+    return events if tenancy.everything else [e for e in events if await tenancy.admits(e)]
+
+
+async def _ndjson(log, after: int, streams, types, tenancy: Tenancy):
+    head = await log.read_head()
     while after < head:
         page = await log.read_all(after, 5000, streams=streams, types=types, until=head)
-        if page.events:
-            yield b"".join(_encoder.encode(e) + b"\n" for e in page.events)
+        if events := await _admitted(tenancy, page.events):
+            yield b"".join(_encoder.encode(e) + b"\n" for e in events)
         after = page.next
 
 

@@ -15,18 +15,19 @@ from projections import agents, projects, queries
 from projections.agents import Agent
 from projections.projects import Project
 from service import schemas
+from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
 from service.context import commands_of, idempotency, log_of, meta, principal, replayed, settings_of
 from service.deciders import Rejected
-from service.http import decode_body, json_response, parse_uuid, read_raw_body
+from service.http import bad_request, decode_body, json_response, parse_uuid, read_raw_body
 
 PREFIX = "/api/mission-control"
 
 
-async def _body(request: Request, type_):
-    raw = await read_raw_body(request)
+async def _body(request: Request, type_, required: bool = True):
+    raw = await read_raw_body(request, required)
     settings = settings_of(request)
-    return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length)
+    return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length) if raw else None
 
 
 def _changes(body: msgspec.Struct) -> dict:
@@ -40,7 +41,8 @@ async def _record(request: Request, who: Principal, stream: str, events: list, e
         stream, events, expected, meta(request, who), idem
     )
     state = None
-    for event in await log_of(request).read_stream(stream, until_position=recorded[-1].position):
+    # A replayed create recorded into the stream of the id it made then, not the fresh id made now.
+    for event in await log_of(request).read_stream(recorded[-1].stream, until_position=recorded[-1].position):
         state = evolve(state, typed(event))
     return state
 
@@ -48,11 +50,18 @@ async def _record(request: Request, who: Principal, stream: str, events: list, e
 # --- agents ----------------------------------------------------------------------
 
 
-def _require_agent_write(request: Request, kind: str) -> Principal:
-    who = principal(request, "agent:write")
+def _shell_needs_admin(who: Principal, kind: str) -> None:
     if kind == "shell" and not who.has("admin"):
         raise Rejected(403, "forbidden", "Only an admin key may register or change a shell agent.")
-    return who
+
+
+def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
+    """A config the agent's kind cannot run with is refused now, not at its first run."""
+    if config is not msgspec.UNSET:
+        try:
+            check_config(kind, config)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
 
 
 async def _agent(request: Request) -> Agent:
@@ -73,9 +82,14 @@ async def get_agent(request: Request) -> Response:
     return json_response(await _agent(request))
 
 
+# Agent routes check the scope before reading the path or the body: a key without it learns nothing.
+
+
 async def create_agent(request: Request) -> Response:
+    who = principal(request, "agent:write")
     raw, body = await _body(request, schemas.CreateAgent)
-    who = _require_agent_write(request, body.kind)
+    _shell_needs_admin(who, body.kind)
+    _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
     agent = await _record(request, who, f"agent-{agent_id}", [event], 0, raw, agents.evolve)
@@ -83,9 +97,11 @@ async def create_agent(request: Request) -> Response:
 
 
 async def update_agent(request: Request) -> Response:
+    who = principal(request, "agent:write")
     agent = await _agent(request)
+    _shell_needs_admin(who, agent.kind)
     raw, body = await _body(request, schemas.UpdateAgent)
-    who = _require_agent_write(request, agent.kind)
+    _check_config(agent.kind, body.config)
     return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
 
 
@@ -94,17 +110,19 @@ async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Respons
 
 
 async def pause_agent(request: Request) -> Response:
-    agent = await _agent(request)
-    who = _require_agent_write(request, agent.kind)
-    raw = await read_raw_body(request, required=False)
-    return await _agent_event(request, who, agent, t.AgentPaused(agent_id=agent.id), raw)
+    return await _set_status(request, t.AgentPaused)
 
 
 async def resume_agent(request: Request) -> Response:
+    return await _set_status(request, t.AgentResumed)
+
+
+async def _set_status(request: Request, event_type) -> Response:
+    who = principal(request, "agent:write")
     agent = await _agent(request)
-    who = _require_agent_write(request, agent.kind)
-    raw = await read_raw_body(request, required=False)
-    return await _agent_event(request, who, agent, t.AgentResumed(agent_id=agent.id), raw)
+    _shell_needs_admin(who, agent.kind)
+    raw, _ = await _body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
+    return await _agent_event(request, who, agent, event_type(agent_id=agent.id), raw)
 
 
 # --- projects --------------------------------------------------------------------

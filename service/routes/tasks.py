@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -23,7 +24,7 @@ from service.deciders import (
     ArchiveTask, CancelTask, CreateTask, Rejected, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
 from service.http import (
-    bad_request, decode_body, json_response, parse_uuid, query_int, read_raw_body,
+    bad_request, decode_body, json_response, parse_uuid, query_int, read_raw_body, whole_number,
 )
 from service.runner import ECHO_AGENT_ID
 
@@ -41,10 +42,15 @@ async def _body(request: Request, type_, required: bool = True):
     return raw, value
 
 
-def _check_if_match(request: Request, task: Task) -> None:
-    expected = request.headers.get("if-match")
-    if expected is not None and expected.strip().strip('"').removeprefix("W/").strip('"') != str(task.version):
-        raise Rejected(412, "precondition_failed", f"The task is at version {task.version}, not {expected}.")
+def if_match(request: Request) -> int | None:
+    """The version named by `If-Match` ("3", "\"3\"" or W/"3"); None without the header."""
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    version = whole_number(raw.strip().removeprefix("W/").strip('"'))
+    if version is None:
+        raise Rejected(412, "precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
+    return version
 
 
 async def list_tasks(request: Request) -> Response:
@@ -89,7 +95,11 @@ async def create_task(request: Request) -> Response:
     log = log_of(request)
     if earlier:
         task = await queries.task_as_of(log, earlier[0].stream.removeprefix("task-"), earlier[-1].position)
+        if not await can_see_project(request, who, task.project_id):  # the user's other key, or a project left
+            raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
         return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+    if body.webhook_url is not None:
+        _check_webhook_url(body.webhook_url)
     project_id = await _target_project(request, who, body.project_id)
     if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
         raise Rejected(404, "agent_not_found", f"Agent {body.agent_id} not found.")
@@ -111,16 +121,25 @@ async def create_task(request: Request) -> Response:
     return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
 
 
+def _check_webhook_url(url: str) -> None:
+    """The pattern in the schema lets through hosts an HTTP client cannot address (bad IDNA)."""
+    try:
+        if not httpx.URL(url).host:
+            raise httpx.InvalidURL("no host")
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
+        raise bad_request(f"webhookUrl is not a URL a webhook can be sent to: {exc}.") from None
+
+
 async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
-    if requested is None:
-        if who.project_id is not None:
-            return who.project_id
-        return await ensure_default_project(log_of(request), who.user, meta(request, who))
-    project_id = str(requested)
-    if project_id == default_project_id(who.user):
-        return await ensure_default_project(log_of(request), who.user, meta(request, who))
-    project = await queries.project(log_of(request), project_id)
-    if project is None or not await can_see_project(request, who, project_id):
+    log = log_of(request)
+    if requested is None and who.project_id is not None:
+        project_id = who.project_id
+    elif who.project_id is None and (requested is None or str(requested) == default_project_id(who.user)):
+        project_id = await ensure_default_project(log, who.user, meta(request, who))
+    else:
+        project_id = str(requested)
+    # Checked for every case: a key issued for a project its user has since left creates nothing.
+    if await queries.project(log, project_id) is None or not await can_see_project(request, who, project_id):
         raise Rejected(404, "not_found", f"Project {project_id} not found.")
     return project_id
 
@@ -141,26 +160,22 @@ async def update_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
     raw, body = await _body(request, schemas.UpdateTask)
-    _check_if_match(request, task)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
-    return await _task_command(request, who, task, UpdateTask(changes=changes), raw)
+    return await _task_command(request, who, task, UpdateTask(changes=changes), raw, if_match=if_match(request))
 
 
 async def delete_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    _check_if_match(request, task)
-    await commands_of(request).task(task.id, ArchiveTask(archived=True), meta(request, who))
+    await _body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
+    await commands_of(request).task(task.id, ArchiveTask(archived=True), meta(request, who), if_match=if_match(request))
     return Response(status_code=204)
 
 
-async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, status: int = 200):
+async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, if_match: int | None = None):
     idem = idempotency(request, who, raw)
-    earlier = await replayed(request, idem)
-    if earlier:
-        return task_response(await queries.task_as_of(log_of(request), task.id, earlier[-1].position), status)
-    updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem)
-    return task_response(updated, status)
+    updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem, if_match)
+    return task_response(updated)
 
 
 async def run_task(request: Request) -> Response:
@@ -170,10 +185,7 @@ async def run_task(request: Request) -> Response:
     requested = (body.agent_id or body.agent_id_snake) if body else None
     agent_id = str(requested) if requested else task.agent_id or ECHO_AGENT_ID
     idem = idempotency(request, who, raw)
-    earlier = await replayed(request, idem)
     log = log_of(request)
-    if earlier:
-        return task_response(await queries.task_as_of(log, task.id, earlier[-1].position))
     settings = settings_of(request)
     commands = commands_of(request)
 
@@ -181,13 +193,14 @@ async def run_task(request: Request) -> Response:
         deps = {d: (dep.status if (dep := await queries.task(log, d)) else None) for d in (state.depends_on if state else [])}
         return StartRun(
             run_id=str(uuid.uuid4()), agent=await queries.agent(log, agent_id), agent_id=agent_id,
+            actor=who.user, actor_is_admin=who.has("admin"),
             running=await queries.running_count(log), limit=settings.max_concurrent, dependencies=deps,
         )
 
     async with commands.admission:
-        started, _ = await commands.task(task.id, start, meta(request, who), idem)
-    agent = await queries.agent(log, agent_id)
-    runner_of(request).launch(started, agent)
+        started, recorded = await commands.task(task.id, start, meta(request, who), idem)
+    if recorded:  # not a replay of a run already launched
+        runner_of(request).launch(started, await queries.agent(log, agent_id))
     return task_response(started)
 
 
@@ -203,7 +216,7 @@ async def cancel_task(request: Request) -> Response:
 async def retry_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw = await read_raw_body(request, required=False)
+    raw, _ = await _body(request, schemas.Body, required=False)
     return await _task_command(request, who, task, RetryTask(), raw)
 
 
@@ -212,8 +225,9 @@ async def send_message(request: Request) -> Response:
     task = await visible_task(request, who)
     raw, body = await _body(request, schemas.SendMessage)
     idem = idempotency(request, who, raw)
-    if not await replayed(request, idem):
-        await commands_of(request).task(task.id, SendMessage(message=body.message), meta(request, who), idem)
+    command = SendMessage(message=body.message)
+    _, recorded = await commands_of(request).task(task.id, command, meta(request, who), idem)
+    if recorded:  # not a replay of a message already delivered
         runner_of(request).deliver(task.id, body.message)
     return json_response({"accepted": True, "taskId": task.id}, 202)
 
@@ -228,10 +242,13 @@ async def review_task(request: Request) -> Response:
 async def mark_presence(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    _, body = await _body(request, schemas.PresenceBody)
-    await log_of(request).append(
-        f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], meta=meta(request, who)
-    )
+    raw, body = await _body(request, schemas.PresenceBody)
+    idem = idempotency(request, who, raw)
+    if not await replayed(request, idem):  # Idempotency-Key holds on every POST: a replay appends nothing
+        await commands_of(request).append(
+            f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
+            meta(request, who), idem,
+        )
     return Response(status_code=204)
 
 

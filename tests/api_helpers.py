@@ -1,0 +1,137 @@
+"""Helpers shared by the API tests: polling with a deadline, error checks, the log head, and a
+fold of the log as a client reads it (GET /events) through the projections' own `evolve`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+import pytest
+
+from events import RecordedEvent, typed
+from projections import approvals as approval_model
+from projections import presence as presence_model
+from projections import tasks as task_model
+from tests.server import Server
+
+T = TypeVar("T")
+
+UNLIMITED = {"MC_RATE_LIMIT_PER_SECOND": "1000000", "MC_RATE_LIMIT_BURST": "1000000"}
+"""The per-key rate limit is not under test here, and one admin key polling for runs to settle
+could exceed it: these servers raise it out of the way."""
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory):
+    """One real `mission-control serve` per test module, with the rate limit out of the way.
+    Afterwards its log must hold no unhandled error: a 500 is always a bug."""
+    started = Server(tmp_path_factory.mktemp("api") / "data", UNLIMITED).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+    errors = [line for line in started.output().splitlines() if "unhandled error" in line]
+    assert not errors, f"the server logged {len(errors)} unhandled errors, the first: {errors[0][:3000]}"
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
+    """Polls until `condition()` is truthy; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def refused(response: httpx.Response, status: int, code: str | None = None, mentions: tuple[str, ...] = ()) -> dict:
+    """An API.md error: the status, JSON {detail, code}, a sentence that names what was wrong."""
+    assert response.status_code == status, f"{response.status_code} {response.text[:500]}"
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) >= {"detail", "code"}, body
+    assert isinstance(body["detail"], str) and body["detail"].strip(), body
+    if code is not None:
+        assert body["code"] == code, body
+    for word in mentions:
+        assert word.lower() in body["detail"].lower(), (word, body["detail"])
+    return body
+
+
+def head(client: httpx.Client) -> int:
+    """The log head, as GET /events reports it (the admin key may read the log)."""
+    response = client.get("/events", params={"limit": 1})
+    assert response.status_code == 200, response.text
+    return response.json()["head"]
+
+
+@contextmanager
+def log_unchanged(client: httpx.Client):
+    """Asserts that nothing was appended to the log inside the block."""
+    before = head(client)
+    yield
+    assert head(client) == before, "the request appended to the log"
+
+
+class _Page(msgspec.Struct):
+    events: list[RecordedEvent]
+    next: int
+    head: int
+
+
+def read_log(client: httpx.Client, after: int = 0) -> tuple[list[RecordedEvent], int]:
+    """Every event after `after` through GET /events' paging, and the head it read to."""
+    got: list[RecordedEvent] = []
+    while True:
+        response = client.get("/events", params={"after": after, "limit": 5000})
+        assert response.status_code == 200, response.text
+        page = msgspec.json.decode(response.content, type=_Page)
+        got += page.events
+        if not page.events or page.next >= page.head:
+            return got, page.head
+        after = page.next
+
+
+class Fold:
+    """Tasks, approvals and presence folded from the log by the same `evolve` the read models use.
+    It folds incrementally; since `evolve` is pure, that equals a fresh fold of the same prefix."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.tasks: dict[str, task_model.Task] = {}
+        self.approvals: dict[str, approval_model.Approval] = {}
+        self.presence: dict[str, presence_model.Presence] = {}
+
+    def apply(self, recorded: RecordedEvent) -> None:
+        assert recorded.position == self.position + 1, "the log has a gap"
+        self.position = recorded.position
+        event = typed(recorded)
+        for states, key_of, evolve in (
+            (self.tasks, task_model.task_id_of, task_model.evolve),
+            (self.approvals, approval_model.approval_id_of, approval_model.evolve),
+            (self.presence, presence_model.presence_key_of, presence_model.evolve),
+        ):
+            key = key_of(event.data)
+            if key is not None:
+                new = evolve(states.get(key), event)
+                if new is None:
+                    states.pop(key, None)
+                else:
+                    states[key] = new
+
+    def catch_up(self, client: httpx.Client) -> int:
+        events, log_head = read_log(client, self.position)
+        for recorded in events:
+            self.apply(recorded)
+        return log_head
+
+
+def as_json(value: Any) -> Any:
+    """A Struct as the API would serve it."""
+    return msgspec.json.decode(msgspec.json.encode(value))
