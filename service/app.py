@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import uuid
+from pathlib import Path
 
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from events import (
     IdempotencyConflict, InvalidEvent, LogClosed, Meta, WrongExpectedVersion, open_log,
 )
 from events import types as t
 from projections import queries, store
+from service import metrics as metrics_route, openapi
 from service.commands import Commands
 from service.deciders import Rejected
 from service.http import error_response
@@ -25,8 +27,10 @@ from service.middleware import ApiMiddleware
 from service.routes import approvals, log as log_routes, registry, stream, tasks
 from service.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
 from service.settings import Settings
+from service.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
+STATIC = Path(__file__).parent / "static"
 
 
 async def ensure_echo_agent(log) -> None:
@@ -39,17 +43,38 @@ async def ensure_echo_agent(log) -> None:
             )
 
 
+async def dashboard(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+def static_files() -> Mount:
+    files = StaticFiles(directory=STATIC)
+    files.__name__ = "static"  # the access log and metrics label requests by endpoint name
+    return Mount("/static", files)
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
-    log = request.app.state.log
-    figures = await queries.counters(log)
-    head = await log.read_head()
-    ready = request.app.state.ready and figures.checkpoint >= head
+    state = request.app.state
+    figures = await queries.counters(state.log)
+    head = await state.log.read_head()
+    ready = state.ready and figures.checkpoint >= head
+    if state.ready and not ready and (state.catching_up is None or state.catching_up.done()):
+        # Events appended by a process without a projector are otherwise folded only by the
+        # next append; an instance taken out of rotation for being unready would get none.
+        state.catching_up = asyncio.create_task(_catch_up(state.log))
     body = {"ready": ready, "head": head, "projected": figures.checkpoint}
     return JSONResponse(body, 200 if ready else 503)
+
+
+async def _catch_up(log) -> None:
+    try:
+        await store.refold(log)
+    except Exception:
+        logger.exception("catching the read models up with the log failed")
 
 
 async def _rejected(request: Request, exc: Rejected) -> Response:
@@ -75,6 +100,11 @@ async def _http(request: Request, exc: HTTPException) -> Response:
     return error_response(exc.status_code, words.get(exc.status_code, "http_error"), detail, exc.headers)
 
 
+async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    # The client left while sending its body: nobody reads this answer, and it is no server error.
+    return Response(status_code=499)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", request_id=getattr(request.state, "request_id", None))
     return error_response(500, "internal_error", "Something went wrong on our side; it has been logged.")
@@ -86,34 +116,46 @@ def create_app(settings: Settings) -> Starlette:
         log = open_log(str(settings.database), projector=store.project, durable=settings.durable)
         await log.open()
         app.state.log = log
+        app.state.metrics.attach(log)
         await store.prepare(log)
         await ensure_echo_agent(log)
         commands = Commands(log)
         runner = Runner(log, commands, settings)
         app.state.commands, app.state.runner = commands, runner
         await runner.recover()
+        webhooks = WebhookWorker(log, settings)
+        webhooks.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            if app.state.catching_up is not None:
+                app.state.catching_up.cancel()
             await runner.close()
+            await webhooks.close()
             await log.close()
 
+    metrics = metrics_route.Metrics()
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *tasks.routes(), *approvals.routes(), *registry.routes(), *log_routes.routes(), *stream.routes(),
+        *tasks.routes(), *approvals.routes(), *registry.routes(), *log_routes.routes(),
+        *metrics.counting(stream.routes()),
+        Route("/", dashboard, methods=["GET"]), static_files(), openapi.route(), metrics_route.route(),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
             Rejected: _rejected, WrongExpectedVersion: _conflict, IdempotencyConflict: _conflict,
-            InvalidEvent: _invalid_event, LogClosed: _closed, HTTPException: _http, Exception: _server_error,
+            InvalidEvent: _invalid_event, LogClosed: _closed, HTTPException: _http, ClientDisconnect: _disconnected,
+            Exception: _server_error,
         },
     )
     app.state.settings = settings
     app.state.ready = False
+    app.state.catching_up = None
+    app.state.metrics = metrics
     app.add_middleware(ApiMiddleware, state=app.state)
     return app
