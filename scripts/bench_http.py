@@ -1,0 +1,348 @@
+"""`bench.py http`: the HTTP API under wrk, each route against the floor it stands on.
+
+    .venv/bin/python scripts/bench.py http [--duration 5] [--rounds 3] [--connections 32] [--big 100000]
+
+- POST /tasks (durable, 201) through `mission-control serve` (one process) vs a bare Starlette
+  endpoint that answers a constant 201, under uvicorn in a process of its own. Target >= 0.6.
+- GET /tasks/{id} the same way against a constant 200. Target >= 0.7.
+- GET /overview on a log of 1,000 tasks and on one of 100,000: the rates within 10%.
+
+Both servers run the same uvicorn (uvloop, httptools when installed) on 127.0.0.1 and face the
+same wrk, in the same run, in alternating rounds (the best of each kept, so a noisy neighbour on
+a shared machine disturbs the comparison less). wrk comes from Debian's packages and is installed
+if missing. Every step is bounded in time: wrk by --duration, each server start and fill by a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+
+from bench import command
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+API = "/api/mission-control"
+START_TIMEOUT = 60.0
+FILL_TIMEOUT = 600.0
+
+HTTP_ARGUMENTS = (
+    (("--duration",), {"type": int, "default": 5, "help": "seconds of load per wrk run (default 5)"}),
+    (("--rounds",), {"type": int, "default": 3, "help": "alternating rounds per comparison, best kept (default 3)"}),
+    (("--connections",), {"type": int, "default": 32, "help": "wrk connections (default 32)"}),
+    (("--threads",), {"type": int, "default": 1, "help": "wrk threads (default 1: the machine may have 2 cores)"}),
+    (("--small",), {"type": int, "default": 1_000, "help": "tasks in the small log for /overview (default 1,000)"}),
+    (("--big",), {"type": int, "default": 100_000, "help": "tasks in the big log for /overview (default 100,000)"}),
+    (("--dir",), {"type": Path, "help": "where to put the data dirs (default: a temporary dir)"}),
+)
+
+# What the bare server answers: a task as `POST /tasks` would, so both send bodies of a like size.
+CONSTANT_TASK = (
+    b'{"id":"00000000-0000-4000-8000-000000000000","type":"prompt","content":"bench","title":null,'
+    b'"description":null,"status":"pending","projectId":"00000000-0000-4000-8000-000000000001",'
+    b'"desktopId":null,"agentId":null,"requiresApproval":false,"priority":5,"timeoutSeconds":null,'
+    b'"metadata":{},"dependsOn":[],"webhookUrl":null,"createdBy":"admin","createdAt":"2026-01-01T00:00:00Z",'
+    b'"startedAt":null,"completedAt":null,"archived":false,"version":1,"runs":0,"result":null,"error":null,'
+    b'"watchers":[]}'
+)
+
+
+BARE_APP = f"""
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+BODY = {CONSTANT_TASK!r}
+
+
+async def created(request):
+    return Response(BODY, 201, media_type="application/json")
+
+
+async def ok(request):
+    return Response(BODY, 200, media_type="application/json")
+
+
+app = Starlette(routes=[
+    Route("{API}/tasks", created, methods=["POST"]),
+    Route("{API}/tasks/{{task_id}}", ok, methods=["GET"]),
+])
+"""
+"""The floor: Starlette routing under uvicorn, nothing of Mission Control."""
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk is missing: installing Debian's package (apt-get update && apt-get install -y wrk)")
+    subprocess.run("apt-get update && apt-get install -y wrk", shell=True, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk could not be installed")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, path: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=1).status_code < 500:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not start within {START_TIMEOUT:.0f} s")
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def mission_control(data_dir: Path) -> Iterator[tuple[str, str]]:
+    """`mission-control serve` on loopback: (base url, admin token)."""
+    port = free_port()
+    # The per-key rate limit would answer most of the load 429: it is not what is measured here.
+    env = {"MC_RATE_LIMIT_PER_SECOND": "1000000000", "MC_RATE_LIMIT_BURST": "1000000000"}
+    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--data-dir", str(data_dir)]
+    with process(args, env, data_dir.parent / f"{data_dir.name}-serve.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, "/healthz")
+        yield url, (data_dir / "admin-token").read_text().strip()
+
+
+@contextlib.contextmanager
+def bare_server(where: Path) -> Iterator[str]:
+    port = free_port()
+    (where / "bare_floor.py").write_text(BARE_APP)
+    args = [sys.executable, "-m", "uvicorn", "bare_floor:app", "--app-dir", str(where),
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    with process(args, {}, where / "bare.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, f"{API}/tasks/{uuid.uuid4()}")
+        yield url
+
+
+# --- wrk --------------------------------------------------------------------------------------
+
+
+class Load:
+    def __init__(self, wrk: str, args: argparse.Namespace, where: Path):
+        self.wrk, self.args, self.where = wrk, args, where
+
+    def run(self, url: str, token: str | None = None, body: bytes | None = None) -> tuple[float, int, int]:
+        """(requests per second, requests, non-2xx answers) of one wrk run."""
+        script = self.where / f"wrk-{uuid.uuid4().hex}.lua"
+        lines = ['wrk.headers["Content-Type"] = "application/json"']
+        if token:
+            lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
+        if body is not None:
+            lines += ['wrk.method = "POST"', f"wrk.body = [[{body.decode()}]]"]
+        script.write_text("\n".join(lines) + "\n")
+        args = self.args
+        command = [self.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
+                   "--timeout", "10s", "-s", str(script), url]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 60, check=True)
+        out = done.stdout
+        found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        total = re.search(r"(\d+) requests in", out)
+        if not found or not total:
+            raise SystemExit(f"could not read wrk's output:\n{out}\n{done.stderr}")
+        bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        errors = re.search(r"Socket errors:.*", out)
+        if errors:
+            print(f"    wrk: {errors.group(0)}")
+        return float(found.group(1)), int(total.group(1)), int(bad.group(1)) if bad else 0
+
+
+def line(label: str, value: str, note: str = "") -> None:
+    print(f"  {label:<40}{value:>14}   {note}".rstrip())
+
+
+class Target(NamedTuple):
+    label: str
+    url: str
+    token: str | None = None
+    body: bytes | None = None
+
+
+def compare(load: Load, targets: list[Target], rounds: int, answered: list[int] | None = None) -> list[float]:
+    """Each target under the same load, alternating for `rounds` rounds; the best rate of each
+    (the one least disturbed by whatever else the machine runs), and any non-2xx answer shown.
+    `answered` receives how many answers each target gave in all."""
+    best = [(0.0, 0, 0)] * len(targets)
+    bad = [0] * len(targets)
+    total = [0] * len(targets)
+    for _ in range(rounds):
+        for n, target in enumerate(targets):
+            measured = load.run(target.url, target.token, target.body)
+            bad[n] += measured[2]
+            total[n] += measured[1]
+            best[n] = max(best[n], measured)
+    if answered is not None:
+        answered[:] = total
+    rates = []
+    for target, (per_second, total, _), failed in zip(targets, best, bad):
+        note = f"(best of {rounds}: {total:,} requests" + (f"; {failed:,} answers NOT 2xx)" if failed else ")")
+        line(target.label, f"{per_second:,.0f} req/s", note)
+        rates.append(0.0 if failed else per_second)
+    return rates
+
+
+def verdict(label: str, value: float, met: bool, target: str) -> None:
+    line(label, f"{value:.3f}", f"(target {target}: {'met' if met else 'NOT met'})")
+
+
+# --- filling a log fast -------------------------------------------------------------------------
+
+
+async def _fill(data_dir: Path, tasks: int) -> None:
+    """`tasks` tasks appended through the log API in big concurrent rounds (group commit makes
+    each round a few transactions), with the read models projected in the same transactions,
+    exactly as the service keeps them. A third of the tasks run to done, so counters vary."""
+    from events import Meta, open_log
+    from events import types as t
+    from projections import store
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open_log(str(data_dir / "mission-control.db"), projector=store.project, durable=False)
+    await log.open()
+    try:
+        await store.prepare(log)
+        project_id = str(uuid.uuid4())
+        await log.append(f"project-{project_id}", [t.ProjectCreated(project_id=project_id, name="bench")],
+                         meta=Meta(actor="bench"))
+        deadline = time.monotonic() + FILL_TIMEOUT
+
+        def events_of(n: int) -> list:
+            task_id = str(uuid.uuid4())
+            created = t.TaskCreated(task_id=task_id, type="prompt", content=f"task {n}", project_id=project_id,
+                                    created_by="bench", desktop_id=f"desk-{n % 7}")
+            if n % 3:
+                return [created]
+            run_id = str(uuid.uuid4())
+            return [created, t.TaskStarted(task_id=task_id, run_id=run_id, agent_id="bench"),
+                    t.TaskCompleted(task_id=task_id, run_id=run_id, result="ok")]
+
+        round_size = 10_000
+        for start in range(0, tasks, round_size):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"filling {tasks:,} tasks took over {FILL_TIMEOUT:.0f} s")
+            batch = [events_of(n) for n in range(start, min(tasks, start + round_size))]
+            await asyncio.gather(*(
+                log.append(f"task-{events[0].task_id}", events, expected=0, meta=Meta(actor="bench"))
+                for events in batch
+            ))
+    finally:
+        await log.close()
+
+
+def fill(data_dir: Path, tasks: int) -> float:
+    started = time.perf_counter()
+    asyncio.run(_fill(data_dir, tasks))
+    return time.perf_counter() - started
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="mc-bench-http-") as tmp:
+            yield Path(tmp)
+
+
+@command(
+    "http", "POST /tasks, GET /tasks/{id}, GET /overview through `mission-control serve` vs bare Starlette, under wrk",
+    *HTTP_ARGUMENTS,
+)
+def bench_http(args: argparse.Namespace) -> None:
+    wrk = ensure_wrk()
+    print(f"http: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, best of {args.rounds} alternating "
+          f"rounds, on 127.0.0.1; {os.cpu_count()} CPUs; `mission-control serve` is one process, durable "
+          "(synchronous=FULL)")
+    body = b'{"type": "prompt", "content": "benchmark task", "priority": 5}'
+    with workdir(args.dir) as where:
+        load = Load(wrk, args, where)
+        with mission_control(where / "api") as (url, token), bare_server(where) as bare:
+            client = httpx.Client(base_url=url + API, headers={"Authorization": f"Bearer {token}"})
+            before = client.get("/overview").json()["tasks"]["pending"]
+
+            print("POST /tasks")
+            answered: list[int] = []
+            served, floor = compare(load, [
+                Target("mission-control serve (201, durable)", f"{url}{API}/tasks", token, body),
+                Target("bare Starlette (constant 201)", f"{bare}{API}/tasks", None, body),
+            ], args.rounds, answered)
+            created = client.get("/overview").json()["tasks"]["pending"] - before
+            # wrk counts the answers it read; requests still in flight when a run stops may be appended too
+            assert created >= answered[0], f"{answered[0]:,} tasks answered 201 but {created:,} in the log"
+            line("tasks in the log afterwards", f"{created:,}", f"(>= the {answered[0]:,} answered 201)")
+            verdict("ratio", served / floor, served / floor >= 0.6, ">= 0.6")
+
+            print("GET /tasks/{id}")
+            task_id = client.post("/tasks", json={"type": "prompt", "content": "read me"}).json()["id"]
+            served, floor = compare(load, [
+                Target("mission-control serve (200)", f"{url}{API}/tasks/{task_id}", token),
+                Target("bare Starlette (constant 200)", f"{bare}{API}/tasks/{task_id}"),
+            ], args.rounds)
+            verdict("ratio", served / floor, served / floor >= 0.7, ">= 0.7")
+            client.close()
+
+        print("GET /overview")
+        for size in (args.small, args.big):
+            seconds = fill(where / f"overview-{size}", size)
+            line(f"filled {size:,} tasks", f"{seconds:.1f} s", "(log API, projected in the same transactions)")
+        with contextlib.ExitStack() as servers:
+            targets = []
+            for size in (args.small, args.big):
+                url, token = servers.enter_context(mission_control(where / f"overview-{size}"))
+                counts = httpx.get(f"{url}{API}/overview", headers={"Authorization": f"Bearer {token}"}).json()
+                assert sum(counts["tasks"].values()) == size, counts
+                targets.append(Target(f"at {size:,} tasks", f"{url}{API}/overview", token))
+            small, big = compare(load, targets, args.rounds)
+        spread = abs(big - small) / max(small, big)
+        verdict(f"difference {args.small:,} vs {args.big:,}", spread, spread <= 0.10, "<= 0.10")
