@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from typing import NamedTuple
 
 import httpx
 
-from bench import command
+from bench import command, workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -283,16 +282,6 @@ def fill(data_dir: Path, tasks: int) -> float:
 
 
 # --- the benchmark ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def workdir(path: Path | None) -> Iterator[Path]:
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="mc-bench-http-") as tmp:
-            yield Path(tmp)
 
 
 @command(
