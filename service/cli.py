@@ -64,6 +64,7 @@ async def first_admin_key(settings: Settings) -> str | None:
         _, token = await auth.issue_key(log, "admin", ["admin"], actor="mission-control:serve")
         path = Path(settings.data_dir) / ADMIN_TOKEN_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left from an earlier data dir keeps its mode otherwise
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")
         return token

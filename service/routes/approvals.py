@@ -8,7 +8,9 @@ from starlette.routing import Route
 
 from projections import queries
 from projections.approvals import Approval
+from projections.tasks import Task
 from service import schemas
+from service.auth import visible_projects
 from service.context import (
     can_see_project, commands_of, idempotency, log_of, meta, principal, settings_of,
 )
@@ -18,8 +20,7 @@ from service.http import bad_request, decode_body, json_response, parse_uuid, re
 PREFIX = "/api/mission-control/approvals"
 
 
-async def approval_out(request: Request, approval: Approval) -> schemas.ApprovalOut:
-    task = await queries.task(log_of(request), approval.task_id)
+def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
     summary = task and schemas.TaskSummary(
         id=task.id, type=task.type, content=task.content, desktop_id=task.desktop_id, title=task.title
     )
@@ -35,35 +36,34 @@ async def list_approvals(request: Request) -> Response:
     status = request.query_params.get("status", "pending")
     if status not in ("pending", "approved", "rejected", "all"):
         raise bad_request("Query parameter status must be pending, approved, rejected or all.")
+    log = log_of(request)
+    allowed = await visible_projects(log, who)
     found = []
-    for approval in await queries.approvals(log_of(request), None if status == "all" else status):
-        out = await approval_out(request, approval)
-        if out.task is not None and await _visible(request, who, approval):
-            found.append(out)
+    for approval in await queries.approvals(log, None if status == "all" else status):
+        task = await queries.task(log, approval.task_id)
+        if task is not None and (allowed is None or task.project_id in allowed):
+            found.append(approval_out(approval, task))
     return json_response(found)
 
 
-async def _visible(request: Request, who, approval: Approval) -> bool:
-    task = await queries.task(log_of(request), approval.task_id)
-    return task is not None and await can_see_project(request, who, task.project_id)
-
-
-async def _approval(request: Request, who) -> Approval:
+async def _approval(request: Request, who) -> tuple[Approval, Task]:
+    """The approval in the path and its task; 404 outside the caller's projects."""
     approval_id = parse_uuid(request.path_params["approval_id"], "Approval id")
     approval = await queries.approval(log_of(request), approval_id)
-    if approval is None or not await _visible(request, who, approval):
+    task = approval and await queries.task(log_of(request), approval.task_id)
+    if task is None or not await can_see_project(request, who, task.project_id):
         raise Rejected(404, "not_found", "Approval not found.")
-    return approval
+    return approval, task
 
 
 async def get_approval(request: Request) -> Response:
     who = principal(request, "task:read")
-    return json_response(await approval_out(request, await _approval(request, who)))
+    return json_response(approval_out(*await _approval(request, who)))
 
 
 async def resolve(request: Request) -> Response:
     who = principal(request, "approval:write")
-    approval = await _approval(request, who)
+    approval, _ = await _approval(request, who)
     raw = await read_raw_body(request)
     settings = settings_of(request)
     body = decode_body(raw, schemas.ReviewBody, settings.max_json_depth, settings.max_string_length)
@@ -75,8 +75,8 @@ async def resolve(request: Request) -> Response:
         resolve_approval(await queries.approval(log, approval.id), task, command)
         return command
 
-    await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem)
-    return json_response(await approval_out(request, await queries.approval(log_of(request), approval.id)))
+    task, _ = await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem)
+    return json_response(approval_out(await queries.approval(log, approval.id), task))
 
 
 def routes() -> list[Route]:
