@@ -168,8 +168,8 @@ class SqliteLog(EventLog):
         await loop.run_in_executor(self._writer_thread, self._open_writer)
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self.path)
-            await reader.execute("PRAGMA busy_timeout = 10000")
-            await reader.execute("PRAGMA query_only = 1")
+            await reader.execute_fetchall("PRAGMA busy_timeout = 10000")
+            await reader.execute_fetchall("PRAGMA query_only = 1")
             self._readers.append(reader)
         self._local = sqlite3.connect(self.path, check_same_thread=False)
         self._local.execute("PRAGMA busy_timeout = 1000")
@@ -443,9 +443,12 @@ class SqliteLog(EventLog):
         return self._local.execute(sql, params).fetchall()
 
     async def _scan(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        """Reads of the log itself, pages of up to thousands of events: on a reader thread."""
-        async with self._reader().execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        """Reads of the log itself, pages of up to thousands of events: on a reader thread.
+
+        Executed and fetched in one call on that thread: a caller cancelled half-way (a client
+        gone) must not leave a stepped statement behind, whose open read transaction would
+        pin the connection to an old snapshot and hide every later commit from it."""
+        return list(await self._reader().execute_fetchall(sql, params))
 
     async def read_head(self) -> int:
         rows = await self.query("SELECT COALESCE(MAX(position), 0) FROM events")
@@ -490,8 +493,7 @@ class SqliteLog(EventLog):
         try:
             last = None
             while True:
-                async with reader.execute("PRAGMA data_version") as cursor:
-                    (version,) = await cursor.fetchone()
+                ((version,),) = await reader.execute_fetchall("PRAGMA data_version")
                 if version != last:
                     last = version
                     head = await self.read_head()

@@ -332,6 +332,23 @@ async def test_read_all_until(log_factory):
 # --- the live tail ---------------------------------------------------------------------------
 
 
+async def test_a_read_cancelled_half_way_hides_no_later_commit(log_factory):
+    """A reader that goes away mid-read (a stream client disconnecting) must not leave the log
+    reading an old snapshot: a tail would then skip events it never saw."""
+    log = await log_factory(readers=1)
+    for n in range(20):
+        await log.append(f"s-{n}", [TaskRetried(task_id=str(n))])
+    for n in range(50):
+        reading = asyncio.create_task(log.read_all(0, 10))
+        await asyncio.sleep(0)  # let it start, then abandon it
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        (appended,) = await log.append(f"new-{n}", [TaskRetried(task_id="x")])
+        assert [e.position for e in await log.read_stream(f"new-{n}")] == [appended.position]
+        page = await log.read_all(appended.position - 1, 10)
+        assert [e.position for e in page.events] == [appended.position]
+
+
 async def test_tail_from_zero_sees_history_then_live(log_factory):
     log = await log_factory()
     for i in range(30):
