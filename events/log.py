@@ -180,20 +180,20 @@ class EventLog(ABC):
         return self._head
 
     def _committed(self, events: list[RecordedEvent]) -> None:
-        """Called by the backend, in position order, once events are durable."""
-        if not events or events[-1].position <= self._head:
+        """Called by the backend, in position order, once events are durable. They may overlap
+        what this process knows (the writer and the watcher racing) or have gaps (another
+        process appended in between); the cache only ever holds contiguous positions."""
+        fresh = [e for e in events if e.position > self._head]
+        if not fresh:
             return
-        if events[0].position == self._head + 1:
-            self._recent.extend(events)
-            self._recent_size += sum(len(e.payload) for e in events)
+        if fresh[0].position == self._head + 1 and fresh[-1].position - fresh[0].position == len(fresh) - 1:
+            self._recent.extend(fresh)
+            self._recent_size += sum(len(e.payload) for e in fresh)
             if len(self._recent) > 2 * self.recent_capacity or self._recent_size > 2 * self.recent_bytes:
                 self._trim_recent()  # amortised: at most once per capacity's worth of appends
-        else:  # another process appended in between: the cache restarts here
-            self._recent = [e for e in events if e.position > self._head]
-            if self._recent[0].position != self._head + 1:
-                self._recent = []
-            self._recent_size = sum(len(e.payload) for e in self._recent)
-        self._head = events[-1].position
+        else:  # positions this process has not seen lie in between: tails read those from storage
+            self._recent, self._recent_size = [], 0
+        self._head = fresh[-1].position
         self._wake()
 
     def _trim_recent(self) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from events.types import EventData
 from events.verify import Chain
 
 T = TypeVar("T")
+logger = logging.getLogger("mission_control.log")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -171,7 +173,8 @@ class SqliteLog(EventLog):
             await reader.execute_fetchall("PRAGMA busy_timeout = 10000")
             await reader.execute_fetchall("PRAGMA query_only = 1")
             self._readers.append(reader)
-        self._local = sqlite3.connect(self.path, check_same_thread=False)
+        # Autocommit: no statement can open a transaction that would pin an old snapshot.
+        self._local = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._local.execute("PRAGMA busy_timeout = 1000")
         self._local.execute("PRAGMA query_only = 1")
         self._head = await self.read_head()
@@ -271,8 +274,14 @@ class SqliteLog(EventLog):
         try:
             return self._commit(batch)
         except _ProjectorFailed:
-            # Find the append the projector refuses; the others still commit.
-            return [self._commit([append])[0] for append in batch]
+            # Find the append the projector refuses; the others still commit, each on its own.
+            outcomes: list[Any] = []
+            for append in batch:
+                try:
+                    outcomes.append(self._commit([append])[0])
+                except Exception as exc:  # this one alone failed; those before it are committed
+                    outcomes.append(exc)
+            return outcomes
 
     def _commit(self, batch: list[_Append]) -> list[Any]:
         conn = self._conn
@@ -423,10 +432,11 @@ class SqliteLog(EventLog):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(_Tx(conn))
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O)
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
@@ -493,13 +503,16 @@ class SqliteLog(EventLog):
         try:
             last = None
             while True:
-                ((version,),) = await reader.execute_fetchall("PRAGMA data_version")
-                if version != last:
-                    last = version
-                    head = await self.read_head()
-                    while self._head < head:
-                        page = await self.read_all(self._head, self.recent_capacity, until=head)
-                        self._committed(page.events)
+                try:
+                    ((version,),) = await reader.execute_fetchall("PRAGMA data_version")
+                    if version != last:
+                        head = await self.read_head()
+                        while self._head < head:
+                            page = await self.read_all(self._head, self.recent_capacity, until=head)
+                            self._committed(page.events)
+                        last = version
+                except Exception:  # a locked or busy moment: look again, never stop watching
+                    logger.warning("could not read the log's head; retrying", exc_info=True)
                 await asyncio.sleep(self.poll_interval)
         finally:
             await reader.close()

@@ -212,12 +212,24 @@ async def refold(log: EventLog, progress: Callable[[int, int], None] | None = No
     return done
 
 
-async def rebuild(log: EventLog, progress: Callable[[int, int], None] | None = None) -> int:
-    """Drop every read model and refold it from the log."""
+EVERYTHING = 2**62
+"""A position past any head: `until` for reading every event there is."""
 
-    def reset(tx: Transaction) -> None:
+
+async def rebuild(log: EventLog, progress: Callable[[int, int], None] | None = None) -> int:
+    """Drop every read model and refold it from the log, all in one transaction: a server
+    running beside it never reads half-built tables (its appends wait for the rebuild)."""
+    head = await log.read_head()
+
+    def refold_all(tx: Transaction) -> int:
         drop_tables(tx)
         create_tables(tx)
+        done = 0
+        while events := tx.read_events(done, EVERYTHING, 5000):  # up to the head, and whatever came since
+            apply(tx, events)
+            done = events[-1].position
+            if progress is not None:
+                progress(done, max(head, done))
+        return done
 
-    await log.transact(reset)
-    return await refold(log, progress)
+    return await log.transact(refold_all)

@@ -82,11 +82,11 @@ def evolve(task: Task | None, event: Event) -> Task | None:
     elif isinstance(data, t.TaskMessage):
         changes |= dict(status="running", input_prompt=None)
     elif isinstance(data, t.TaskReview):
-        changes |= dict(status="review", result=data.result)
+        changes |= dict(status="review", result=data.result, input_prompt=None)
     elif isinstance(data, t.ApprovalCreated):
         changes["approval_id"] = data.approval_id
     elif isinstance(data, t.TaskCompleted):
-        changes |= dict(status="done", completed_at=event.recorded_at)
+        changes |= dict(status="done", completed_at=event.recorded_at, input_prompt=None)
         if data.result is not None:
             changes["result"] = data.result
     elif isinstance(data, t.TaskFailed):

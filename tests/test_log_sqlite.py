@@ -180,3 +180,69 @@ async def test_two_processes_append_to_one_file(open_sqlite):
     # The two writers really interleaved in the one chain.
     child_positions = [e.position for e in by_actor["child"]]
     assert any(child_positions[0] < e.position < child_positions[-1] for e in by_actor["parent"])
+
+
+# --- a projector refusing one append of a batch ------------------------------------------
+# The batch is then committed append by append. These place what could happen between those
+# commits (another process's append, a lock timeout) by wrapping the writer's `_commit`.
+
+
+def refuses(stream: str):
+    def projector(tx, recorded):
+        if any(e.stream == stream for e in recorded):
+            raise RuntimeError(f"the projector refuses {stream}")
+
+    return projector
+
+
+async def test_an_append_by_another_process_between_fallback_commits_still_reaches_tails(open_sqlite):
+    log = await open_sqlite(projector=refuses("bad"))
+    other = await open_sqlite()  # the same file: another process's log
+    await log.append("s0", [created("0")])
+    single_commit = log._commit
+
+    def commit(batch):
+        outcome = single_commit(batch)
+        if [a.stream for a in batch] == ["s1"]:
+            other._commit(other_append)  # lands right after s1's own commit
+        return outcome
+
+    other_append = [events.sqlite._Append("other", [("task.created", events.canonical_json(created("o")), 1)],
+                                          None, Meta(), None, None, None)]
+    log._commit = commit
+    outcomes = await asyncio.gather(
+        log.append("s1", [created("1")]), log.append("bad", [created("2")]), log.append("s2", [created("3")]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], RuntimeError)
+    stored = [e.stream for e in await everything(log)]
+    assert stored == ["s0", "s1", "other", "s2"]
+    seen: list[str] = []
+
+    async def follow():
+        async for event in log.tail(0):
+            seen.append(event.stream)
+            if len(seen) == len(stored):
+                return
+
+    await asyncio.wait_for(follow(), 5)
+    assert seen == stored
+
+
+async def test_appends_committed_before_a_fallback_failure_are_reported_committed(open_sqlite):
+    log = await open_sqlite(projector=refuses("bad"))
+    single_commit = log._commit
+
+    def commit(batch):
+        if [a.stream for a in batch] == ["s2"]:
+            raise sqlite3.OperationalError("database is locked")  # BEGIN IMMEDIATE timed out
+        return single_commit(batch)
+
+    log._commit = commit
+    first, bad, second = await asyncio.gather(
+        log.append("s1", [created("1")]), log.append("bad", [created("2")]), log.append("s2", [created("3")]),
+        return_exceptions=True,
+    )
+    assert [e.stream for e in first] == ["s1"]  # committed, and told so: a retry would duplicate it
+    assert isinstance(bad, RuntimeError) and isinstance(second, sqlite3.OperationalError)
+    assert [e.stream for e in await everything(log)] == ["s1"]
