@@ -45,10 +45,6 @@ class Principal(msgspec.Struct, kw_only=True):
         if not self.has(scope):
             raise Rejected(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
 
-    @property
-    def sees_everything(self) -> bool:
-        return self.has("audit:read") and self.project_id is None
-
 
 def unauthorized(detail: str) -> Rejected:
     return Rejected(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
@@ -66,12 +62,12 @@ async def authenticate(log: EventLog, token: str | None) -> Principal:
     return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id)
 
 
-async def visible_projects(log: EventLog, principal: Principal) -> list[str] | None:
-    """The projects whose tasks this principal sees; None means all of them."""
-    if principal.sees_everything:
-        return None
-    if principal.project_id is not None and principal.has("audit:read"):
-        return [principal.project_id]
+async def visible_projects(log: EventLog, principal: Principal, acting: bool = False) -> list[str] | None:
+    """The projects whose tasks this principal sees, or with `acting` may change; None means all.
+    `audit:read` reads every project but acts only where its user is a member; `admin` does both."""
+    everywhere = principal.has("admin") if acting else principal.has("audit:read")
+    if everywhere:
+        return None if principal.project_id is None else [principal.project_id]
     member_of = [p.id for p in await queries.projects(log) if principal.user in p.members]
     if principal.project_id is not None:  # the key's project, while its user is still a member
         return [principal.project_id] if principal.project_id in member_of else []

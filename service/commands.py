@@ -40,11 +40,11 @@ class Commands:
         command: Command | Callable[[Task | None], Awaitable[Command]],
         meta: Meta,
         idempotency: Idempotency | None = None,
-        if_match: int | None = None,
+        if_match: set[int] | None = None,
     ) -> tuple[Task, list[RecordedEvent]]:
         """Decide and append; returns the task after the append and what was recorded.
 
-        With `if_match`, the client's `If-Match` version: a task at any other version,
+        With `if_match`, the versions the client's `If-Match` accepts: a task at any other version,
         even one reached during a lost race, answers 412 instead of being decided again.
         With `idempotency`, a key already used answers the task as that first request left
         it, and an empty list: nothing was recorded now, so the caller starts nothing again.
@@ -91,12 +91,13 @@ class Commands:
         command: Command | Callable[[Task | None], Awaitable[Command]],
         meta: Meta,
         idempotency: Idempotency | None,
-        if_match: int | None,
+        if_match: set[int] | None,
     ) -> tuple[Task, list[RecordedEvent]]:
         for _ in range(ATTEMPTS):
             state = await queries.task(self.log, task_id)
-            if if_match is not None and state is not None and state.version != if_match:
-                raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {if_match}.")
+            if if_match is not None and state is not None and state.version not in if_match:
+                named = ", ".join(str(v) for v in sorted(if_match))
+                raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {named}.")
             concrete = command if isinstance(command, Command) else await command(state)
             events = decide(state, concrete)
             if not events:

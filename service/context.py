@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+import msgspec
+
 from starlette.requests import Request
 
-from events import EventLog, Meta, RecordedEvent
+from events import EventLog, Meta, RecordedEvent, canonical_json
 from projections import queries
 from projections.tasks import Task
 from service.auth import Principal, visible_projects
@@ -44,13 +46,21 @@ def meta(request: Request, who: Principal) -> Meta:
     return Meta(actor=who.user, request_id=request.state.request_id)
 
 
+def _same_json(body: bytes) -> bytes:
+    """The body in canonical form, so a client's whitespace or key order is not "another body"."""
+    try:
+        return canonical_json(msgspec.json.decode(body)) if body else b""
+    except (msgspec.DecodeError, RecursionError):
+        return body
+
+
 def idempotency(request: Request, who: Principal, body: bytes) -> Idempotency | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
     if not 1 <= len(key) <= 200:
         raise Rejected(400, "invalid_request", "Idempotency-Key must be 1 to 200 characters.")
-    fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\0".encode() + body).hexdigest()
+    fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\0".encode() + _same_json(body)).hexdigest()
     return Idempotency(f"{who.user}\0{key}", fingerprint)
 
 
@@ -68,7 +78,8 @@ async def replayed(request: Request, idem: Idempotency | None):
 
 
 async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
-    allowed = await visible_projects(log_of(request), who)
+    # A request that changes something acts: auditors see every project but act only in their own.
+    allowed = await visible_projects(log_of(request), who, acting=request.method != "GET")
     return allowed is None or project_id in allowed
 
 

@@ -17,6 +17,8 @@ MAX_INT = 2**63 - 1
 """The largest integer SQLite binds; a larger query parameter would be a 500."""
 
 _encoder = msgspec.json.Encoder()
+JSON_SAFE_INTEGER = 2**53 - 1
+"""Past it RFC 8785 writes an integer as a double, so an auditor's JCS bytes would differ."""
 
 
 class Error(msgspec.Struct):
@@ -82,6 +84,10 @@ def _check_shape(value: Any, depth_left: int, max_string: int, path: str) -> Non
         if "\x00" in value:
             raise bad_request(f"{path} contains a NUL character.")
         return
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > JSON_SAFE_INTEGER:
+        raise bad_request(
+            f"{path} is beyond ±(2^53 - 1); larger integers lose precision in JSON (send them as strings)."
+        )
     if isinstance(value, float):
         raise bad_request(
             f"{path} is a fractional number; events hold integers, strings, booleans, null, arrays and "

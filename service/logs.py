@@ -48,3 +48,5 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     # uvicorn's per-connection chatter stays at warning; its errors still come through, formatted.
     logging.getLogger("uvicorn").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # httpx logs every request's full URL at INFO: webhook URLs and provider paths may hold secrets.
+    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))

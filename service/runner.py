@@ -56,6 +56,7 @@ class _Output:
     async def emit(self, stream: str, text: str) -> None:
         if not text:
             return
+        text = recordable(text)
         if self._pending and self._pending[-1][0] == stream:
             self._pending[-1][1].append(text)
         else:
@@ -121,9 +122,11 @@ class Runner:
         if run is not None:
             run[2].put_nowait(message)
 
-    async def stop(self, task_id: str) -> None:
-        run = self.runs.pop(task_id, None)
-        if run is not None:
+    async def stop(self, task_id: str, run_id: str) -> None:
+        """Stop that run of the task, if it is still going (never a later run of it)."""
+        run = self.runs.get(task_id)
+        if run is not None and run[0] == run_id:
+            del self.runs[task_id]
             run[1].cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await run[1]
@@ -132,7 +135,7 @@ class Runner:
         """At shutdown: stop every run (their process groups at once) and record each as
         interrupted, as the next start's recovery would."""
         stopping = {task_id: run[0] for task_id, run in self.runs.items()}
-        await asyncio.gather(*(self.stop(task_id) for task_id in stopping))
+        await asyncio.gather(*(self.stop(task_id, run_id) for task_id, run_id in stopping.items()))
         for task_id, run_id in stopping.items():
             await self._record(task_id, FailRun(run_id=run_id, reason="interrupted", error=INTERRUPTED))
 
@@ -187,26 +190,37 @@ class Runner:
             )
         except RunFailed as failed:
             ending = FailRun(
-                run_id=run_id, reason=failed.reason, error=failed.error, exit_code=failed.exit_code,
+                run_id=run_id, reason=failed.reason, error=recordable(failed.error), exit_code=failed.exit_code,
                 result=_bounded(failed.result), output=last,
             )
         except asyncio.CancelledError:
             return
         except Exception as exc:  # an agent's bug still ends the run on the record
             log.exception("run failed", task_id=task.id, run_id=run_id)
-            ending = FailRun(run_id=run_id, reason="error", error=f"{type(exc).__name__}: {exc}", output=last)
+            ending = FailRun(run_id=run_id, reason="error", error=recordable(f"{type(exc).__name__}: {exc}"), output=last)
         finally:
             current = self.runs.get(task.id)
             if current is not None and current[0] == run_id:
                 del self.runs[task.id]
-        await self._record(task.id, ending)
+        try:
+            await self._record(task.id, ending)
+        except Exception:  # the ending must be on the record, or the run holds its slot forever
+            log.exception("could not record a run's end", task_id=task.id, run_id=run_id)
+            await self._record(task.id, FailRun(
+                run_id=run_id, reason="error", error="The run ended, but its ending could not be recorded.",
+            ))
+
+
+def recordable(text: str) -> str:
+    """Text an agent produced, with what UTF-8 cannot hold (a provider's lone surrogate) replaced."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _bounded(text: str | None) -> str | None:
     """A deliverable is kept whole up to RESULT_LIMIT characters; past that, its tail."""
-    if text is None or len(text) <= RESULT_LIMIT:
-        return text
-    return text[-RESULT_LIMIT:]
+    if text is None:
+        return None
+    return recordable(text if len(text) <= RESULT_LIMIT else text[-RESULT_LIMIT:])
 
 
 def _pieces(text: str) -> list[str]:

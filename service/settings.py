@@ -21,7 +21,8 @@ class Settings(msgspec.Struct, kw_only=True):
     """The default of a new task's `requiresApproval`."""
     default_timeout_seconds: int = 3600
     metrics_public: bool = False
-    heartbeat_seconds: float = 15.0
+    heartbeat_seconds: float = 10.0
+    """Comment heartbeats on the activity stream; API.md asks for one at least every 15 s."""
     send_timeout_seconds: float = 30.0
     """A stream client that takes no data for this long is dropped."""
     rate_limit_per_second: float = 200.0
@@ -50,4 +51,7 @@ def from_env(**overrides) -> Settings:
         if raw is not None:
             values[field] = raw
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return msgspec.convert(values, Settings, strict=False)
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:  # e.g. MC_METRICS_PUBLIC=yes: one clear line, not a traceback
+        raise SystemExit(f"mission-control: a setting is invalid: {exc} (booleans are true/false or 1/0)") from None

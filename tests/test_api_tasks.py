@@ -227,6 +227,22 @@ def test_etag_and_if_match(c):
     assert c.delete(f"/tasks/{task['id']}", headers={"If-Match": '"3"'}).status_code == 204
 
 
+def test_if_match_star_and_lists(c):
+    task = c.post("/tasks", json={"type": "prompt", "content": "x"}).json()
+    assert c.patch(f"/tasks/{task['id']}", json={"title": "a"}, headers={"If-Match": "*"}).json()["version"] == 2
+    assert c.patch(f"/tasks/{task['id']}", json={"title": "b"}, headers={"If-Match": '"1", "2"'}).status_code == 200
+    with log_unchanged(c):
+        refused(c.patch(f"/tasks/{task['id']}", json={"title": "c"}, headers={"If-Match": '"1", "2"'}), 412)
+
+
+def test_an_idempotency_key_compares_json_not_bytes(c):
+    key = {"Idempotency-Key": f"json-{uuid.uuid4()}", "Content-Type": "application/json"}
+    first = c.post("/tasks", content=b'{"type": "prompt", "content": "same"}', headers=key)
+    with log_unchanged(c):
+        again = c.post("/tasks", content=b'{"content":"same",\n "type":"prompt"}', headers=key)
+    assert (first.status_code, again.status_code) == (201, 201) and again.json()["id"] == first.json()["id"]
+
+
 # --- the state machine's 409s --------------------------------------------------------------
 
 RESTRICTED = {

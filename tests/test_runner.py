@@ -171,6 +171,21 @@ def test_cancel_stops_the_run_and_its_grandchildren_within_two_seconds(api, shel
     assert events(api, started["id"])[-1]["type"] == "task.cancelled"  # nothing recorded after it
 
 
+def test_a_replayed_cancel_leaves_the_next_run_alone(api):
+    """A client retrying its cancel (same Idempotency-Key) after the task was retried and run
+    again gets the first answer back; the new run must neither be stopped nor left unended."""
+    slow = {"echo": {"delayMs": 1500, "chunks": 3}}
+    first = start(api, None, "slow", type_="prompt", metadata=slow)
+    cancel = {"Idempotency-Key": f"cancel-{first['id']}"}
+    assert api.post(f"/tasks/{first['id']}/cancel", headers=cancel).json()["status"] == "cancelled"
+    assert api.post(f"/tasks/{first['id']}/retry").status_code == 200
+    again = api.post(f"/tasks/{first['id']}/run").json()
+    replay = api.post(f"/tasks/{first['id']}/cancel", headers=cancel)
+    assert replay.status_code == 200 and replay.json()["status"] == "cancelled"  # the first answer
+    done = until_status(api, first["id"])
+    assert (done["status"], done["runId"]) == ("done", again["runId"])
+
+
 def test_retry_is_a_new_run_and_history_keeps_both(api, shell):
     # The working directory outlives a run: the second run finds what the first left.
     started = start(api, shell, "test -f marker || { touch marker; echo first; exit 1; }; echo second")

@@ -194,6 +194,20 @@ def test_the_activity_stream_and_the_log_filter_by_tenancy(world):
     assert asked == []
 
 
+def test_an_auditor_reads_every_project_but_acts_only_in_its_own(world):
+    w = world
+    s = w.server
+    auditor = s.client(s.token("writing-auditor", "task:read,task:write,approval:write,audit:read"))
+    assert auditor.get(f"/tasks/{w.b_pending}").status_code == 200  # seeing everything is the scope
+    with log_unchanged(w.admin):
+        refused(auditor.patch(f"/tasks/{w.b_pending}", json={"content": "mine now"}), 404, "not_found")
+        refused(auditor.post(f"/tasks/{w.b_pending}/cancel"), 404, "not_found")
+        refused(auditor.post(f"/tasks/{w.b_review}/review", json={"decision": "approve"}), 404, "not_found")
+        refused(auditor.post(f"/approvals/{w.b_approval}/resolve", json={"decision": "approve"}), 404, "not_found")
+        refused(auditor.post("/tasks", json={"type": "prompt", "content": "x", "projectId": w.two}), 404, "not_found")
+    assert w.bob.get(f"/tasks/{w.b_pending}").json()["status"] == "pending"
+
+
 def test_a_project_key_keeps_to_its_project_while_its_user_is_a_member(world):
     w = world
     three = w.admin.post("/projects", json={"name": "three"}).json()["id"]

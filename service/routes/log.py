@@ -93,7 +93,7 @@ async def overview(request: Request) -> Response:
                 percent=memory.percent,
             ),
         ),
-        log=schemas.LogFigures(head=log.head, streams=figures.streams),
+        log=schemas.LogFigures(head=await log.read_head(), streams=figures.streams),  # the CLI's appends too
     ))
 
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from events import TypeFilter
+from events import TypeFilter, decode
 from events import types as t
 from projections import queries
 from projections.tasks import STATUSES, Task
@@ -42,15 +42,16 @@ async def _body(request: Request, type_, required: bool = True):
     return raw, value
 
 
-def if_match(request: Request) -> int | None:
-    """The version named by `If-Match` ("3", "\"3\"" or W/"3"); None without the header."""
+def if_match(request: Request) -> set[int] | None:
+    """The versions `If-Match` accepts ("3", "\"3\"", W/"3", a comma list); None for no header
+    or `*`, which any existing task matches."""
     raw = request.headers.get("if-match")
-    if raw is None:
+    if raw is None or raw.strip() == "*":
         return None
-    version = whole_number(raw.strip().removeprefix("W/").strip('"'))
-    if version is None:
+    versions = {whole_number(tag.strip().removeprefix("W/").strip('"')) for tag in raw.split(",")}
+    if None in versions:
         raise Rejected(412, "precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
-    return version
+    return versions  # type: ignore[return-value]
 
 
 async def list_tasks(request: Request) -> Response:
@@ -148,6 +149,8 @@ async def get_task(request: Request) -> Response:
     who = principal(request, "task:read")
     task = await visible_task(request, who)
     if "asOf" in request.query_params:
+        if not request.query_params["asOf"]:
+            raise bad_request("Query parameter asOf must name a log position.")
         position = query_int(request, "asOf", 0, 0)
         past = await queries.task_as_of(log_of(request), task.id, position)
         if past is None:
@@ -172,7 +175,7 @@ async def delete_task(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, if_match: int | None = None):
+async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, if_match: set[int] | None = None):
     idem = idempotency(request, who, raw)
     updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem, if_match)
     return task_response(updated)
@@ -208,9 +211,12 @@ async def cancel_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
     raw, body = await _body(request, schemas.CancelTask, required=False)
-    response = await _task_command(request, who, task, CancelTask(reason=body.reason if body else None), raw)
-    await runner_of(request).stop(task.id)
-    return response
+    command = CancelTask(reason=body.reason if body else None)
+    cancelled, recorded = await commands_of(request).task(task.id, command, meta(request, who), idempotency(request, who, raw))
+    ended = decode(recorded[-1]).run_id if recorded else None  # a replay or a no-op ends no run
+    if ended:
+        await runner_of(request).stop(task.id, ended)
+    return task_response(cancelled)
 
 
 async def retry_task(request: Request) -> Response:
