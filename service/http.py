@@ -105,12 +105,14 @@ def _check_shape(value: Any, depth_left: int, max_string: int, path: str) -> Non
             _check_shape(item, depth_left - 1, max_string, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
 
 
-async def read_body(request: Request, type_: type[T], required: bool = True) -> T | None:
-    body = await read_raw_body(request, required)
-    if not body:
-        return None
+async def read_body(request: Request, type_: type[T], required: bool = True) -> tuple[bytes, T | None]:
+    """The raw body (for Idempotency-Key fingerprints) and its value as `type_`; (b"", None) when
+    an optional body is absent."""
+    raw = await read_raw_body(request, required)
+    if not raw:
+        return raw, None
     settings = request.app.state.settings
-    return decode_body(body, type_, settings.max_json_depth, settings.max_string_length)
+    return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length)
 
 
 def parse_uuid(value: str, what: str = "id") -> str:

@@ -20,7 +20,7 @@ from service.ratelimit import RateLimiter
 
 access_log = structlog.get_logger("mission_control.access")
 
-PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/", "/favicon.ico")
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/")
 PUBLIC_PREFIXES = ("/static/",)
 STREAM_PATH = "/api/mission-control/activity/stream"
 REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")

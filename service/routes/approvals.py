@@ -12,10 +12,10 @@ from projections.tasks import Task
 from service import schemas
 from service.auth import visible_projects
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal, settings_of,
+    can_see_project, commands_of, idempotency, log_of, meta, principal,
 )
 from service.deciders import Rejected, Review, resolve_approval
-from service.http import bad_request, decode_body, json_response, parse_uuid, read_raw_body
+from service.http import bad_request, json_response, parse_uuid, read_body
 
 PREFIX = "/api/mission-control/approvals"
 
@@ -64,9 +64,7 @@ async def get_approval(request: Request) -> Response:
 async def resolve(request: Request) -> Response:
     who = principal(request, "approval:write")
     approval, _ = await _approval(request, who)
-    raw = await read_raw_body(request)
-    settings = settings_of(request)
-    body = decode_body(raw, schemas.ReviewBody, settings.max_json_depth, settings.max_string_length)
+    raw, body = await read_body(request, schemas.ReviewBody)
     idem = idempotency(request, who, raw)
     log = log_of(request)
     command = Review(decision=body.decision, feedback=body.feedback)

@@ -17,17 +17,11 @@ from projections.projects import Project
 from service import schemas
 from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
-from service.context import commands_of, idempotency, log_of, meta, principal, replayed, settings_of
+from service.context import commands_of, idempotency, log_of, meta, principal
 from service.deciders import Rejected
-from service.http import bad_request, decode_body, json_response, parse_uuid, read_raw_body
+from service.http import bad_request, json_response, parse_uuid, read_body
 
 PREFIX = "/api/mission-control"
-
-
-async def _body(request: Request, type_, required: bool = True):
-    raw = await read_raw_body(request, required)
-    settings = settings_of(request)
-    return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length) if raw else None
 
 
 def _changes(body: msgspec.Struct) -> dict:
@@ -35,11 +29,9 @@ def _changes(body: msgspec.Struct) -> dict:
 
 
 async def _record(request: Request, who: Principal, stream: str, events: list, expected: int, raw: bytes, evolve):
-    """Append (or find what the same Idempotency-Key appended before) and fold the stream to that point."""
-    idem = idempotency(request, who, raw)
-    recorded = await replayed(request, idem) or await commands_of(request).append(
-        stream, events, expected, meta(request, who), idem
-    )
+    """Append and fold the stream to that point. A key used before makes the log return what it
+    appended then (keys are checked before versions), or refuse a different request (409)."""
+    recorded = await commands_of(request).append(stream, events, expected, meta(request, who), idempotency(request, who, raw))
     state = None
     # A replayed create recorded into the stream of the id it made then, not the fresh id made now.
     for event in await log_of(request).read_stream(recorded[-1].stream, until_position=recorded[-1].position):
@@ -87,7 +79,7 @@ async def get_agent(request: Request) -> Response:
 
 async def create_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
-    raw, body = await _body(request, schemas.CreateAgent)
+    raw, body = await read_body(request, schemas.CreateAgent)
     _shell_needs_admin(who, body.kind)
     _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
@@ -100,7 +92,7 @@ async def update_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
     _shell_needs_admin(who, agent.kind)
-    raw, body = await _body(request, schemas.UpdateAgent)
+    raw, body = await read_body(request, schemas.UpdateAgent)
     _check_config(agent.kind, body.config)
     return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
 
@@ -121,7 +113,7 @@ async def _set_status(request: Request, event_type) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
     _shell_needs_admin(who, agent.kind)
-    raw, _ = await _body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
+    raw, _ = await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
     return await _agent_event(request, who, agent, event_type(agent_id=agent.id), raw)
 
 
@@ -151,7 +143,7 @@ async def get_project(request: Request) -> Response:
 
 async def create_project(request: Request) -> Response:
     who = principal(request, "admin")
-    raw, body = await _body(request, schemas.CreateProject)
+    raw, body = await read_body(request, schemas.CreateProject)
     project_id = str(uuid.uuid4())
     event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
     project = await _record(request, who, f"project-{project_id}", [event], 0, raw, projects.evolve)
@@ -161,7 +153,7 @@ async def create_project(request: Request) -> Response:
 async def update_project(request: Request) -> Response:
     who = principal(request, "admin")
     project = await _project(request, who)
-    raw, body = await _body(request, schemas.UpdateProject)
+    raw, body = await read_body(request, schemas.UpdateProject)
     event = t.ProjectUpdated(project_id=project.id, **_changes(body))
     return json_response(
         await _record(request, who, f"project-{project.id}", [event], project.version, raw, projects.evolve)

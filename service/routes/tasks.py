@@ -24,7 +24,7 @@ from service.deciders import (
     ArchiveTask, CancelTask, CreateTask, Rejected, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
 from service.http import (
-    bad_request, decode_body, json_response, parse_uuid, query_int, read_raw_body, whole_number,
+    bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
 )
 from service.runner import ECHO_AGENT_ID
 
@@ -33,13 +33,6 @@ PREFIX = "/api/mission-control"
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return json_response(task, status, {"ETag": f'"{task.version}"', **(headers or {})})
-
-
-async def _body(request: Request, type_, required: bool = True):
-    raw = await read_raw_body(request, required)
-    settings = settings_of(request)
-    value = decode_body(raw, type_, settings.max_json_depth, settings.max_string_length) if raw else None
-    return raw, value
 
 
 def if_match(request: Request) -> set[int] | None:
@@ -90,7 +83,7 @@ async def _project_filter(request: Request, who: Principal, project_id: str | No
 
 async def create_task(request: Request) -> Response:
     who = principal(request, "task:write")
-    raw, body = await _body(request, schemas.CreateTask)
+    raw, body = await read_body(request, schemas.CreateTask)
     idem = idempotency(request, who, raw)
     earlier = await replayed(request, idem)
     log = log_of(request)
@@ -162,7 +155,7 @@ async def get_task(request: Request) -> Response:
 async def update_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.UpdateTask)
+    raw, body = await read_body(request, schemas.UpdateTask)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
     return await _task_command(request, who, task, UpdateTask(changes=changes), raw, if_match=if_match(request))
 
@@ -170,7 +163,7 @@ async def update_task(request: Request) -> Response:
 async def delete_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    await _body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
+    await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
     await commands_of(request).task(task.id, ArchiveTask(archived=True), meta(request, who), if_match=if_match(request))
     return Response(status_code=204)
 
@@ -184,7 +177,7 @@ async def _task_command(request: Request, who: Principal, task: Task, command, r
 async def run_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.RunTask, required=False)
+    raw, body = await read_body(request, schemas.RunTask, required=False)
     requested = (body.agent_id or body.agent_id_snake) if body else None
     agent_id = str(requested) if requested else task.agent_id or ECHO_AGENT_ID
     idem = idempotency(request, who, raw)
@@ -210,7 +203,7 @@ async def run_task(request: Request) -> Response:
 async def cancel_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.CancelTask, required=False)
+    raw, body = await read_body(request, schemas.CancelTask, required=False)
     command = CancelTask(reason=body.reason if body else None)
     cancelled, recorded = await commands_of(request).task(task.id, command, meta(request, who), idempotency(request, who, raw))
     ended = decode(recorded[-1]).run_id if recorded else None  # a replay or a no-op ends no run
@@ -222,14 +215,14 @@ async def cancel_task(request: Request) -> Response:
 async def retry_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, _ = await _body(request, schemas.Body, required=False)
+    raw, _ = await read_body(request, schemas.Body, required=False)
     return await _task_command(request, who, task, RetryTask(), raw)
 
 
 async def send_message(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.SendMessage)
+    raw, body = await read_body(request, schemas.SendMessage)
     idem = idempotency(request, who, raw)
     command = SendMessage(message=body.message)
     _, recorded = await commands_of(request).task(task.id, command, meta(request, who), idem)
@@ -241,20 +234,18 @@ async def send_message(request: Request) -> Response:
 async def review_task(request: Request) -> Response:
     who = principal(request, "approval:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.ReviewBody)
+    raw, body = await read_body(request, schemas.ReviewBody)
     return await _task_command(request, who, task, Review(decision=body.decision, feedback=body.feedback), raw)
 
 
 async def mark_presence(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
-    raw, body = await _body(request, schemas.PresenceBody)
-    idem = idempotency(request, who, raw)
-    if not await replayed(request, idem):  # Idempotency-Key holds on every POST: a replay appends nothing
-        await commands_of(request).append(
-            f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
-            meta(request, who), idem,
-        )
+    raw, body = await read_body(request, schemas.PresenceBody)
+    await commands_of(request).append(  # with a used Idempotency-Key the log appends nothing again
+        f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
+        meta(request, who), idempotency(request, who, raw),
+    )
     return Response(status_code=204)
 
 
@@ -263,7 +254,7 @@ async def clear_presence(request: Request) -> Response:
     task = await visible_task(request, who)
     device_id = request.query_params.get("deviceId")
     if device_id is None:
-        _, body = await _body(request, schemas.PresenceBody)
+        _, body = await read_body(request, schemas.PresenceBody)
         device_id = body.device_id
     if not device_id:
         raise bad_request("deviceId is required, in the body or the query.")
