@@ -235,6 +235,11 @@ def _request_input(task: Task, c: RequestInput) -> list[t.EventData]:
 
 def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
     output = _output(task, RecordOutput(run_id=c.run_id, chunks=c.output))
+    if task.status == "awaiting_input":  # API.md: awaiting_input leads to running or failed, never done
+        return output + [t.TaskFailed(
+            task_id=task.id, run_id=c.run_id, reason="error", result=c.result,
+            error="The run ended while it waited for input; its question was never answered.",
+        )]
     if task.requires_approval:
         return output + [
             t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result),

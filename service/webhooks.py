@@ -165,6 +165,15 @@ class WebhookWorker:
 
     async def _attempt(self, delivery: Delivery, delay: float) -> None:
         await asyncio.sleep(delay)
+        try:
+            await self._send_and_record(delivery)
+        except Exception:  # nothing was recorded, so the delivery is still pending: try it again later
+            log.exception("a webhook attempt could not be made or recorded", delivery_id=delivery.id)
+            await asyncio.sleep(self.settings.webhook_backoff_seconds)
+            if delivery.id in self.pending:
+                self._schedule(delivery)
+
+    async def _send_and_record(self, delivery: Delivery) -> None:
         async with self._slots:
             task = await queries.task_as_of(self.log, delivery.task_id, delivery.position)
             body = msgspec.json.encode(task)
@@ -188,10 +197,8 @@ class WebhookWorker:
             attempt=delivery.attempts + 1, ok=error is None, status_code=status, error=error,
             checkpoint=self.checkpoint,
         )
-        try:  # the fold of this very event schedules the next attempt, if any
-            await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR))
-        except Exception:
-            log.exception("could not record a webhook attempt", delivery_id=delivery.id)
+        # The fold of this very event schedules the next attempt, if any.
+        await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR))
 
 
 async def _last_event(log_: EventLog, stream: str) -> RecordedEvent | None:

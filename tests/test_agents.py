@@ -72,6 +72,17 @@ def test_exec_prompt_on_stdin_input_round_trip_and_messages_while_running(api, t
     assert output(api, started["id"], "stderr") == "waiting for one more line\n"
 
 
+def test_a_run_that_ends_while_awaiting_input_fails(api, tmp_path):
+    """API.md: awaiting_input goes to running (a message) or failed, never straight to done."""
+    program = tmp_path / "asks-and-leaves.py"
+    program.write_text('print("@@mc:input Anyone there?", flush=True)\n')
+    agent = register(api, "exec", argv=[sys.executable, str(program)])
+    started = start(api, agent, "Ask, then go", "prompt")
+    ended = until_status(api, started["id"])
+    assert ended["status"] == "failed" and "waited for input" in ended["error"]
+    assert [e["type"] for e in events(api, started["id"])][-2:] == ["task.input_requested", "task.failed"]
+
+
 @pytest.mark.parametrize("split", [1, 2, 5, 1000])
 async def test_marker_lines_are_found_however_the_output_is_split(split):
     text = "a @@mc:input not at a line start\n@@mc:input First?\r\n@@mc:inpu no\n@@\n@@mc:input Second?\n@@mc"
