@@ -42,9 +42,10 @@ async def watchers(log: EventLog, task_ids: list[str]) -> dict[str, list[str]]:
     return found
 
 
-async def task(log: EventLog, task_id: str) -> Task | None:
+async def task(log: EventLog, task_id: str, *, with_watchers: bool = True) -> Task | None:
+    """The task; its `watchers` (one more query) only for answers that show them."""
     found: Task | None = await _one(log, "tasks", task_id)
-    if found is not None:
+    if found is not None and with_watchers:
         found.watchers = (await watchers(log, [task_id])).get(task_id, [])
     return found
 

@@ -41,6 +41,7 @@ class Commands:
         meta: Meta,
         idempotency: Idempotency | None = None,
         if_match: set[int] | None = None,
+        known: Task | None = None,
     ) -> tuple[Task, list[RecordedEvent]]:
         """Decide and append; returns the task after the append and what was recorded.
 
@@ -48,9 +49,11 @@ class Commands:
         even one reached during a lost race, answers 412 instead of being decided again.
         With `idempotency`, a key already used answers the task as that first request left
         it, and an empty list: nothing was recorded now, so the caller starts nothing again.
+        `known`, the task as the caller just loaded it, is decided on first (a lost race
+        reloads it) and lends the answer its watchers; without it the answer has none.
         """
         if idempotency is None:
-            return await self._task(task_id, command, meta, None, if_match)
+            return await self._task(task_id, command, meta, None, if_match, known)
         async with self._holding(idempotency.key):
             earlier = await self.log.idempotent(idempotency.key)
             if earlier is not None:
@@ -60,7 +63,7 @@ class Commands:
                         409, "idempotency_conflict", "This Idempotency-Key was used with a different request."
                     )
                 return await self._as_recorded(recorded), []
-            return await self._task(task_id, command, meta, idempotency, if_match)
+            return await self._task(task_id, command, meta, idempotency, if_match, known)
 
     @contextlib.asynccontextmanager
     async def _holding(self, key: str) -> AsyncIterator[None]:
@@ -92,9 +95,13 @@ class Commands:
         meta: Meta,
         idempotency: Idempotency | None,
         if_match: set[int] | None,
+        known: Task | None,
     ) -> tuple[Task, list[RecordedEvent]]:
+        watchers = known.watchers if known else []
+        state = known
         for _ in range(ATTEMPTS):
-            state = await queries.task(self.log, task_id)
+            if state is None:
+                state = await queries.task(self.log, task_id, with_watchers=False)
             if if_match is not None and state is not None and state.version not in if_match:
                 named = ", ".join(str(v) for v in sorted(if_match))
                 raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {named}.")
@@ -102,12 +109,14 @@ class Commands:
             events = decide(state, concrete)
             if not events:
                 assert state is not None  # deciders append nothing only to an existing task
+                state.watchers = watchers
                 return state, []
             try:
                 recorded = await self.append(
                     f"task-{task_id}", events, state.version if state else 0, meta, idempotency
                 )
             except WrongExpectedVersion:
+                state = None  # decide again on the task as it is now
                 continue
             if idempotency is not None:  # the answer of the first request with this key
                 task = await self._as_recorded(recorded)
@@ -116,7 +125,7 @@ class Commands:
                 for event in recorded:
                     task = evolve(task, typed(event))
             assert task is not None
-            task.watchers = state.watchers if state else []
+            task.watchers = watchers
             return task, recorded
         raise Rejected(409, "conflict", "The task kept changing while this request was decided; try again.")
 

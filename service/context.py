@@ -121,7 +121,7 @@ class Tenancy:
         if kind in ("task", "presence"):
             project = _task_projects.get(ident)
             if project is None:
-                task = await queries.task(self.log, ident)
+                task = await queries.task(self.log, ident, with_watchers=False)
                 if task is None:
                     return False
                 project = task.project_id

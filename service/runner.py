@@ -150,7 +150,7 @@ class Runner:
 
     async def _prompt(self, task: Task) -> str:
         project = await queries.project(self.log, task.project_id)
-        dependencies = [d for d in [await queries.task(self.log, i) for i in task.depends_on] if d]
+        dependencies = [d for d in [await queries.task(self.log, i, with_watchers=False) for i in task.depends_on] if d]
         return compose_prompt(project.context if project else None, dependencies, task)
 
     async def _drive(self, task: Task, agent: Agent, messages: asyncio.Queue) -> None:

@@ -143,7 +143,7 @@ class WebhookWorker:
             elif self.live:
                 self._schedule(delivery)
             return
-        task = await queries.task(self.log, data.task_id)  # type: ignore[attr-defined]
+        task = await queries.task(self.log, data.task_id, with_watchers=False)  # type: ignore[attr-defined]
         if task is None or not task.webhook_url:
             return
         delivery = Delivery(

@@ -40,7 +40,7 @@ async def list_approvals(request: Request) -> Response:
     allowed = await visible_projects(log, who)
     found = []
     for approval in await queries.approvals(log, None if status == "all" else status):
-        task = await queries.task(log, approval.task_id)
+        task = await queries.task(log, approval.task_id, with_watchers=False)
         if task is not None and (allowed is None or task.project_id in allowed):
             found.append(approval_out(approval, task))
     return json_response(found)
@@ -50,7 +50,7 @@ async def _approval(request: Request, who) -> tuple[Approval, Task]:
     """The approval in the path and its task; 404 outside the caller's projects."""
     approval_id = parse_uuid(request.path_params["approval_id"], "Approval id")
     approval = await queries.approval(log_of(request), approval_id)
-    task = approval and await queries.task(log_of(request), approval.task_id)
+    task = approval and await queries.task(log_of(request), approval.task_id, with_watchers=False)
     if task is None or not await can_see_project(request, who, task.project_id):
         raise Rejected(404, "not_found", "Approval not found.")
     return approval, task
@@ -63,7 +63,7 @@ async def get_approval(request: Request) -> Response:
 
 async def resolve(request: Request) -> Response:
     who = principal(request, "approval:write")
-    approval, _ = await _approval(request, who)
+    approval, task = await _approval(request, who)
     raw, body = await read_body(request, schemas.ReviewBody)
     idem = idempotency(request, who, raw)
     log = log_of(request)
@@ -73,7 +73,7 @@ async def resolve(request: Request) -> Response:
         resolve_approval(await queries.approval(log, approval.id), task, command)
         return command
 
-    task, _ = await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem)
+    task, _ = await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem, known=task)
     return json_response(approval_out(await queries.approval(log, approval.id), task))
 
 

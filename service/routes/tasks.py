@@ -98,7 +98,7 @@ async def create_task(request: Request) -> Response:
     if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
         raise Rejected(404, "agent_not_found", f"Agent {body.agent_id} not found.")
     for dependency in body.depends_on:
-        dep = await queries.task(log, str(dependency))
+        dep = await queries.task(log, str(dependency), with_watchers=False)
         if dep is None or not await can_see_project(request, who, dep.project_id):
             raise Rejected(404, "not_found", f"Dependency {dependency} not found.")
     task_id = str(uuid.uuid4())
@@ -164,13 +164,14 @@ async def delete_task(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
     await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
-    await commands_of(request).task(task.id, ArchiveTask(archived=True), meta(request, who), if_match=if_match(request))
+    command = ArchiveTask(archived=True)
+    await commands_of(request).task(task.id, command, meta(request, who), if_match=if_match(request), known=task)
     return Response(status_code=204)
 
 
 async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, if_match: set[int] | None = None):
     idem = idempotency(request, who, raw)
-    updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem, if_match)
+    updated, _ = await commands_of(request).task(task.id, command, meta(request, who), idem, if_match, task)
     return task_response(updated)
 
 
@@ -185,18 +186,22 @@ async def run_task(request: Request) -> Response:
     settings = settings_of(request)
     commands = commands_of(request)
 
+    agent = None
+
     async def start(state: Task | None) -> StartRun:
-        deps = {d: (dep.status if (dep := await queries.task(log, d)) else None) for d in (state.depends_on if state else [])}
+        nonlocal agent
+        deps = {d: (dep.status if (dep := await queries.task(log, d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
+        agent = await queries.agent(log, agent_id)
         return StartRun(
-            run_id=str(uuid.uuid4()), agent=await queries.agent(log, agent_id), agent_id=agent_id,
+            run_id=str(uuid.uuid4()), agent=agent, agent_id=agent_id,
             actor=who.user, actor_is_admin=who.has("admin"),
             running=await queries.running_count(log), limit=settings.max_concurrent, dependencies=deps,
         )
 
     async with commands.admission:
-        started, recorded = await commands.task(task.id, start, meta(request, who), idem)
-    if recorded:  # not a replay of a run already launched
-        runner_of(request).launch(started, await queries.agent(log, agent_id))
+        started, recorded = await commands.task(task.id, start, meta(request, who), idem, known=task)
+    if recorded:  # not a replay of a run already launched; `agent` is the one the run was decided on
+        runner_of(request).launch(started, agent)
     return task_response(started)
 
 
@@ -205,7 +210,9 @@ async def cancel_task(request: Request) -> Response:
     task = await visible_task(request, who)
     raw, body = await read_body(request, schemas.CancelTask, required=False)
     command = CancelTask(reason=body.reason if body else None)
-    cancelled, recorded = await commands_of(request).task(task.id, command, meta(request, who), idempotency(request, who, raw))
+    cancelled, recorded = await commands_of(request).task(
+        task.id, command, meta(request, who), idempotency(request, who, raw), known=task
+    )
     ended = decode(recorded[-1]).run_id if recorded else None  # a replay or a no-op ends no run
     if ended:
         await runner_of(request).stop(task.id, ended)
@@ -225,7 +232,7 @@ async def send_message(request: Request) -> Response:
     raw, body = await read_body(request, schemas.SendMessage)
     idem = idempotency(request, who, raw)
     command = SendMessage(message=body.message)
-    _, recorded = await commands_of(request).task(task.id, command, meta(request, who), idem)
+    _, recorded = await commands_of(request).task(task.id, command, meta(request, who), idem, known=task)
     if recorded:  # not a replay of a message already delivered
         runner_of(request).deliver(task.id, body.message)
     return json_response({"accepted": True, "taskId": task.id}, 202)
