@@ -1,11 +1,12 @@
 """A separate process appending to a SQLite log, for the crash and two-process tests.
 
     python -m tests.crash_child DB [--count N] [--stream S] [--actor A] [--concurrency C] [--multi]
-                                   [--run-id R]
+                                   [--run-id R] [--pause-after N]
 
 Prints `ready` once the log is open, then `<position> <hash>` for every event of an
 append, flushed, only after the append returned: each line is an acknowledged write.
-Without --count it appends until killed.
+Without --count it appends until killed. With --pause-after N it prints `paused` after its N-th
+append and waits for a line on stdin before going on, so another writer can be placed there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ async def run(args: argparse.Namespace) -> None:
             recorded = await log.append(args.stream or f"task-{worker}", chunk, meta=meta)
             sys.stdout.write("".join(f"{e.position} {e.hash}\n" for e in recorded))
             sys.stdout.flush()
+            if n + 1 == args.pause_after:
+                print("paused", flush=True)
+                await asyncio.to_thread(sys.stdin.readline)
 
     await asyncio.gather(*(appender(w) for w in range(args.concurrency)))
     await log.close()
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--run-id", default="r", help="the runId of every event, to tell runs apart")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--multi", action="store_true", help="appends of 1-3 events, not just 1")
+    parser.add_argument("--pause-after", type=int, help="wait for a stdin line after this many appends")
     asyncio.run(run(parser.parse_args()))
 
 

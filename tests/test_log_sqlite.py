@@ -147,13 +147,20 @@ async def test_two_processes_append_to_one_file(open_sqlite):
     watcher = asyncio.create_task(watch())
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.crash_child", str(log.path), "--count", str(count),
-        "--stream", "shared", "--actor", "child", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--stream", "shared", "--actor", "child", "--pause-after", str(count // 2), cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
         await asyncio.wait_for(child.stdout.readline(), 30)  # the child is appending: start ours
-        finished = asyncio.create_task(child.communicate())
-        mine = 1
+        # Halfway, the child waits for one append of ours, so the writers surely interleave;
+        # then both append at once until the child is done.
+        lines: list[str] = []  # the child's acknowledged appends
+        while (line := (await asyncio.wait_for(child.stdout.readline(), 30)).decode()) != "paused\n":
+            lines.append(line)
+        await log.append("shared", [output(1)], meta=Meta(actor="parent"))
+        finished = asyncio.create_task(child.communicate(b"go\n"))
+        mine = 2
         while not finished.done():
             await log.append("shared", [output(mine)], meta=Meta(actor="parent"))
             mine += 1
@@ -163,7 +170,7 @@ async def test_two_processes_append_to_one_file(open_sqlite):
             child.kill()
             await child.wait()
     assert child.returncode == 0
-    acknowledged = dict(line.split() for line in out.decode().splitlines())
+    acknowledged = dict(line.split() for line in [*lines, *out.decode().splitlines()])
 
     # Every child event reaches the parent's tail (the file is polled, so allow a moment).
     await asyncio.wait_for(watcher, 5)
