@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from events import EventLog, typed
+from events import EventLog, now_rfc3339, typed
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
@@ -16,10 +15,6 @@ from projections.store import APIKEYS, MODELS
 from projections.tasks import STATUSES, Task, evolve
 
 _decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 async def _one(log: EventLog, table: str, key: str) -> Any:
@@ -34,7 +29,7 @@ async def watchers(log: EventLog, task_ids: list[str]) -> dict[str, list[str]]:
     marks = ",".join("?" * len(task_ids))
     rows = await log.query(
         f"SELECT task_id, state FROM presence WHERE task_id IN ({marks}) AND expires_at > ? ORDER BY id",
-        [*task_ids, _now()],
+        [*task_ids, now_rfc3339()],
     )
     found: dict[str, list[str]] = {}
     for task_id, state in rows:

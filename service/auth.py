@@ -6,6 +6,7 @@ A key is `mc_` and 43 random URL-safe characters. Only its SHA-256 is recorded (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -26,6 +27,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every task created without a projectId
 def default_project_id(user: str) -> str:
     """Every user's own project: the same id wherever it is computed."""
     return str(uuid.uuid5(PROJECT_NAMESPACE, f"user:{user}"))

@@ -14,7 +14,7 @@ from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, typed
 from events.types import EventData
 from projections import queries
 from projections.tasks import Task, evolve
-from service.deciders import Command, Rejected, decide
+from service.deciders import Command, CreateTask, Rejected, decide
 
 ATTEMPTS = 10
 
@@ -99,8 +99,10 @@ class Commands:
     ) -> tuple[Task, list[RecordedEvent]]:
         watchers = known.watchers if known else []
         state = known
-        for _ in range(ATTEMPTS):
-            if state is None:
+        for attempt in range(ATTEMPTS):
+            # A task is created under an id minted for it just now: no need to read it first.
+            # Were it taken after all, the append's expected version refuses, and it is read.
+            if state is None and not (attempt == 0 and isinstance(command, CreateTask)):
                 state = await queries.task(self.log, task_id, with_watchers=False)
             if if_match is not None and state is not None and state.version not in if_match:
                 named = ", ".join(str(v) for v in sorted(if_match))
