@@ -7,6 +7,9 @@
 - GET /tasks/{id} the same way against a constant 200. Target >= 0.7.
 - GET /overview on a log of 1,000 tasks and on one of 100,000: the rates within 10%.
 
+Beside each route, the same bare Starlette doing only the storage work the route cannot skip
+(one durable append; one keyed read), so the figures say where a route's time goes.
+
 Both servers run the same uvicorn (uvloop, httptools when installed) on 127.0.0.1 and face the
 same wrk, in the same run, in alternating rounds (the best of each kept, so a noisy neighbour on
 a shared machine disturbs the comparison less). wrk comes from Debian's packages and is installed
@@ -86,6 +89,43 @@ app = Starlette(routes=[
 """The floor: Starlette routing under uvicorn, nothing of Mission Control."""
 
 
+def storage_app(log_path: Path) -> str:
+    """Storage alone: the same Starlette doing only the durable append (no read models) or the
+    one keyed read a route needs. Not a target: it shows how much of a route's cost storage leaves."""
+    return BARE_APP + f"""
+import contextlib, uuid
+from events import NO_STREAM, open_log
+from events.types import TaskCreated
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    app.state.log = open_log({str(log_path)!r})
+    await app.state.log.open()
+    yield
+    await app.state.log.close()
+
+
+async def append_one(request):
+    await request.body()
+    task_id = str(uuid.uuid4())
+    event = TaskCreated(task_id=task_id, type="prompt", content="bench", project_id=task_id, created_by="bench")
+    await request.app.state.log.append("task-" + task_id, [event], expected=NO_STREAM)
+    return Response(BODY, 201, media_type="application/json")
+
+
+async def read_one(request):  # a row found by its key: the newest event the POSTs above appended
+    rows = await request.app.state.log.query("SELECT payload FROM events ORDER BY position DESC LIMIT 1")
+    return Response(rows[0][0] if rows else BODY, 200, media_type="application/json")
+
+
+app = Starlette(lifespan=lifespan, routes=[
+    Route("{API}/tasks", append_one, methods=["POST"]),
+    Route("{API}/tasks/{{task_id}}", read_one, methods=["GET"]),
+])
+"""
+
+
 # --- processes ----------------------------------------------------------------------------
 
 
@@ -150,12 +190,12 @@ def mission_control(data_dir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def bare_server(where: Path) -> Iterator[str]:
+def bare_server(where: Path, name: str = "bare_floor", source: str = BARE_APP) -> Iterator[str]:
     port = free_port()
-    (where / "bare_floor.py").write_text(BARE_APP)
-    args = [sys.executable, "-m", "uvicorn", "bare_floor:app", "--app-dir", str(where),
+    (where / f"{name}.py").write_text(source)
+    args = [sys.executable, "-m", "uvicorn", f"{name}:app", "--app-dir", str(where),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    with process(args, {}, where / "bare.log") as proc:
+    with process(args, {}, where / f"{name}.log") as proc:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, f"{API}/tasks/{uuid.uuid4()}")
         yield url
@@ -231,6 +271,12 @@ def verdict(label: str, value: float, met: bool, target: str) -> None:
     line(label, f"{value:.3f}", f"(target {target}: {'met' if met else 'NOT met'})")
 
 
+def storage_share(stored: float, floor: float, served: float) -> None:
+    """Where the time goes: storage alone against the bare floor, and the route against storage alone."""
+    line("  storage alone against bare", f"{stored / floor:.3f}" if floor else "-")
+    line("  the route against storage alone", f"{served / stored:.3f}" if stored else "-")
+
+
 # --- filling a log fast -------------------------------------------------------------------------
 
 
@@ -296,29 +342,34 @@ def bench_http(args: argparse.Namespace) -> None:
     body = b'{"type": "prompt", "content": "benchmark task", "priority": 5}'
     with workdir(args.dir) as where:
         load = Load(wrk, args, where)
-        with mission_control(where / "api") as (url, token), bare_server(where) as bare:
+        with (mission_control(where / "api") as (url, token), bare_server(where) as bare,
+              bare_server(where, "storage_floor", storage_app(where / "storage-floor.db")) as storage):
             client = httpx.Client(base_url=url + API, headers={"Authorization": f"Bearer {token}"})
             before = client.get("/overview").json()["tasks"]["pending"]
 
             print("POST /tasks")
             answered: list[int] = []
-            served, floor = compare(load, [
+            served, floor, stored = compare(load, [
                 Target("mission-control serve (201, durable)", f"{url}{API}/tasks", token, body),
                 Target("bare Starlette (constant 201)", f"{bare}{API}/tasks", None, body),
+                Target("bare Starlette + one durable append", f"{storage}{API}/tasks", None, body),
             ], args.rounds, answered)
             created = client.get("/overview").json()["tasks"]["pending"] - before
             # wrk counts the answers it read; requests still in flight when a run stops may be appended too
             assert created >= answered[0], f"{answered[0]:,} tasks answered 201 but {created:,} in the log"
             line("tasks in the log afterwards", f"{created:,}", f"(>= the {answered[0]:,} answered 201)")
             verdict("ratio", served / floor, served / floor >= 0.6, ">= 0.6")
+            storage_share(stored, floor, served)
 
             print("GET /tasks/{id}")
             task_id = client.post("/tasks", json={"type": "prompt", "content": "read me"}).json()["id"]
-            served, floor = compare(load, [
+            served, floor, stored = compare(load, [
                 Target("mission-control serve (200)", f"{url}{API}/tasks/{task_id}", token),
                 Target("bare Starlette (constant 200)", f"{bare}{API}/tasks/{task_id}"),
+                Target("bare Starlette + one keyed read", f"{storage}{API}/tasks/{task_id}"),
             ], args.rounds)
             verdict("ratio", served / floor, served / floor >= 0.7, ">= 0.7")
+            storage_share(stored, floor, served)
             client.close()
 
         print("GET /overview")
