@@ -6,8 +6,9 @@
 1. Fan-out. A real `mission-control serve` (its own process); 1,000 subscribers in one client
    process (asyncio protocols that parse the chunked SSE bytes themselves, so the client is not
    the bottleneck); tasks created over HTTP at `rate`/s. Each task carries the wall time it was
-   sent (metadata.sentNs), so a subscriber knows append->receipt latency on arrival. Lost events
-   are those of the log (GET /events) that a subscriber did not get.
+   sent (metadata.sentUs, in microseconds: the API refuses integers past 2^53), so a subscriber
+   knows append->receipt latency on arrival. Lost events are those of the log (GET /events)
+   that a subscriber did not get.
 2. The floor. The same events, at the same rate, through a bare sse-starlette endpoint (its own
    uvicorn process) that broadcasts them from an in-memory list to the same 1,000 clients.
 3. Catch-up. One client reads a log of `catchup` past events from the start.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_PATH = "/api/mission-control/activity/stream"
-SENT = b'"sentNs":'
+SENT = b'"sentUs":'
 
 
 def free_port() -> int:
@@ -57,7 +58,7 @@ def percentile(sorted_values: list[int], q: float) -> float:
 
 class Subscriber(asyncio.Protocol):
     """One SSE connection. Undoes the chunked encoding, splits messages, and notes for each event
-    its id and, if it carries `sentNs`, the latency of its arrival."""
+    its id and, if it carries `sentUs`, the latency of its arrival."""
 
     def __init__(self, request: bytes, ready: asyncio.Future, keep_latency: bool = True):
         self.request, self.ready = request, ready
@@ -109,7 +110,7 @@ class Subscriber(asyncio.Protocol):
                     stop = start
                     while message[stop] in b"0123456789":
                         stop += 1
-                    self.latencies.append((now - int(message[start:stop])) // 1000)
+                    self.latencies.append(now // 1000 - int(message[start:stop]))
 
     def _dechunk(self, data: bytes) -> bytes:
         raw = self.raw + data if self.raw else data
@@ -395,7 +396,7 @@ def run_fan_out(args, where: Path) -> None:
 
         async def create(http, n: int) -> None:
             body = {"type": "prompt", "content": f"benchmark event {n}", "title": f"bench {n}",
-                    "metadata": {"sentNs": time.time_ns()}}
+                    "metadata": {"sentUs": time.time_ns() // 1000}}
             response = await http.post("/api/mission-control/tasks", json=body)
             assert response.status_code == 201, response.text
 
@@ -406,7 +407,7 @@ def run_fan_out(args, where: Path) -> None:
             bodies.extend(json.dumps(e, separators=(",", ":")).encode() for e in events)
             for e in events:
                 recorded = datetime.fromisoformat(e["recordedAt"].replace("Z", "+00:00")).timestamp()
-                appended.append(int(recorded * 1e6 - e["payload"]["metadata"]["sentNs"] / 1e3))
+                appended.append(int(recorded * 1e6 - e["payload"]["metadata"]["sentUs"]))
             return [e["position"] for e in events]
 
         cpu, client_cpu = server.cpu_seconds(), _cpu_seconds(client.pid)
@@ -429,7 +430,7 @@ def run_fan_out(args, where: Path) -> None:
         published: list[int] = []
 
         async def publish(http, n: int) -> None:
-            body = _with_sent(bodies[n], time.time_ns())
+            body = _with_sent(bodies[n], time.time_ns() // 1000)
             assert (await http.post("/publish", content=body)).status_code == 204
             published.append(len(published) + 1)  # the floor numbers events as they arrive
 
@@ -456,12 +457,12 @@ def run_fan_out(args, where: Path) -> None:
             process.stop()
 
 
-def _with_sent(body: bytes, sent_ns: int) -> bytes:
+def _with_sent(body: bytes, sent_us: int) -> bytes:
     at = body.find(SENT) + len(SENT)
     stop = at
     while body[stop] in b"0123456789":
         stop += 1
-    return body[:at] + str(sent_ns).encode() + body[stop:]
+    return body[:at] + str(sent_us).encode() + body[stop:]
 
 
 def _all_events(api, after: int) -> list[dict]:
