@@ -104,10 +104,21 @@ async def approval(log: EventLog, approval_id: str) -> Approval | None:
     return await _one(log, "approvals", approval_id)
 
 
-async def approvals(log: EventLog, status: str | None) -> list[Approval]:
-    where, params = ("WHERE status = ?", [status]) if status else ("", [])
-    rows = await log.query(f"SELECT state FROM approvals {where} ORDER BY created_position", params)
-    return [_decoders["approvals"].decode(r[0]) for r in rows]
+async def approvals(log: EventLog, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
+    """Approvals, oldest first, each with its task; only those whose task is in `projects`
+    (None: every project). One query, however many there are."""
+    where, params = ["1"], []
+    if status is not None:
+        where.append("a.status = ?")
+        params.append(status)
+    if projects is not None:
+        where.append(f"t.project_id IN ({','.join('?' * len(projects)) or 'NULL'})")
+        params.extend(projects)
+    rows = await log.query(
+        "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
+        f"WHERE {' AND '.join(where)} ORDER BY a.created_position", params,
+    )
+    return [(_decoders["approvals"].decode(a), _decoders["tasks"].decode(t)) for a, t in rows]
 
 
 async def agent(log: EventLog, agent_id: str) -> Agent | None:

@@ -37,13 +37,8 @@ async def list_approvals(request: Request) -> Response:
     if status not in ("pending", "approved", "rejected", "all"):
         raise bad_request("Query parameter status must be pending, approved, rejected or all.")
     log = log_of(request)
-    allowed = await visible_projects(log, who)
-    found = []
-    for approval in await queries.approvals(log, None if status == "all" else status):
-        task = await queries.task(log, approval.task_id, with_watchers=False)
-        if task is not None and (allowed is None or task.project_id in allowed):
-            found.append(approval_out(approval, task))
-    return json_response(found)
+    found = await queries.approvals(log, None if status == "all" else status, await visible_projects(log, who))
+    return json_response([approval_out(approval, task) for approval, task in found])
 
 
 async def _approval(request: Request, who) -> tuple[Approval, Task]:
