@@ -175,6 +175,7 @@ def test_output_is_per_run(c):
     assert done["runs"] == 2 and done["runId"] != first_run
     assert c.get(f"/tasks/{failed['id']}/output").text == "second run"
     assert c.get(f"/tasks/{failed['id']}/output", params={"runId": first_run}).text == "first run"
+    refused(c.get(f"/tasks/{failed['id']}/output", params={"runId": str(uuid.uuid4())}), 404, "not_found")
     # History keeps every run.
     assert types_of(c, failed["id"]).count("task.started") == 2
 

@@ -290,6 +290,11 @@ async def task_output(request: Request) -> Response:
         return Response("", media_type="text/plain; charset=utf-8")
     run_id = parse_uuid(run_id, "runId")
     log = log_of(request)
+    if run_id != task.run_id and not any(
+        msgspec.json.decode(e.payload, type=t.TaskStarted).run_id == run_id
+        for e in await log.read_stream(f"task-{task.id}", types=TypeFilter(["task.started"]))
+    ):  # a mistyped run would otherwise read as a run that wrote nothing
+        raise Rejected(404, "not_found", f"Task {task.id} has no run {run_id}.")
     only_output = TypeFilter(["task.output"])
 
     async def chunks():
