@@ -3,6 +3,7 @@ fold of the log as a client reads it (GET /events) through the projections' own 
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,6 +24,15 @@ T = TypeVar("T")
 UNLIMITED = {"MC_RATE_LIMIT_PER_SECOND": "1000000", "MC_RATE_LIMIT_BURST": "1000000"}
 """The per-key rate limit is not under test here, and one admin key polling for runs to settle
 could exceed it: these servers raise it out of the way."""
+
+
+def post_racing(
+    server: Server, path: str, body: dict | None, key: dict[str, str], clients: int
+) -> list[httpx.Response]:
+    """The same POST (`body` None: none) from `clients` clients at once, each on its own connection."""
+    senders = [server.client() for _ in range(clients)]
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda client: client.post(path, json=body, headers=key), senders))
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 their refusals (with the log head unchanged), idempotency, and a paused agent taking no runs."""
 
 
-import concurrent.futures
 import uuid
 
 import pytest
 
 from service.runner import ECHO_AGENT_ID
-from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
+from tests.api_helpers import head, log_unchanged, post_racing, read_log, refused, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +176,7 @@ def test_register_is_idempotent(c, api_server):
 
     key = {"Idempotency-Key": str(uuid.uuid4())}
     before = head(c)
-    clients = [api_server.client() for _ in range(6)]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda client: client.post("/agents", json=body, headers=key), clients))
+    answers = post_racing(api_server, "/agents", body, key, 6)
     assert [a.status_code for a in answers] == [201] * 6, [a.text for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1
     assert [e.type for e in read_log(c, before)[0]] == ["agent.registered"]

@@ -5,7 +5,6 @@ refused request, the log head unchanged."""
 from tests.server import cli
 
 import asyncio
-import concurrent.futures
 import json
 import socket
 import uuid
@@ -19,7 +18,7 @@ from events import Meta, open_log
 from events import types as t
 from projections import store
 from service.runner import ECHO_AGENT_ID
-from tests.api_helpers import as_json, head, log_unchanged, read_log, refused, wait_for
+from tests.api_helpers import as_json, head, log_unchanged, post_racing, read_log, refused, wait_for
 
 MiB = 1024 * 1024
 LONG = {"echo": {"delayMs": 60_000, "chunks": 1}}
@@ -606,9 +605,7 @@ def test_idempotent_create_under_concurrency(c, api_server):
     body = {"type": "prompt", "content": "raced"}
     key = {"Idempotency-Key": str(uuid.uuid4())}
     before = head(c)
-    clients = [api_server.client() for _ in range(8)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda client: client.post("/tasks", json=body, headers=key), clients))
+    answers = post_racing(api_server, "/tasks", body, key, 8)
     assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1
     created = [e for e in read_log(c, before)[0] if e.type == "task.created"]
@@ -649,9 +646,7 @@ def test_idempotent_run_under_concurrency(c, api_server):
     """Racing runs with one key: one run started, one agent launched, every answer the same 200."""
     task = create(c, content="one run")
     key = {"Idempotency-Key": str(uuid.uuid4())}
-    clients = [api_server.client() for _ in range(6)]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda client: client.post(f"/tasks/{task['id']}/run", headers=key), clients))
+    answers = post_racing(api_server, f"/tasks/{task['id']}/run", None, key, 6)
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
     assert len({a.json()["runId"] for a in answers}) == 1
     done = wait_status(c, task["id"], "done")
