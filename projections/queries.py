@@ -22,13 +22,17 @@ async def _one(log: EventLog, table: str, key: str) -> Any:
     return _decoders[table].decode(rows[0][0]) if rows else None
 
 
+def _one_of(column: str, values: list[str]) -> str:
+    """`column IN (?, ...)` for `values`; an empty list matches nothing."""
+    return f"{column} IN ({','.join('?' * len(values)) or 'NULL'})"
+
+
 async def watchers(log: EventLog, task_ids: list[str]) -> dict[str, list[str]]:
     """Devices whose presence has not expired, judged against the clock now."""
     if not task_ids:
         return {}
-    marks = ",".join("?" * len(task_ids))
     rows = await log.query(
-        f"SELECT task_id, state FROM presence WHERE task_id IN ({marks}) AND expires_at > ? ORDER BY id",
+        f"SELECT task_id, state FROM presence WHERE {_one_of('task_id', task_ids)} AND expires_at > ? ORDER BY id",
         [*task_ids, now_rfc3339()],
     )
     found: dict[str, list[str]] = {}
@@ -72,14 +76,14 @@ async def tasks(
     """Newest first, and the total that matches. `project_ids` None means every project."""
     where, params = ["1"], []
     if statuses:
-        where.append(f"status IN ({','.join('?' * len(statuses))})")
+        where.append(_one_of("status", statuses))
         params += statuses
     for column, value in (("desktop_id", desktop_id), ("agent_id", agent_id)):
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
     if project_ids is not None:
-        where.append(f"project_id IN ({','.join('?' * len(project_ids)) or 'NULL'})")
+        where.append(_one_of("project_id", project_ids))
         params += project_ids
     if search:
         where.append("(title LIKE ? ESCAPE '\\' OR content LIKE ? ESCAPE '\\')")
@@ -112,7 +116,7 @@ async def approvals(log: EventLog, status: str | None, projects: list[str] | Non
         where.append("a.status = ?")
         params.append(status)
     if projects is not None:
-        where.append(f"t.project_id IN ({','.join('?' * len(projects)) or 'NULL'})")
+        where.append(_one_of("t.project_id", projects))
         params.extend(projects)
     rows = await log.query(
         "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
