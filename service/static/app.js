@@ -268,7 +268,10 @@ function onEvent(event) {
   if (kind === "task" || kind === "presence") refreshTask(id);
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
-  if (state.panel && state.panel.taskId === id && kind === "task") panelEvent(event);
+  if (state.panel && state.panel.taskId === id && kind === "task") {
+    if (state.panel.loading) state.panel.early.push(event);
+    else panelEvent(event);
+  }
   refreshOverview.soon();
   if (state.overview && event.position > state.overview.log.head) $("[data-stat=head]").textContent = `#${event.position}`;
   renderConnection();
@@ -535,7 +538,9 @@ function addToFeed(event) {
 
 async function openPanel(taskId) {
   closePanel();
-  const panel = { taskId, runId: null, positions: new Set(), loading: true };
+  // Live events that arrive while the history loads wait in `early`: applied before the history
+  // they would land out of order (a task.started from the history would wipe their output).
+  const panel = { taskId, runId: null, positions: new Set(), loading: true, early: [] };
   state.panel = panel;
   const drawer = $("[data-testid=task-panel]");
   drawer.hidden = false;
@@ -547,7 +552,6 @@ async function openPanel(taskId) {
     state.tasks.set(taskId, task);
     panel.runId = task.runId;
     renderPanel();
-    // Live events that arrive while the history loads are kept by position, so none shows twice.
     let after = 0;
     for (;;) {
       const response = await request("GET", `/tasks/${taskId}/events?after=${after}&limit=1000`);
@@ -560,7 +564,11 @@ async function openPanel(taskId) {
   } catch (error) {
     toast(`Could not open the task: ${error.message}`, "error");
   }
+  if (state.panel !== panel) return;
   panel.loading = false;
+  // Positions already applied from the history are skipped, so none shows twice.
+  panel.early.sort((a, b) => a.position - b.position).forEach(panelEvent);
+  panel.early = [];
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
