@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from events import EventLog, now_rfc3339, typed
+from events import EventLog, now_rfc3339, streams, typed
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
@@ -52,7 +52,7 @@ async def task(log: EventLog, task_id: str, *, with_watchers: bool = True) -> Ta
 async def task_as_of(log: EventLog, task_id: str, position: int) -> Task | None:
     """The task as it stood at a log position, folded from its own events."""
     state: Task | None = None
-    for recorded in await log.read_stream(f"task-{task_id}", until_position=position):
+    for recorded in await log.read_stream(streams.task(task_id), until_position=position):
         state = evolve(state, typed(recorded))
     return state
 

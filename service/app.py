@@ -17,6 +17,7 @@ from starlette.staticfiles import StaticFiles
 from events import (
     IdempotencyConflict, InvalidEvent, LogClosed, Meta, WrongExpectedVersion, open_log,
 )
+from events import streams
 from events import types as t
 from projections import queries, store
 from service import metrics as metrics_route, openapi
@@ -37,7 +38,7 @@ async def ensure_echo_agent(log) -> None:
     if await queries.agent(log, ECHO_AGENT_ID) is None:
         with contextlib.suppress(WrongExpectedVersion):
             await log.append(
-                f"agent-{ECHO_AGENT_ID}",
+                streams.agent(ECHO_AGENT_ID),
                 [t.AgentRegistered(agent_id=ECHO_AGENT_ID, name="echo", kind="echo")],
                 expected=0, meta=Meta(actor=RUNNER_ACTOR),
             )

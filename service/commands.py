@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, typed
+from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams, typed
 from events.types import EventData
 from projections import queries
 from projections.tasks import Task, evolve
@@ -84,7 +84,7 @@ class Commands:
 
     async def _as_recorded(self, recorded: list[RecordedEvent]) -> Task:
         """The task as an earlier append with the same key left it."""
-        task = await queries.task_as_of(self.log, recorded[-1].stream.removeprefix("task-"), recorded[-1].position)
+        task = await queries.task_as_of(self.log, streams.parse(recorded[-1].stream).id, recorded[-1].position)
         assert task is not None  # a key's fingerprint names its route: its events are this task's
         return task
 
@@ -115,7 +115,7 @@ class Commands:
                 return state, []
             try:
                 recorded = await self.append(
-                    f"task-{task_id}", events, state.version if state else 0, meta, idempotency
+                    streams.task(task_id), events, state.version if state else 0, meta, idempotency
                 )
             except WrongExpectedVersion:
                 state = None  # decide again on the task as it is now

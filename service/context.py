@@ -8,7 +8,7 @@ import msgspec
 
 from starlette.requests import Request
 
-from events import EventLog, Meta, RecordedEvent, canonical_json
+from events import EventLog, Meta, RecordedEvent, canonical_json, streams
 from projections import queries
 from projections.tasks import Task
 from service.auth import Principal, visible_projects
@@ -117,7 +117,7 @@ class Tenancy:
     async def admits(self, event: RecordedEvent) -> bool:
         if self.allowed is None:
             return True
-        kind, _, ident = event.stream.partition("-")
+        kind, ident = streams.parse(event.stream)
         if kind in ("task", "presence"):
             project = _task_projects.get(ident)
             if project is None:

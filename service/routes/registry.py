@@ -10,6 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from events import typed
+from events import streams
 from events import types as t
 from projections import agents, projects, queries
 from projections.agents import Agent
@@ -84,7 +85,7 @@ async def create_agent(request: Request) -> Response:
     _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
-    agent = await _record(request, who, f"agent-{agent_id}", [event], 0, raw, agents.evolve)
+    agent = await _record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
     return json_response(agent, 201, {"Location": f"{PREFIX}/agents/{agent.id}"})
 
 
@@ -98,7 +99,7 @@ async def update_agent(request: Request) -> Response:
 
 
 async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Response:
-    return json_response(await _record(request, who, f"agent-{agent.id}", [event], agent.version, raw, agents.evolve))
+    return json_response(await _record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve))
 
 
 async def pause_agent(request: Request) -> Response:
@@ -146,7 +147,7 @@ async def create_project(request: Request) -> Response:
     raw, body = await read_body(request, schemas.CreateProject)
     project_id = str(uuid.uuid4())
     event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
-    project = await _record(request, who, f"project-{project_id}", [event], 0, raw, projects.evolve)
+    project = await _record(request, who, streams.project(project_id), [event], 0, raw, projects.evolve)
     return json_response(project, 201, {"Location": f"{PREFIX}/projects/{project.id}"})
 
 
@@ -156,7 +157,7 @@ async def update_project(request: Request) -> Response:
     raw, body = await read_body(request, schemas.UpdateProject)
     event = t.ProjectUpdated(project_id=project.id, **_changes(body))
     return json_response(
-        await _record(request, who, f"project-{project.id}", [event], project.version, raw, projects.evolve)
+        await _record(request, who, streams.project(project.id), [event], project.version, raw, projects.evolve)
     )
 
 

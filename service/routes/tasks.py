@@ -11,6 +11,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from events import TypeFilter, decode
+from events import streams
 from events import types as t
 from projections import queries
 from projections.tasks import STATUSES, Task
@@ -88,7 +89,7 @@ async def create_task(request: Request) -> Response:
     earlier = await replayed(request, idem)
     log = log_of(request)
     if earlier:
-        task = await queries.task_as_of(log, earlier[0].stream.removeprefix("task-"), earlier[-1].position)
+        task = await queries.task_as_of(log, streams.parse(earlier[0].stream).id, earlier[-1].position)
         if not await can_see_project(request, who, task.project_id):  # the user's other key, or a project left
             raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
         return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
@@ -250,7 +251,7 @@ async def mark_presence(request: Request) -> Response:
     task = await visible_task(request, who)
     raw, body = await read_body(request, schemas.PresenceBody)
     await commands_of(request).append(  # with a used Idempotency-Key the log appends nothing again
-        f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
+        streams.presence(task.id), [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
         meta(request, who), idempotency(request, who, raw),
     )
     return Response(status_code=204)
@@ -268,7 +269,7 @@ async def clear_presence(request: Request) -> Response:
     present = await queries.watchers(log_of(request), [task.id])
     if device_id in present.get(task.id, []):
         await log_of(request).append(
-            f"presence-{task.id}", [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)
+            streams.presence(task.id), [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)
         )
     return Response(status_code=204)
 
@@ -278,7 +279,7 @@ async def task_events(request: Request) -> Response:
     task = await visible_task(request, who)
     after = query_int(request, "after", 0, 0)
     limit = query_int(request, "limit", 500, 1, 5000)
-    page = await log_of(request).read_all(after, limit, streams=[f"task-{task.id}"])
+    page = await log_of(request).read_all(after, limit, streams=[streams.task(task.id)])
     return json_response(page.events, headers={"X-Next-After": str(page.next)})
 
 
@@ -292,7 +293,7 @@ async def task_output(request: Request) -> Response:
     log = log_of(request)
     if run_id != task.run_id and not any(
         msgspec.json.decode(e.payload, type=t.TaskStarted).run_id == run_id
-        for e in await log.read_stream(f"task-{task.id}", types=TypeFilter(["task.started"]))
+        for e in await log.read_stream(streams.task(task.id), types=TypeFilter(["task.started"]))
     ):  # a mistyped run would otherwise read as a run that wrote nothing
         raise Rejected(404, "not_found", f"Task {task.id} has no run {run_id}.")
     only_output = TypeFilter(["task.output"])
@@ -300,7 +301,7 @@ async def task_output(request: Request) -> Response:
     async def chunks():
         version = 0
         while True:
-            page = await log.read_stream(f"task-{task.id}", version, types=only_output, limit=500)
+            page = await log.read_stream(streams.task(task.id), version, types=only_output, limit=500)
             if not page:
                 return
             for event in page:
