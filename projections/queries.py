@@ -10,9 +10,10 @@ from events import EventLog, now_rfc3339, streams, typed
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
+from projections.lifecycle import ACTIVE, STATUSES
 from projections.projects import Project
 from projections.store import APIKEYS, MODELS
-from projections.tasks import STATUSES, Task, evolve
+from projections.tasks import Task, evolve
 
 _decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 
@@ -183,5 +184,6 @@ async def counters(log: EventLog) -> Counters:
 
 
 async def running_count(log: EventLog) -> int:
-    rows = await log.query("SELECT COALESCE(SUM(value), 0) FROM counters WHERE name IN ('tasks.running', 'tasks.awaiting_input')")
+    names = sorted(f"tasks.{status}" for status in ACTIVE)
+    rows = await log.query(f"SELECT COALESCE(SUM(value), 0) FROM counters WHERE {_one_of('name', names)}", names)
     return rows[0][0]

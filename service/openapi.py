@@ -18,8 +18,10 @@ from starlette.routing import Route
 
 from events import RecordedEvent
 from projections.agents import Agent
+from projections.approvals import APPROVAL_STATUSES
+from projections.lifecycle import STATUSES
 from projections.projects import Project
-from projections.tasks import STATUSES, Task
+from projections.tasks import Task
 from service import schemas
 from service.http import Error
 
@@ -199,7 +201,7 @@ OPERATIONS: dict[str, Op] = {
     # --- approvals ----------------------------------------------------------------------
     "list_approvals": Op(
         summary="Approvals, oldest first.", scope="task:read", answer=list[schemas.ApprovalOut],
-        params=(Param("status", {"enum": ["pending", "approved", "rejected", "all"], "default": "pending"},
+        params=(Param("status", {"enum": [*APPROVAL_STATUSES, "all"], "default": "pending"},
                       "Which approvals."),),
     ),
     "get_approval": Op(summary="An approval.", scope="task:read", answer=schemas.ApprovalOut),

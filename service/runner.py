@@ -16,7 +16,8 @@ import structlog
 from events import EventLog, Meta
 from projections import queries
 from projections.agents import Agent
-from projections.tasks import ACTIVE, Task
+from projections.lifecycle import ACTIVE
+from projections.tasks import Task
 from service.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.agents.kinds import KINDS
 from service.agents.process import kill_orphans

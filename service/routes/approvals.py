@@ -7,7 +7,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from projections import queries
-from projections.approvals import Approval
+from projections.approvals import APPROVAL_STATUSES, Approval
+from projections.lifecycle import either
 from projections.tasks import Task
 from service import schemas
 from service.auth import visible_projects
@@ -34,8 +35,8 @@ def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
 async def list_approvals(request: Request) -> Response:
     who = principal(request, "task:read")
     status = request.query_params.get("status", "pending")
-    if status not in ("pending", "approved", "rejected", "all"):
-        raise bad_request("Query parameter status must be pending, approved, rejected or all.")
+    if status not in (*APPROVAL_STATUSES, "all"):
+        raise bad_request(f"Query parameter status must be {either((*APPROVAL_STATUSES, 'all'))}.")
     log = log_of(request)
     found = await queries.approvals(log, None if status == "all" else status, await visible_projects(log, who))
     return json_response([approval_out(approval, task) for approval, task in found])

@@ -13,7 +13,7 @@ from events import typed
 from events import streams
 from events import types as t
 from projections import agents, projects, queries
-from projections.agents import Agent
+from projections.agents import AGENT_KINDS, Agent
 from projections.projects import Project
 from service import schemas
 from service.agents.kinds import check_config
@@ -43,9 +43,9 @@ async def _record(request: Request, who: Principal, stream: str, events: list, e
 # --- agents ----------------------------------------------------------------------
 
 
-def _shell_needs_admin(who: Principal, kind: str) -> None:
-    if kind == "shell" and not who.has("admin"):
-        raise Rejected(403, "forbidden", "Only an admin key may register or change a shell agent.")
+def _admin_only(who: Principal, kind: str) -> None:
+    if AGENT_KINDS[kind].admin_only and not who.has("admin"):
+        raise Rejected(403, "forbidden", f"Only an admin key may register or change a {kind} agent.")
 
 
 def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
@@ -81,7 +81,7 @@ async def get_agent(request: Request) -> Response:
 async def create_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
     raw, body = await read_body(request, schemas.CreateAgent)
-    _shell_needs_admin(who, body.kind)
+    _admin_only(who, body.kind)
     _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
@@ -92,7 +92,7 @@ async def create_agent(request: Request) -> Response:
 async def update_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
-    _shell_needs_admin(who, agent.kind)
+    _admin_only(who, agent.kind)
     raw, body = await read_body(request, schemas.UpdateAgent)
     _check_config(agent.kind, body.config)
     return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
@@ -113,7 +113,7 @@ async def resume_agent(request: Request) -> Response:
 async def _set_status(request: Request, event_type) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
-    _shell_needs_admin(who, agent.kind)
+    _admin_only(who, agent.kind)
     raw, _ = await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
     return await _agent_event(request, who, agent, event_type(agent_id=agent.id), raw)
 

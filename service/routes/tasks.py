@@ -14,7 +14,8 @@ from events import TypeFilter, decode
 from events import streams
 from events import types as t
 from projections import queries
-from projections.tasks import STATUSES, Task
+from projections.lifecycle import STATUSES
+from projections.tasks import Task
 from service import schemas
 from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
 from service.context import (
