@@ -18,7 +18,7 @@ from events import EventLog, Meta, WrongExpectedVersion
 from events import streams
 from events import types as t
 from projections import queries
-from service.deciders import Rejected
+from service.http import HttpError
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
 PROJECT_NAMESPACE = uuid.UUID("6f1c3a52-4f0e-4d0b-9c1e-2d9a7c0b5e11")
@@ -46,11 +46,11 @@ class Principal(msgspec.Struct, kw_only=True):
 
     def require(self, scope: str) -> None:
         if not self.has(scope):
-            raise Rejected(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
+            raise HttpError(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
 
 
-def unauthorized(detail: str) -> Rejected:
-    return Rejected(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
+def unauthorized(detail: str) -> HttpError:
+    return HttpError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
 
 async def authenticate(log: EventLog, token: str | None) -> Principal:

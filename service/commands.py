@@ -14,7 +14,7 @@ from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams,
 from events.types import EventData
 from projections import queries
 from projections.tasks import Task, evolve
-from service.deciders import Command, CreateTask, Rejected, decide
+from service.deciders import Command, CreateTask, Refused, decide
 
 ATTEMPTS = 10
 
@@ -59,8 +59,8 @@ class Commands:
             if earlier is not None:
                 fingerprint, recorded = earlier
                 if fingerprint != idempotency.fingerprint:
-                    raise Rejected(
-                        409, "idempotency_conflict", "This Idempotency-Key was used with a different request."
+                    raise Refused(
+                        "idempotency_conflict", "This Idempotency-Key was used with a different request."
                     )
                 return await self._as_recorded(recorded), []
             return await self._task(task_id, command, meta, idempotency, if_match, known)
@@ -106,7 +106,7 @@ class Commands:
                 state = await queries.task(self.log, task_id, with_watchers=False)
             if if_match is not None and state is not None and state.version not in if_match:
                 named = ", ".join(str(v) for v in sorted(if_match))
-                raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {named}.")
+                raise Refused("precondition_failed", f"The task is at version {state.version}, not {named}.")
             concrete = command if isinstance(command, Command) else await command(state)
             events = decide(state, concrete)
             if not events:
@@ -129,7 +129,7 @@ class Commands:
             assert task is not None
             task.watchers = watchers
             return task, recorded
-        raise Rejected(409, "conflict", "The task kept changing while this request was decided; try again.")
+        raise Refused("conflict", "The task kept changing while this request was decided; try again.")
 
     async def append(
         self, stream: str, events: list[EventData], expected: int | None, meta: Meta,

@@ -1,4 +1,4 @@
-"""Pure deciders: `decide(state, command) -> events`, or `Rejected` saying why not.
+"""Pure deciders: `decide(state, command) -> events`, or `Refused` saying why not.
 
 Each reads the state folded by `projections` (the same `evolve` that builds the read
 models), and what each status admits from the state machine's table (projections/lifecycle.py),
@@ -8,7 +8,7 @@ so the task's state machine exists in one place. No I/O here: everything a decis
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -19,19 +19,35 @@ from projections.approvals import Approval
 from projections.tasks import Task
 
 
-class Rejected(Exception):
-    """A command that cannot be carried out: an HTTP status, a machine word and a sentence."""
+Code = Literal[
+    "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
+    "dependency_not_done", "concurrency_limit", "agent_unavailable", "run_over", "precondition_failed",
+    "conflict", "idempotency_conflict",
+]
+"""Why a command was refused. The HTTP layer maps each to a status (service/http.py)."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+
+class Refused(Exception):
+    """A command that cannot be carried out: a word saying why, and a sentence. `retry_after`:
+    the seconds after which the same command may succeed, when waiting is what it needs."""
+
+    def __init__(self, code: Code, detail: str, retry_after: int | None = None):
         super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+        self.code, self.detail, self.retry_after = code, detail, retry_after
+
+
+class RunOver(Refused):
+    """The runner reported on a run that has ended meanwhile (cancelled): nothing is recorded."""
+
+    def __init__(self, detail: str):
+        super().__init__("run_over", detail)
 
 
 def _admitted(task: Task, command: lifecycle.Command, action: str) -> None:
     """Refuses `command` unless the task's status admits it; `action` is how a sentence names it."""
     if not lifecycle.admits(task.status, command):
         allowed = lifecycle.either(lifecycle.admitting(command))
-        raise Rejected(409, "invalid_status", f"Cannot {action} a task that is {task.status}; it must be {allowed}.")
+        raise Refused("invalid_status", f"Cannot {action} a task that is {task.status}; it must be {allowed}.")
 
 
 # --- commands --------------------------------------------------------------
@@ -121,10 +137,10 @@ PATCHABLE_ANY_TIME = frozenset({"title", "metadata", "archived"})
 def decide(task: Task | None, command: Command) -> list[t.EventData]:
     if isinstance(command, CreateTask):
         if task is not None:
-            raise Rejected(409, "already_exists", f"Task {task.id} already exists.")
+            raise Refused("already_exists", f"Task {task.id} already exists.")
         return [command.event]
     if task is None:
-        raise Rejected(404, "not_found", "Task not found.")
+        raise Refused("not_found", "Task not found.")
     handler = _TASK_DECIDERS[type(command)]
     return handler(task, command)
 
@@ -139,13 +155,12 @@ def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
     restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
     if restricted and not lifecycle.admits(task.status, "edit"):
         named = ", ".join(_camel(f) for f in restricted)  # the fields as the client sent them
-        raise Rejected(
-            409, "invalid_status",
-            f"Cannot change {named} of a task that is {task.status}; only title, metadata and archived "
-            f"change after a task has left {lifecycle.either(lifecycle.admitting('edit'))}.",
+        raise Refused(
+            "invalid_status", f"Cannot change {named} of a task that is {task.status}; only title, metadata "
+            f"and archived change after a task has left {lifecycle.either(lifecycle.admitting('edit'))}.",
         )
     if changes and not lifecycle.admits(task.status, "annotate"):
-        raise Rejected(409, "invalid_status", f"Cannot change a task that is {task.status}.")
+        raise Refused("invalid_status", f"Cannot change a task that is {task.status}.")
     events: list[t.EventData] = []
     archived = changes.pop("archived", None)
     if changes:
@@ -163,29 +178,27 @@ def _archive(task: Task, c: ArchiveTask) -> list[t.EventData]:
 def _start(task: Task, c: StartRun) -> list[t.EventData]:
     _admitted(task, "run", "run")
     if c.agent is None:
-        raise Rejected(404, "agent_not_found", f"Agent {c.agent_id} not found.")
+        raise Refused("agent_not_found", f"Agent {c.agent_id} not found.")
     kind = AGENT_KINDS[c.agent.kind]
     if kind.spawns_processes and not c.actor_is_admin:
         allowed = c.agent.config.get("allowedUsers", [])
         if "*" not in allowed and c.actor not in allowed:
-            raise Rejected(
-                403, "forbidden", f"Agent {c.agent.name} runs processes as the service itself; only admins and "
+            raise Refused(
+                "forbidden", f"Agent {c.agent.name} runs processes as the service itself; only admins and "
                 "the users its allowedUsers config names may run tasks on it.",
             )
     if c.agent.status != "active":
-        raise Rejected(503, "agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
+        raise Refused("agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
     if task.type not in kind.task_types:
-        raise Rejected(
-            409, "agent_mismatch", f"A {task.type} task cannot run on agent {c.agent.name}: its kind, "
+        raise Refused(
+            "agent_mismatch", f"A {task.type} task cannot run on agent {c.agent.name}: its kind, "
             f"{c.agent.kind}, runs {lifecycle.either(tuple(sorted(kind.task_types)))} tasks.",
         )
     waiting = [dep for dep, status in c.dependencies.items() if status != "done"]
     if waiting:
-        raise Rejected(409, "dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
+        raise Refused("dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
     if c.running >= c.limit:
-        raise Rejected(
-            429, "concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", {"Retry-After": "5"}
-        )
+        raise Refused("concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", retry_after=5)
     return [t.TaskStarted(task_id=task.id, run_id=c.run_id, agent_id=c.agent.id)]
 
 
@@ -210,7 +223,7 @@ def _message(task: Task, c: SendMessage) -> list[t.EventData]:
 def _review(task: Task, c: Review) -> list[t.EventData]:
     _admitted(task, "review", "review")
     if task.approval_id is None:  # recorded with every review, in the same append: never expected
-        raise Rejected(409, "invalid_status", "This task's review has no approval to resolve.")
+        raise Refused("invalid_status", "This task's review has no approval to resolve.")
     resolved = t.ApprovalResolved(
         approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
     )
@@ -223,7 +236,7 @@ def _review(task: Task, c: Review) -> list[t.EventData]:
 def _current_run(task: Task, run_id: str, command: lifecycle.Command) -> None:
     """Runner commands apply only to the run that is still going; a late one changes nothing."""
     if task.run_id != run_id or not lifecycle.admits(task.status, command):
-        raise Rejected(409, "run_over", f"Run {run_id} of task {task.id} is no longer active.")
+        raise RunOver(f"Run {run_id} of task {task.id} is no longer active.")
 
 
 def _chunks(task: Task, run_id: str, chunks: list[tuple[int, str, str]]) -> list[t.EventData]:
@@ -279,7 +292,7 @@ _TASK_DECIDERS = {
 def resolve_approval(approval: Approval | None, task: Task | None, command: Review) -> list[t.EventData]:
     """The approvals door to the same decision as reviewing the task."""
     if approval is None or task is None:
-        raise Rejected(404, "not_found", "Approval not found.")
+        raise Refused("not_found", "Approval not found.")
     if approval.status != "pending" or task.approval_id != approval.id:
-        raise Rejected(409, "invalid_status", f"Approval {approval.id} is already {approval.status}.")
+        raise Refused("invalid_status", f"Approval {approval.id} is already {approval.status}.")
     return decide(task, command)

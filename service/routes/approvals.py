@@ -15,7 +15,7 @@ from service.auth import visible_projects
 from service.context import (
     can_see_project, commands_of, idempotency, log_of, meta, principal,
 )
-from service.deciders import Rejected, Review, resolve_approval
+from service.deciders import Refused, Review, resolve_approval
 from service.http import bad_request, json_response, parse_uuid, read_body
 
 PREFIX = "/api/mission-control/approvals"
@@ -48,7 +48,7 @@ async def _approval(request: Request, who) -> tuple[Approval, Task]:
     approval = await queries.approval(log_of(request), approval_id)
     task = approval and await queries.task(log_of(request), approval.task_id, with_watchers=False)
     if task is None or not await can_see_project(request, who, task.project_id):
-        raise Rejected(404, "not_found", "Approval not found.")
+        raise Refused("not_found", "Approval not found.")
     return approval, task
 
 

@@ -19,7 +19,7 @@ from service import schemas
 from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
 from service.context import commands_of, idempotency, log_of, meta, principal
-from service.deciders import Rejected
+from service.deciders import Refused
 from service.http import bad_request, json_response, parse_uuid, read_body
 
 PREFIX = "/api/mission-control"
@@ -45,7 +45,7 @@ async def _record(request: Request, who: Principal, stream: str, events: list, e
 
 def _admin_only(who: Principal, kind: str) -> None:
     if AGENT_KINDS[kind].admin_only and not who.has("admin"):
-        raise Rejected(403, "forbidden", f"Only an admin key may register or change a {kind} agent.")
+        raise Refused("forbidden", f"Only an admin key may register or change a {kind} agent.")
 
 
 def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
@@ -61,7 +61,7 @@ async def _agent(request: Request) -> Agent:
     agent_id = parse_uuid(request.path_params["agent_id"], "Agent id")
     agent = await queries.agent(log_of(request), agent_id)
     if agent is None:
-        raise Rejected(404, "not_found", "Agent not found.")
+        raise Refused("not_found", "Agent not found.")
     return agent
 
 
@@ -126,7 +126,7 @@ async def _project(request: Request, who: Principal) -> Project:
     project = await queries.project(log_of(request), project_id)
     allowed = await visible_projects(log_of(request), who)
     if project is None or (allowed is not None and project_id not in allowed):
-        raise Rejected(404, "not_found", "Project not found.")
+        raise Refused("not_found", "Project not found.")
     return project
 
 

@@ -23,7 +23,7 @@ from service.context import (
     settings_of, visible_task,
 )
 from service.deciders import (
-    ArchiveTask, CancelTask, CreateTask, Rejected, RetryTask, Review, SendMessage, StartRun, UpdateTask,
+    ArchiveTask, CancelTask, CreateTask, Refused, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
 from service.http import (
     bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
@@ -45,7 +45,7 @@ def if_match(request: Request) -> set[int] | None:
         return None
     versions = {whole_number(tag.strip().removeprefix("W/").strip('"')) for tag in raw.split(",")}
     if None in versions:
-        raise Rejected(412, "precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
+        raise Refused("precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
     return versions  # type: ignore[return-value]
 
 
@@ -92,17 +92,17 @@ async def create_task(request: Request) -> Response:
     if earlier:
         task = await queries.task_as_of(log, streams.parse(earlier[0].stream).id, earlier[-1].position)
         if not await can_see_project(request, who, task.project_id):  # the user's other key, or a project left
-            raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
+            raise Refused("idempotency_conflict", "This Idempotency-Key was used with a different request.")
         return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
     if body.webhook_url is not None:
         _check_webhook_url(body.webhook_url)
     project_id = await _target_project(request, who, body.project_id)
     if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
-        raise Rejected(404, "agent_not_found", f"Agent {body.agent_id} not found.")
+        raise Refused("agent_not_found", f"Agent {body.agent_id} not found.")
     for dependency in body.depends_on:
         dep = await queries.task(log, str(dependency), with_watchers=False)
         if dep is None or not await can_see_project(request, who, dep.project_id):
-            raise Rejected(404, "not_found", f"Dependency {dependency} not found.")
+            raise Refused("not_found", f"Dependency {dependency} not found.")
     task_id = str(uuid.uuid4())
     event = t.TaskCreated(
         task_id=task_id, type=body.type, content=body.content, project_id=project_id, created_by=who.user,
@@ -136,7 +136,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
     if await queries.project(log, project_id) is None or not await can_see_project(request, who, project_id):
-        raise Rejected(404, "not_found", f"Project {project_id} not found.")
+        raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
 
@@ -149,7 +149,7 @@ async def get_task(request: Request) -> Response:
         position = query_int(request, "asOf", 0, 0)
         past = await queries.task_as_of(log_of(request), task.id, position)
         if past is None:
-            raise Rejected(404, "not_found", f"Task {task.id} did not exist yet at position {position}.")
+            raise Refused("not_found", f"Task {task.id} did not exist yet at position {position}.")
         return task_response(past)
     return task_response(task)
 
@@ -296,7 +296,7 @@ async def task_output(request: Request) -> Response:
         msgspec.json.decode(e.payload, type=t.TaskStarted).run_id == run_id
         for e in await log.read_stream(streams.task(task.id), types=TypeFilter(["task.started"]))
     ):  # a mistyped run would otherwise read as a run that wrote nothing
-        raise Rejected(404, "not_found", f"Task {task.id} has no run {run_id}.")
+        raise Refused("not_found", f"Task {task.id} has no run {run_id}.")
     only_output = TypeFilter(["task.output"])
 
     async def chunks():
