@@ -55,15 +55,25 @@ class Commands:
         if idempotency is None:
             return await self._task(task_id, command, meta, None, if_match, known)
         async with self._holding(idempotency.key):
-            earlier = await self.log.idempotent(idempotency.key)
+            earlier = await self.replay(idempotency)
             if earlier is not None:
-                fingerprint, recorded = earlier
-                if fingerprint != idempotency.fingerprint:
-                    raise Refused(
-                        "idempotency_conflict", "This Idempotency-Key was used with a different request."
-                    )
-                return await self._as_recorded(recorded), []
+                return earlier, []
             return await self._task(task_id, command, meta, idempotency, if_match, known)
+
+    async def replay(
+        self, idempotency: Idempotency, may_see: Callable[[Task], Awaitable[bool]] | None = None
+    ) -> Task | None:
+        """The task as the first request with this key left it; None if the key is new. Refused
+        when that was another request: another route or body, or (by `may_see`) a task this
+        caller may not see."""
+        earlier = await self.log.idempotent(idempotency.key)
+        if earlier is None:
+            return None
+        fingerprint, recorded = earlier
+        task = await self._as_recorded(recorded) if fingerprint == idempotency.fingerprint else None
+        if task is None or (may_see is not None and not await may_see(task)):
+            raise Refused("idempotency_conflict", "This Idempotency-Key was used with a different request.")
+        return task
 
     @contextlib.asynccontextmanager
     async def _holding(self, key: str) -> AsyncIterator[None]:

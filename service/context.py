@@ -64,19 +64,6 @@ def idempotency(request: Request, who: Principal, body: bytes) -> Idempotency | 
     return Idempotency(f"{who.user}\0{key}", fingerprint)
 
 
-async def replayed(request: Request, idem: Idempotency | None):
-    """The events a request with this key recorded before, or None. 409 if the body differs."""
-    if idem is None:
-        return None
-    found = await log_of(request).idempotent(idem.key)
-    if found is None:
-        return None
-    fingerprint, recorded = found
-    if fingerprint != idem.fingerprint:
-        raise Refused("idempotency_conflict", "This Idempotency-Key was used with a different request.")
-    return recorded
-
-
 async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
     # A request that changes something acts: auditors see every project but act only in their own.
     allowed = await visible_projects(log_of(request), who, acting=request.method != "GET")

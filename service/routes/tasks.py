@@ -19,7 +19,7 @@ from projections.tasks import Task
 from service import schemas
 from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal, replayed, runner_of,
+    can_see_project, commands_of, idempotency, log_of, meta, principal, runner_of,
     settings_of, visible_task,
 )
 from service.deciders import (
@@ -87,13 +87,15 @@ async def create_task(request: Request) -> Response:
     who = principal(request, "task:write")
     raw, body = await read_body(request, schemas.CreateTask)
     idem = idempotency(request, who, raw)
-    earlier = await replayed(request, idem)
     log = log_of(request)
-    if earlier:
-        task = await queries.task_as_of(log, streams.parse(earlier[0].stream).id, earlier[-1].position)
-        if not await can_see_project(request, who, task.project_id):  # the user's other key, or a project left
-            raise Refused("idempotency_conflict", "This Idempotency-Key was used with a different request.")
-        return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+
+    async def may_see(task: Task) -> bool:  # not if created by the user's key for another project
+        return await can_see_project(request, who, task.project_id)
+
+    # A replay answers before anything is checked or created (the default project) again.
+    earlier = await commands_of(request).replay(idem, may_see) if idem else None
+    if earlier is not None:
+        return task_response(earlier, 201, {"Location": f"{PREFIX}/tasks/{earlier.id}"})
     if body.webhook_url is not None:
         _check_webhook_url(body.webhook_url)
     project_id = await _target_project(request, who, body.project_id)
