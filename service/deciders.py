@@ -227,8 +227,8 @@ def _review(task: Task, c: Review) -> list[t.EventData]:
     resolved = t.ApprovalResolved(
         approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
     )
-    if c.decision == "approve":
-        return [resolved, t.TaskCompleted(task_id=task.id, run_id=task.run_id or "")]
+    if c.decision == "approve":  # carrying the run's deliverable, as a completion without review does
+        return [resolved, t.TaskCompleted(task_id=task.id, run_id=task.run_id or "", result=task.result)]
     reason = f"rejected: {c.feedback}" if c.feedback else "rejected"
     return [resolved, t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="rejected", error=reason)]
 
