@@ -16,12 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.auth import authenticate
 from service.http import HttpError, body_too_large, error_response, whole_number
 from service.ratelimit import RateLimiter
+from service.routes.stream import PATH as STREAM_PATH
 
 access_log = structlog.get_logger("mission_control.access")
 
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/")
 PUBLIC_PREFIXES = ("/static/",)
-STREAM_PATH = "/api/mission-control/activity/stream"
 REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 """A client's X-Request-ID is kept (in every event's meta) only if it is printable ASCII."""
 

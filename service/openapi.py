@@ -23,10 +23,9 @@ from projections.lifecycle import STATUSES
 from projections.projects import Project
 from projections.tasks import Task
 from service import schemas
-from service.http import Error
+from service.http import API_PREFIX, Error
 
 REF = "#/components/schemas/{name}"
-API_PREFIX = "/api/mission-control"
 TITLE = "Mission Control"
 
 

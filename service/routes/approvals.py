@@ -16,9 +16,9 @@ from service.context import (
     can_see_project, commands_of, idempotency, log_of, meta, principal,
 )
 from service.deciders import Refused, Review, resolve_approval
-from service.http import bad_request, json_response, parse_uuid, read_body
+from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
-PREFIX = "/api/mission-control/approvals"
+PREFIX = f"{API_PREFIX}/approvals"
 
 
 def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:

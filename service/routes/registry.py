@@ -20,9 +20,7 @@ from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
 from service.context import commands_of, idempotency, log_of, meta, principal
 from service.deciders import Refused
-from service.http import bad_request, json_response, parse_uuid, read_body
-
-PREFIX = "/api/mission-control"
+from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
 
 def _changes(body: msgspec.Struct) -> dict:
@@ -86,7 +84,7 @@ async def create_agent(request: Request) -> Response:
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
     agent = await _record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
-    return json_response(agent, 201, {"Location": f"{PREFIX}/agents/{agent.id}"})
+    return json_response(agent, 201, {"Location": f"{API_PREFIX}/agents/{agent.id}"})
 
 
 async def update_agent(request: Request) -> Response:
@@ -148,7 +146,7 @@ async def create_project(request: Request) -> Response:
     project_id = str(uuid.uuid4())
     event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
     project = await _record(request, who, streams.project(project_id), [event], 0, raw, projects.evolve)
-    return json_response(project, 201, {"Location": f"{PREFIX}/projects/{project.id}"})
+    return json_response(project, 201, {"Location": f"{API_PREFIX}/projects/{project.id}"})
 
 
 async def update_project(request: Request) -> Response:
@@ -162,7 +160,7 @@ async def update_project(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    a, p = f"{PREFIX}/agents", f"{PREFIX}/projects"
+    a, p = f"{API_PREFIX}/agents", f"{API_PREFIX}/projects"
     return [
         Route(a, list_agents, methods=["GET"]),
         Route(a, create_agent, methods=["POST"]),

@@ -32,10 +32,10 @@ from events import RecordedEvent
 from events import streams as stream_names
 from projections import queries
 from service.context import Tenancy, log_of, principal, settings_of
-from service.http import bad_request, parse_uuid, whole_number
+from service.http import API_PREFIX, bad_request, parse_uuid, whole_number
 from service.routes.log import type_filter
 
-PATH = "/api/mission-control/activity/stream"
+PATH = f"{API_PREFIX}/activity/stream"
 RETRY_MS = 2000
 PAGE = 200
 """Log positions a client is handed at a time (the most one client makes the server hold)."""

@@ -26,11 +26,9 @@ from service.deciders import (
     ArchiveTask, CancelTask, CreateTask, Refused, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
 from service.http import (
-    bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
+    API_PREFIX, bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
 )
 from service.runner import ECHO_AGENT_ID
-
-PREFIX = "/api/mission-control"
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -95,7 +93,7 @@ async def create_task(request: Request) -> Response:
     # A replay answers before anything is checked or created (the default project) again.
     earlier = await commands_of(request).replay(idem, may_see) if idem else None
     if earlier is not None:
-        return task_response(earlier, 201, {"Location": f"{PREFIX}/tasks/{earlier.id}"})
+        return task_response(earlier, 201, {"Location": f"{API_PREFIX}/tasks/{earlier.id}"})
     if body.webhook_url is not None:
         _check_webhook_url(body.webhook_url)
     project_id = await _target_project(request, who, body.project_id)
@@ -116,7 +114,7 @@ async def create_task(request: Request) -> Response:
         depends_on=[str(d) for d in body.depends_on], webhook_url=body.webhook_url,
     )
     task, _ = await commands_of(request).task(task_id, CreateTask(event=event), meta(request, who), idem)
-    return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+    return task_response(task, 201, {"Location": f"{API_PREFIX}/tasks/{task.id}"})
 
 
 def _check_webhook_url(url: str) -> None:
@@ -317,7 +315,7 @@ async def task_output(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    p = f"{PREFIX}/tasks"
+    p = f"{API_PREFIX}/tasks"
     return [
         Route(p, list_tasks, methods=["GET"]),
         Route(p, create_task, methods=["POST"]),
