@@ -15,12 +15,15 @@ from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
 from projections.tasks import Task, evolve
+from service import openapi
 from service.agents.kinds import KINDS
+from service.app import create_app
 from service.deciders import (
     ArchiveTask, CancelTask, Code, Command, FailRun, FinishRun, RecordOutput, Refused, RequestInput,
     RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
-from service.http import REFUSALS, refusal_response
+from service.http import API_PREFIX, REFUSALS, refusal_response
+from service.settings import Settings
 
 TASK, RUN, APPROVAL = "task-1", "run-1", "approval-1"
 
@@ -236,3 +239,16 @@ def test_the_concurrency_limit_answers_429_with_retry_after():
     response = refusal_response(refused.value)
     assert (response.status_code, response.headers["Retry-After"]) == (429, "5")
     assert b'"code":"concurrency_limit"' in response.body
+
+
+def test_the_openapi_document_names_the_statuses_each_task_operation_needs():
+    paths = openapi.build(create_app(Settings()).routes)["paths"]
+
+    def conflict(path: str) -> str:
+        return paths[f"{API_PREFIX}{path}"]["post"]["responses"]["409"]["description"]
+
+    assert conflict("/tasks/{task_id}/run").startswith("The task's status is not pending,")
+    assert conflict("/tasks/{task_id}/cancel").startswith("The task's status is not pending, running or awaiting_input,")
+    assert conflict("/tasks/{task_id}/retry").startswith("The task's status is not failed or cancelled,")
+    assert conflict("/tasks/{task_id}/messages").startswith("The task's status is not running or awaiting_input,")
+    assert conflict("/approvals/{approval_id}/resolve").startswith("The task's status is not review,")
