@@ -159,8 +159,8 @@ def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
             "invalid_status", f"Cannot change {named} of a task that is {task.status}; only title, metadata "
             f"and archived change after a task has left {lifecycle.either(lifecycle.admitting('edit'))}.",
         )
-    if changes and not lifecycle.admits(task.status, "annotate"):
-        raise Refused("invalid_status", f"Cannot change a task that is {task.status}.")
+    if changes:
+        _admitted(task, "annotate", "change")
     events: list[t.EventData] = []
     archived = changes.pop("archived", None)
     if changes:
@@ -222,7 +222,7 @@ def _message(task: Task, c: SendMessage) -> list[t.EventData]:
 
 def _review(task: Task, c: Review) -> list[t.EventData]:
     _admitted(task, "review", "review")
-    if task.approval_id is None:  # recorded with every review, in the same append: never expected
+    if task.approval_id is None:  # recorded with every review, in its append; without one, nothing to resolve
         raise Refused("invalid_status", "This task's review has no approval to resolve.")
     resolved = t.ApprovalResolved(
         approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
