@@ -1,13 +1,32 @@
-"""Agents: the registry of what can execute runs."""
+"""Agents: the registry of what can execute runs, and what each kind of agent may do."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from events import Event
 from events import types as t
+
+
+class KindPolicy(NamedTuple):
+    task_types: frozenset[t.TaskType]
+    """The task types an agent of the kind runs."""
+    admin_only: bool
+    """Only an admin key may register, change, pause or resume one."""
+    spawns_processes: bool
+    """It runs programs on this machine as the service's own user: only admins, and the users its
+    `allowedUsers` config names, may run tasks on it."""
+
+
+AGENT_KINDS: dict[t.AgentKind, KindPolicy] = {
+    "shell": KindPolicy(frozenset({"command"}), admin_only=True, spawns_processes=True),
+    "exec": KindPolicy(frozenset({"prompt"}), admin_only=False, spawns_processes=True),
+    "openai": KindPolicy(frozenset({"prompt"}), admin_only=False, spawns_processes=False),
+    "echo": KindPolicy(frozenset({"prompt", "command"}), admin_only=False, spawns_processes=False),
+}
+"""Every kind of `t.AgentKind`; the function that runs each is in service/agents/kinds.py."""
 
 
 class Agent(msgspec.Struct, kw_only=True, rename="camel"):

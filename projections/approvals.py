@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
 from events import Event
 from events import types as t
 
+ApprovalStatus = Literal["pending", "approved", "rejected"]
+APPROVAL_STATUSES: tuple[ApprovalStatus, ...] = get_args(ApprovalStatus)
+RESOLVED_BY: dict[t.Decision, ApprovalStatus] = {"approve": "approved", "reject": "rejected"}
+"""The status each review decision leaves an approval in."""
+
 
 class Approval(msgspec.Struct, kw_only=True, rename="camel"):
     id: str
     task_id: str
     run_id: str
-    status: Literal["pending", "approved", "rejected"] = "pending"
+    status: ApprovalStatus = "pending"
     created_at: str
     resolved_at: str | None = None
     resolved_by: str | None = None
@@ -31,7 +36,7 @@ def evolve(approval: Approval | None, event: Event) -> Approval | None:
         )
     if isinstance(data, t.ApprovalResolved) and approval is not None:
         return msgspec.structs.replace(
-            approval, status="approved" if data.decision == "approve" else "rejected",
+            approval, status=RESOLVED_BY[data.decision],
             resolved_at=event.recorded_at, resolved_by=event.actor, feedback=data.feedback,
         )
     return approval

@@ -6,13 +6,14 @@ from typing import Any
 
 import msgspec
 
-from events import EventLog, now_rfc3339, typed
+from events import EventLog, now_rfc3339, streams, typed
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
+from projections.lifecycle import ACTIVE, STATUSES
 from projections.projects import Project
 from projections.store import APIKEYS, MODELS
-from projections.tasks import STATUSES, Task, evolve
+from projections.tasks import Task, evolve
 
 _decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 
@@ -52,7 +53,7 @@ async def task(log: EventLog, task_id: str, *, with_watchers: bool = True) -> Ta
 async def task_as_of(log: EventLog, task_id: str, position: int) -> Task | None:
     """The task as it stood at a log position, folded from its own events."""
     state: Task | None = None
-    for recorded in await log.read_stream(f"task-{task_id}", until_position=position):
+    for recorded in await log.read_stream(streams.task(task_id), until_position=position):
         state = evolve(state, typed(recorded))
     return state
 
@@ -183,5 +184,6 @@ async def counters(log: EventLog) -> Counters:
 
 
 async def running_count(log: EventLog) -> int:
-    rows = await log.query("SELECT COALESCE(SUM(value), 0) FROM counters WHERE name IN ('tasks.running', 'tasks.awaiting_input')")
+    names = sorted(f"tasks.{status}" for status in ACTIVE)
+    rows = await log.query(f"SELECT COALESCE(SUM(value), 0) FROM counters WHERE {_one_of('name', names)}", names)
     return rows[0][0]

@@ -1,18 +1,15 @@
-"""The task: its state machine's fold. `decide` (service/deciders.py) reads the same state."""
+"""The task: its state machine's fold. `decide` (service/deciders.py) reads the same state, and
+both read the state machine's tables in projections/lifecycle.py."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from events import Event
 from events import types as t
-
-Status = Literal["pending", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
-STATUSES: tuple[Status, ...] = ("pending", "running", "awaiting_input", "review", "done", "failed", "cancelled")
-ACTIVE: frozenset[str] = frozenset({"running", "awaiting_input"})
-"""Statuses that hold one of the `maxConcurrent` run slots."""
+from projections.lifecycle import LEADS_TO, Status
 
 
 class Task(msgspec.Struct, kw_only=True, rename="camel"):
@@ -55,7 +52,7 @@ def evolve(task: Task | None, event: Event) -> Task | None:
     data = event.data
     if isinstance(data, t.TaskCreated):
         return Task(
-            id=data.task_id, type=data.type, content=data.content, title=data.title,
+            id=data.task_id, status=LEADS_TO[t.TaskCreated], type=data.type, content=data.content, title=data.title,
             description=data.description, project_id=data.project_id, desktop_id=data.desktop_id,
             agent_id=data.agent_id, requires_approval=data.requires_approval, priority=data.priority,
             timeout_seconds=data.timeout_seconds, metadata=data.metadata, depends_on=data.depends_on,
@@ -65,6 +62,8 @@ def evolve(task: Task | None, event: Event) -> Task | None:
     if task is None:
         return None
     changes: dict[str, Any] = {"version": event.version}
+    if (status := LEADS_TO.get(type(data))) is not None:
+        changes["status"] = status
     if isinstance(data, t.TaskUpdated):
         changes |= {
             f: getattr(data, f) for f in data.__struct_fields__
@@ -74,32 +73,32 @@ def evolve(task: Task | None, event: Event) -> Task | None:
         changes["archived"] = data.archived
     elif isinstance(data, t.TaskStarted):
         changes |= dict(
-            status="running", run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
+            run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
             completed_at=None, runs=task.runs + 1, result=None, error=None, approval_id=None,
         )
     elif isinstance(data, t.TaskInputRequested):
-        changes |= dict(status="awaiting_input", input_prompt=data.prompt)
+        changes["input_prompt"] = data.prompt
     elif isinstance(data, t.TaskMessage):
-        changes |= dict(status="running", input_prompt=None)
+        changes["input_prompt"] = None
     elif isinstance(data, t.TaskReview):
-        changes |= dict(status="review", result=data.result, input_prompt=None)
+        changes |= dict(result=data.result, input_prompt=None)
     elif isinstance(data, t.ApprovalCreated):
         changes["approval_id"] = data.approval_id
     elif isinstance(data, t.TaskCompleted):
-        changes |= dict(status="done", completed_at=event.recorded_at, input_prompt=None)
+        changes |= dict(completed_at=event.recorded_at, input_prompt=None)
         if data.result is not None:
             changes["result"] = data.result
     elif isinstance(data, t.TaskFailed):
-        changes |= dict(status="failed", completed_at=event.recorded_at, error=data.error, input_prompt=None)
+        changes |= dict(completed_at=event.recorded_at, error=data.error, input_prompt=None)
         if data.result is not None:
             changes["result"] = data.result
     elif isinstance(data, t.TaskCancelled):
         changes |= dict(
-            status="cancelled", completed_at=event.recorded_at, input_prompt=None,
+            completed_at=event.recorded_at, input_prompt=None,
             error=f"cancelled: {data.reason}" if data.reason else "cancelled",
         )
     elif isinstance(data, t.TaskRetried):
-        changes |= dict(status="pending", completed_at=None)
+        changes["completed_at"] = None
     return msgspec.structs.replace(task, **changes)
 
 

@@ -17,12 +17,13 @@ from starlette.staticfiles import StaticFiles
 from events import (
     IdempotencyConflict, InvalidEvent, LogClosed, Meta, WrongExpectedVersion, open_log,
 )
+from events import streams
 from events import types as t
 from projections import queries, store
 from service import metrics as metrics_route, openapi
 from service.commands import Commands
-from service.deciders import Rejected
-from service.http import error_response
+from service.deciders import Refused
+from service.http import HttpError, error_response, refusal_response
 from service.middleware import ApiMiddleware
 from service.routes import approvals, log as log_routes, registry, stream, tasks
 from service.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
@@ -37,7 +38,7 @@ async def ensure_echo_agent(log) -> None:
     if await queries.agent(log, ECHO_AGENT_ID) is None:
         with contextlib.suppress(WrongExpectedVersion):
             await log.append(
-                f"agent-{ECHO_AGENT_ID}",
+                streams.agent(ECHO_AGENT_ID),
                 [t.AgentRegistered(agent_id=ECHO_AGENT_ID, name="echo", kind="echo")],
                 expected=0, meta=Meta(actor=RUNNER_ACTOR),
             )
@@ -77,13 +78,17 @@ async def _catch_up(log) -> None:
         logger.exception("catching the read models up with the log failed")
 
 
-async def _rejected(request: Request, exc: Rejected) -> Response:
+async def _http_error(request: Request, exc: HttpError) -> Response:
     return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def _refused(request: Request, exc: Refused) -> Response:
+    return refusal_response(exc)
 
 
 async def _conflict(request: Request, exc: Exception) -> Response:
     code = "idempotency_conflict" if isinstance(exc, IdempotencyConflict) else "conflict"
-    return error_response(409, code, f"{exc}; reload and try again." if code == "conflict" else str(exc))
+    return refusal_response(Refused(code, f"{exc}; reload and try again." if code == "conflict" else str(exc)))
 
 
 async def _invalid_event(request: Request, exc: InvalidEvent) -> Response:
@@ -148,7 +153,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
-            Rejected: _rejected, WrongExpectedVersion: _conflict, IdempotencyConflict: _conflict,
+            HttpError: _http_error, Refused: _refused, WrongExpectedVersion: _conflict, IdempotencyConflict: _conflict,
             InvalidEvent: _invalid_event, LogClosed: _closed, HTTPException: _http, ClientDisconnect: _disconnected,
             Exception: _server_error,
         },

@@ -15,9 +15,10 @@ import uuid
 import msgspec
 
 from events import EventLog, Meta, WrongExpectedVersion
+from events import streams
 from events import types as t
 from projections import queries
-from service.deciders import Rejected
+from service.http import HttpError
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
 PROJECT_NAMESPACE = uuid.UUID("6f1c3a52-4f0e-4d0b-9c1e-2d9a7c0b5e11")
@@ -45,11 +46,11 @@ class Principal(msgspec.Struct, kw_only=True):
 
     def require(self, scope: str) -> None:
         if not self.has(scope):
-            raise Rejected(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
+            raise HttpError(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
 
 
-def unauthorized(detail: str) -> Rejected:
-    return Rejected(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
+def unauthorized(detail: str) -> HttpError:
+    return HttpError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
 
 async def authenticate(log: EventLog, token: str | None) -> Principal:
@@ -93,14 +94,14 @@ async def issue_key(
             raise ValueError(f"project {project_id} does not exist")
         if user not in project.members:
             await log.append(
-                f"project-{project_id}",
+                streams.project(project_id),
                 [t.ProjectUpdated(project_id=project_id, members=[*project.members, user])],
                 expected=project.version, meta=meta,
             )
     token = "mc_" + secrets.token_urlsafe(32)
     key_id = str(uuid.uuid4())
     await log.append(
-        f"apikey-{key_id}",
+        streams.apikey(key_id),
         [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token))],
         expected=0, meta=meta,
     )
@@ -112,7 +113,7 @@ async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
     if await queries.project(log, project_id) is None:
         try:
             await log.append(
-                f"project-{project_id}",
+                streams.project(project_id),
                 [t.ProjectCreated(project_id=project_id, name=f"{user} (default)", members=[user])],
                 expected=0, meta=meta,
             )
@@ -127,5 +128,5 @@ async def revoke_key(log: EventLog, key_id: str, actor: str | None = None) -> bo
     if key is None:
         return False
     if not key.revoked:
-        await log.append(f"apikey-{key_id}", [t.ApiKeyRevoked(key_id=key_id)], meta=Meta(actor=actor))
+        await log.append(streams.apikey(key_id), [t.ApiKeyRevoked(key_id=key_id)], meta=Meta(actor=actor))
     return True

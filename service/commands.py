@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, typed
+from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams, typed
 from events.types import EventData
 from projections import queries
 from projections.tasks import Task, evolve
-from service.deciders import Command, CreateTask, Rejected, decide
+from service.deciders import Command, CreateTask, Refused, decide
 
 ATTEMPTS = 10
 
@@ -55,15 +55,25 @@ class Commands:
         if idempotency is None:
             return await self._task(task_id, command, meta, None, if_match, known)
         async with self._holding(idempotency.key):
-            earlier = await self.log.idempotent(idempotency.key)
+            earlier = await self.replay(idempotency)
             if earlier is not None:
-                fingerprint, recorded = earlier
-                if fingerprint != idempotency.fingerprint:
-                    raise Rejected(
-                        409, "idempotency_conflict", "This Idempotency-Key was used with a different request."
-                    )
-                return await self._as_recorded(recorded), []
+                return earlier, []
             return await self._task(task_id, command, meta, idempotency, if_match, known)
+
+    async def replay(
+        self, idempotency: Idempotency, may_see: Callable[[Task], Awaitable[bool]] | None = None
+    ) -> Task | None:
+        """The task as the first request with this key left it; None if the key is new. Refused
+        when that was another request: another route or body, or (by `may_see`) a task this
+        caller may not see."""
+        earlier = await self.log.idempotent(idempotency.key)
+        if earlier is None:
+            return None
+        fingerprint, recorded = earlier
+        task = await self._as_recorded(recorded) if fingerprint == idempotency.fingerprint else None
+        if task is None or (may_see is not None and not await may_see(task)):
+            raise Refused("idempotency_conflict", "This Idempotency-Key was used with a different request.")
+        return task
 
     @contextlib.asynccontextmanager
     async def _holding(self, key: str) -> AsyncIterator[None]:
@@ -84,7 +94,7 @@ class Commands:
 
     async def _as_recorded(self, recorded: list[RecordedEvent]) -> Task:
         """The task as an earlier append with the same key left it."""
-        task = await queries.task_as_of(self.log, recorded[-1].stream.removeprefix("task-"), recorded[-1].position)
+        task = await queries.task_as_of(self.log, streams.parse(recorded[-1].stream).id, recorded[-1].position)
         assert task is not None  # a key's fingerprint names its route: its events are this task's
         return task
 
@@ -106,7 +116,7 @@ class Commands:
                 state = await queries.task(self.log, task_id, with_watchers=False)
             if if_match is not None and state is not None and state.version not in if_match:
                 named = ", ".join(str(v) for v in sorted(if_match))
-                raise Rejected(412, "precondition_failed", f"The task is at version {state.version}, not {named}.")
+                raise Refused("precondition_failed", f"The task is at version {state.version}, not {named}.")
             concrete = command if isinstance(command, Command) else await command(state)
             events = decide(state, concrete)
             if not events:
@@ -115,7 +125,7 @@ class Commands:
                 return state, []
             try:
                 recorded = await self.append(
-                    f"task-{task_id}", events, state.version if state else 0, meta, idempotency
+                    streams.task(task_id), events, state.version if state else 0, meta, idempotency
                 )
             except WrongExpectedVersion:
                 state = None  # decide again on the task as it is now
@@ -129,7 +139,7 @@ class Commands:
             assert task is not None
             task.watchers = watchers
             return task, recorded
-        raise Rejected(409, "conflict", "The task kept changing while this request was decided; try again.")
+        raise Refused("conflict", "The task kept changing while this request was decided; try again.")
 
     async def append(
         self, stream: str, events: list[EventData], expected: int | None, meta: Meta,

@@ -8,13 +8,13 @@ import msgspec
 
 from starlette.requests import Request
 
-from events import EventLog, Meta, RecordedEvent, canonical_json
+from events import EventLog, Meta, RecordedEvent, canonical_json, streams
 from projections import queries
 from projections.tasks import Task
 from service.auth import Principal, visible_projects
 from service.commands import Commands, Idempotency
-from service.deciders import Rejected
-from service.http import parse_uuid
+from service.deciders import Refused
+from service.http import bad_request, parse_uuid
 from service.runner import Runner
 from service.settings import Settings
 
@@ -59,22 +59,9 @@ def idempotency(request: Request, who: Principal, body: bytes) -> Idempotency | 
     if key is None:
         return None
     if not 1 <= len(key) <= 200:
-        raise Rejected(400, "invalid_request", "Idempotency-Key must be 1 to 200 characters.")
+        raise bad_request("Idempotency-Key must be 1 to 200 characters.")
     fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\0".encode() + _same_json(body)).hexdigest()
     return Idempotency(f"{who.user}\0{key}", fingerprint)
-
-
-async def replayed(request: Request, idem: Idempotency | None):
-    """The events a request with this key recorded before, or None. 409 if the body differs."""
-    if idem is None:
-        return None
-    found = await log_of(request).idempotent(idem.key)
-    if found is None:
-        return None
-    fingerprint, recorded = found
-    if fingerprint != idem.fingerprint:
-        raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
-    return recorded
 
 
 async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
@@ -88,7 +75,7 @@ async def visible_task(request: Request, who: Principal, task_id: str | None = N
     task_id = parse_uuid(task_id or request.path_params["task_id"], "Task id")
     task = await queries.task(log_of(request), task_id)
     if task is None or not await can_see_project(request, who, task.project_id):
-        raise Rejected(404, "not_found", "Task not found.")
+        raise Refused("not_found", "Task not found.")
     return task
 
 
@@ -117,7 +104,7 @@ class Tenancy:
     async def admits(self, event: RecordedEvent) -> bool:
         if self.allowed is None:
             return True
-        kind, _, ident = event.stream.partition("-")
+        kind, ident = streams.parse(event.stream)
         if kind in ("task", "presence"):
             project = _task_projects.get(ident)
             if project is None:

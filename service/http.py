@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the routes: JSON in and out, and errors as API.md shapes them."""
+"""HTTP plumbing shared by the routes: JSON in and out, and errors as API.md shapes them: an
+HTTP-level refusal (`HttpError`), or a domain `Refused` given its status by one table."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.deciders import Rejected
+from service.deciders import Code, Refused
 
 T = TypeVar("T")
 
+API_PREFIX = "/api/mission-control"
+"""Where the API's resources live; /healthz, /readyz, /metrics and /openapi.json are at the root."""
 MAX_INT = 2**63 - 1
 """The largest integer SQLite binds; a larger query parameter would be a 500."""
 
@@ -26,6 +29,26 @@ class Error(msgspec.Struct):
     code: str
 
 
+class HttpError(Exception):
+    """A request refused for how it was sent (its body, its key, its rate), before any command."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+REFUSALS: dict[Code, int] = {
+    "not_found": 404, "agent_not_found": 404,
+    "forbidden": 403,
+    "already_exists": 409, "invalid_status": 409, "agent_mismatch": 409, "dependency_not_done": 409,
+    "run_over": 409, "conflict": 409, "idempotency_conflict": 409,
+    "precondition_failed": 412,
+    "concurrency_limit": 429,
+    "agent_unavailable": 503,
+}
+"""The HTTP status of each domain refusal; one that says when to retry also sends Retry-After."""
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_encoder.encode(body), status, headers, media_type="application/json")
 
@@ -34,12 +57,17 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return json_response(Error(detail=detail, code=code), status, headers)
 
 
-def bad_request(detail: str, code: str = "invalid_request") -> Rejected:
-    return Rejected(400, code, detail)
+def refusal_response(refused: Refused) -> Response:
+    headers = None if refused.retry_after is None else {"Retry-After": str(refused.retry_after)}
+    return error_response(REFUSALS[refused.code], refused.code, refused.detail, headers)
 
 
-def body_too_large(limit: int) -> Rejected:
-    return Rejected(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+def bad_request(detail: str, code: str = "invalid_request") -> HttpError:
+    return HttpError(400, code, detail)
+
+
+def body_too_large(limit: int) -> HttpError:
+    return HttpError(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
 
 
 async def read_raw_body(request: Request, required: bool = True) -> bytes:
@@ -59,7 +87,7 @@ async def read_raw_body(request: Request, required: bool = True) -> bytes:
         return b""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise Rejected(415, "unsupported_media_type", "The request body must be application/json.")
+        raise HttpError(415, "unsupported_media_type", "The request body must be application/json.")
     return body
 
 

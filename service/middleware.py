@@ -14,15 +14,14 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import authenticate
-from service.deciders import Rejected
-from service.http import body_too_large, error_response, whole_number
+from service.http import HttpError, body_too_large, error_response, whole_number
 from service.ratelimit import RateLimiter
+from service.routes.stream import PATH as STREAM_PATH
 
 access_log = structlog.get_logger("mission_control.access")
 
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/")
 PUBLIC_PREFIXES = ("/static/",)
-STREAM_PATH = "/api/mission-control/activity/stream"
 REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 """A client's X-Request-ID is kept (in every event's meta) only if it is printable ASCII."""
 
@@ -75,7 +74,7 @@ class ApiMiddleware:
             if metrics is not None:
                 metrics.observe_request(scope["method"], route, status, seconds)
 
-    async def _admit(self, scope: Scope, headers: Headers) -> Rejected | None:
+    async def _admit(self, scope: Scope, headers: Headers) -> HttpError | None:
         path = scope["path"]
         settings = self.state.settings
         if path in PUBLIC or path.startswith(PUBLIC_PREFIXES) or (path == "/metrics" and settings.metrics_public):
@@ -89,13 +88,13 @@ class ApiMiddleware:
             token = QueryParams(scope.get("query_string", b"")).get("access_token")
         try:
             principal = await authenticate(self.state.log, token)
-        except Rejected as rejected:
+        except HttpError as rejected:
             return rejected
         if self.limiter is None:
             self.limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
         wait = self.limiter.take(principal.key_id)
         if wait > 0:
-            return Rejected(
+            return HttpError(
                 429, "rate_limited", "Too many requests for this API key; slow down.",
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )

@@ -18,13 +18,15 @@ from starlette.routing import Route
 
 from events import RecordedEvent
 from projections.agents import Agent
+from projections.approvals import APPROVAL_STATUSES
+from projections import lifecycle
+from projections.lifecycle import STATUSES
 from projections.projects import Project
-from projections.tasks import STATUSES, Task
+from projections.tasks import Task
 from service import schemas
-from service.http import Error
+from service.http import API_PREFIX, Error
 
 REF = "#/components/schemas/{name}"
-API_PREFIX = "/api/mission-control"
 TITLE = "Mission Control"
 
 
@@ -199,7 +201,7 @@ OPERATIONS: dict[str, Op] = {
     # --- approvals ----------------------------------------------------------------------
     "list_approvals": Op(
         summary="Approvals, oldest first.", scope="task:read", answer=list[schemas.ApprovalOut],
-        params=(Param("status", {"enum": ["pending", "approved", "rejected", "all"], "default": "pending"},
+        params=(Param("status", {"enum": [*APPROVAL_STATUSES, "all"], "default": "pending"},
                       "Which approvals."),),
     ),
     "get_approval": Op(summary="An approval.", scope="task:read", answer=schemas.ApprovalOut),
@@ -276,6 +278,21 @@ _ERROR_WORDS = {
 }
 
 
+LIFECYCLE: dict[str, lifecycle.Command] = {
+    "update_task": "edit", "run_task": "run", "cancel_task": "cancel", "retry_task": "retry",
+    "send_message": "message", "review_task": "review", "resolve": "review",
+}
+"""Operations that the task's status may refuse (409), and the lifecycle command each asks for."""
+
+
+def _error_words(name: str, status: int) -> str:
+    if status == 409 and name in LIFECYCLE:
+        allowed = lifecycle.either(lifecycle.admitting(LIFECYCLE[name]))
+        return (f"The task's status is not {allowed}, the resource changed meanwhile, or an Idempotency-Key "
+                "was used with another body.")
+    return _ERROR_WORDS[status]
+
+
 def _errors(op: Op, path_params: list[str]) -> list[int]:
     found = set(op.errors)
     if op.scope is not None:
@@ -320,7 +337,7 @@ def _operation(path: str, name: str, op: Op, path_params: list[str], schemas_of:
         if str(status) in responses:
             continue
         error: dict[str, Any] = {
-            "description": _ERROR_WORDS[status],
+            "description": _error_words(name, status),
             "content": {"application/json": {"schema": {"$ref": REF.format(name="Error")}}},
         }
         if status in (429, 503):

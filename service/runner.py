@@ -16,12 +16,13 @@ import structlog
 from events import EventLog, Meta
 from projections import queries
 from projections.agents import Agent
-from projections.tasks import ACTIVE, Task
+from projections.lifecycle import ACTIVE
+from projections.tasks import Task
 from service.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.agents.kinds import KINDS
 from service.agents.process import kill_orphans
 from service.commands import Commands
-from service.deciders import Command, FailRun, FinishRun, RecordOutput, Rejected, RequestInput
+from service.deciders import Command, FailRun, FinishRun, RecordOutput, RequestInput, RunOver
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.runner")
@@ -143,10 +144,8 @@ class Runner:
         try:
             await self.commands.task(task_id, command, Meta(actor=RUNNER_ACTOR))
             return True
-        except Rejected as rejected:
-            if rejected.code == "run_over":
-                return False
-            raise
+        except RunOver:
+            return False
 
     async def _prompt(self, task: Task) -> str:
         project = await queries.project(self.log, task.project_id)

@@ -4,13 +4,14 @@ encode what goes out, and generate the OpenAPI document."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from events import types as t
-from projections.tasks import Status
+from projections.approvals import ApprovalStatus
+from projections.lifecycle import Status
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
@@ -110,7 +111,7 @@ class TaskSummary(Struct, kw_only=True, rename="camel"):
 class ApprovalOut(Struct, kw_only=True, rename="camel"):
     id: str
     task_id: str
-    status: Literal["pending", "approved", "rejected"]
+    status: ApprovalStatus
     created_at: str
     resolved_at: str | None
     resolved_by: str | None

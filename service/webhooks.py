@@ -29,14 +29,14 @@ import httpx
 import msgspec
 import structlog
 
-from events import EventLog, Meta, RecordedEvent, TypeFilter, decode
+from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
 from events import types as t
 from projections import queries
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.webhooks")
 
-STREAM = "webhooks"
+STREAM = streams.WEBHOOKS
 ACTOR = "mission-control:webhooks"
 TRIGGERS = ("task.review", "task.completed", "task.failed", "task.cancelled")
 FOLDED = TypeFilter([*TRIGGERS, t.WebhookAttempted.event_type])

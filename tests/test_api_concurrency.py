@@ -5,7 +5,7 @@ import threading
 
 import httpx
 
-from projections.tasks import ACTIVE
+from projections.lifecycle import ACTIVE
 from tests.api_helpers import UNLIMITED, Fold, read_log, refused
 
 LIMIT = 5

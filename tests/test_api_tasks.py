@@ -446,6 +446,26 @@ def test_approval_door_resolves_the_task_in_the_same_append(c):
         refused(c.post(f"/tasks/{task['id']}/review", json={"decision": "approve"}), 409, "invalid_status")
 
 
+def test_task_completed_carries_the_deliverable_through_either_door_of_approval(c):
+    """The same event means the same thing whichever way led to it: a completion after review
+    carries the run's result, as a completion without review does."""
+    def completed(task_id: str) -> dict:
+        (event,) = [e for e in events_of(c, task_id) if e["type"] == "task.completed"]
+        return event["payload"]
+
+    direct = finished(c, "done", content="no review")
+    reviewed = finished(c, "review", content="the review door")
+    resolved = finished(c, "review", content="the approvals door")
+    assert c.post(f"/tasks/{reviewed['id']}/review", json={"decision": "approve"}).status_code == 200
+    answer = c.post(f"/approvals/{resolved['approvalId']}/resolve", json={"decision": "approve"})
+    assert answer.status_code == 200, answer.text
+
+    assert completed(direct["id"])["result"] == "no review"
+    assert completed(reviewed["id"])["result"] == "the review door"
+    assert completed(resolved["id"])["result"] == "the approvals door"
+    assert get(c, resolved["id"])["result"] == "the approvals door"
+
+
 def test_approvals_list_by_status_oldest_first(c):
     first, second, third = (finished(c, "review") for _ in range(3))
     ids = [t["approvalId"] for t in (first, second, third)]

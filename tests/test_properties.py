@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from projections.tasks import ACTIVE
+from projections.lifecycle import ACTIVE
 from tests.api_helpers import Fold, as_json, wait_for
 
 MAX_CONCURRENT = 5  # the server's default

@@ -1,9 +1,12 @@
-"""The agent kinds of API.md: the function that runs each, and the config it takes."""
+"""The agent kinds of API.md: the function that runs each, and the config it takes. What each
+kind may do (its task types, whether it needs an admin, whether it runs programs) is
+projections.agents.AGENT_KINDS."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from events.types import AgentKind
 from service.agents import AgentFunction, parse_config
 from service.agents import echo, shell
 from service.agents import exec as exec_agent
@@ -16,7 +19,7 @@ class Kind(NamedTuple):
     """The msgspec type of its `config`; None: any config (the built-in echo ignores it)."""
 
 
-KINDS: dict[str, Kind] = {
+KINDS: dict[AgentKind, Kind] = {
     "echo": Kind(echo.run, None),
     "shell": Kind(shell.run, shell.ShellConfig),
     "exec": Kind(exec_agent.run, exec_agent.ExecConfig),

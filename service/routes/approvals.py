@@ -7,17 +7,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from projections import queries
-from projections.approvals import Approval
+from projections.approvals import APPROVAL_STATUSES, Approval
+from projections.lifecycle import either
 from projections.tasks import Task
 from service import schemas
 from service.auth import visible_projects
 from service.context import (
     can_see_project, commands_of, idempotency, log_of, meta, principal,
 )
-from service.deciders import Rejected, Review, resolve_approval
-from service.http import bad_request, json_response, parse_uuid, read_body
+from service.deciders import Refused, Review, resolve_approval
+from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
-PREFIX = "/api/mission-control/approvals"
+PREFIX = f"{API_PREFIX}/approvals"
 
 
 def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
@@ -34,8 +35,8 @@ def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
 async def list_approvals(request: Request) -> Response:
     who = principal(request, "task:read")
     status = request.query_params.get("status", "pending")
-    if status not in ("pending", "approved", "rejected", "all"):
-        raise bad_request("Query parameter status must be pending, approved, rejected or all.")
+    if status not in (*APPROVAL_STATUSES, "all"):
+        raise bad_request(f"Query parameter status must be {either((*APPROVAL_STATUSES, 'all'))}.")
     log = log_of(request)
     found = await queries.approvals(log, None if status == "all" else status, await visible_projects(log, who))
     return json_response([approval_out(approval, task) for approval, task in found])
@@ -47,7 +48,7 @@ async def _approval(request: Request, who) -> tuple[Approval, Task]:
     approval = await queries.approval(log_of(request), approval_id)
     task = approval and await queries.task(log_of(request), approval.task_id, with_watchers=False)
     if task is None or not await can_see_project(request, who, task.project_id):
-        raise Rejected(404, "not_found", "Approval not found.")
+        raise Refused("not_found", "Approval not found.")
     return approval, task
 
 

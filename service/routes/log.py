@@ -13,9 +13,8 @@ from events.verify import verify_chain
 from projections import queries
 from service import schemas
 from service.context import Tenancy, log_of, principal, settings_of
-from service.http import bad_request, json_response, query_int
+from service.http import API_PREFIX, bad_request, json_response, query_int
 
-PREFIX = "/api/mission-control"
 _encoder = msgspec.json.Encoder()
 
 
@@ -99,8 +98,8 @@ async def overview(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route(f"{PREFIX}/events", list_events, methods=["GET"]),
-        Route(f"{PREFIX}/audit/verify", verify, methods=["GET"]),
-        Route(f"{PREFIX}/audit/digest", digest, methods=["GET"]),
-        Route(f"{PREFIX}/overview", overview, methods=["GET"]),
+        Route(f"{API_PREFIX}/events", list_events, methods=["GET"]),
+        Route(f"{API_PREFIX}/audit/verify", verify, methods=["GET"]),
+        Route(f"{API_PREFIX}/audit/digest", digest, methods=["GET"]),
+        Route(f"{API_PREFIX}/overview", overview, methods=["GET"]),
     ]

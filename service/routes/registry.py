@@ -10,18 +10,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from events import typed
+from events import streams
 from events import types as t
 from projections import agents, projects, queries
-from projections.agents import Agent
+from projections.agents import AGENT_KINDS, Agent
 from projections.projects import Project
 from service import schemas
 from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
 from service.context import commands_of, idempotency, log_of, meta, principal
-from service.deciders import Rejected
-from service.http import bad_request, json_response, parse_uuid, read_body
-
-PREFIX = "/api/mission-control"
+from service.deciders import Refused
+from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
 
 def _changes(body: msgspec.Struct) -> dict:
@@ -42,9 +41,9 @@ async def _record(request: Request, who: Principal, stream: str, events: list, e
 # --- agents ----------------------------------------------------------------------
 
 
-def _shell_needs_admin(who: Principal, kind: str) -> None:
-    if kind == "shell" and not who.has("admin"):
-        raise Rejected(403, "forbidden", "Only an admin key may register or change a shell agent.")
+def _admin_only(who: Principal, kind: str) -> None:
+    if AGENT_KINDS[kind].admin_only and not who.has("admin"):
+        raise Refused("forbidden", f"Only an admin key may register or change a {kind} agent.")
 
 
 def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
@@ -60,7 +59,7 @@ async def _agent(request: Request) -> Agent:
     agent_id = parse_uuid(request.path_params["agent_id"], "Agent id")
     agent = await queries.agent(log_of(request), agent_id)
     if agent is None:
-        raise Rejected(404, "not_found", "Agent not found.")
+        raise Refused("not_found", "Agent not found.")
     return agent
 
 
@@ -80,25 +79,25 @@ async def get_agent(request: Request) -> Response:
 async def create_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
     raw, body = await read_body(request, schemas.CreateAgent)
-    _shell_needs_admin(who, body.kind)
+    _admin_only(who, body.kind)
     _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
-    agent = await _record(request, who, f"agent-{agent_id}", [event], 0, raw, agents.evolve)
-    return json_response(agent, 201, {"Location": f"{PREFIX}/agents/{agent.id}"})
+    agent = await _record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
+    return json_response(agent, 201, {"Location": f"{API_PREFIX}/agents/{agent.id}"})
 
 
 async def update_agent(request: Request) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
-    _shell_needs_admin(who, agent.kind)
+    _admin_only(who, agent.kind)
     raw, body = await read_body(request, schemas.UpdateAgent)
     _check_config(agent.kind, body.config)
     return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
 
 
 async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Response:
-    return json_response(await _record(request, who, f"agent-{agent.id}", [event], agent.version, raw, agents.evolve))
+    return json_response(await _record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve))
 
 
 async def pause_agent(request: Request) -> Response:
@@ -112,7 +111,7 @@ async def resume_agent(request: Request) -> Response:
 async def _set_status(request: Request, event_type) -> Response:
     who = principal(request, "agent:write")
     agent = await _agent(request)
-    _shell_needs_admin(who, agent.kind)
+    _admin_only(who, agent.kind)
     raw, _ = await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
     return await _agent_event(request, who, agent, event_type(agent_id=agent.id), raw)
 
@@ -125,7 +124,7 @@ async def _project(request: Request, who: Principal) -> Project:
     project = await queries.project(log_of(request), project_id)
     allowed = await visible_projects(log_of(request), who)
     if project is None or (allowed is not None and project_id not in allowed):
-        raise Rejected(404, "not_found", "Project not found.")
+        raise Refused("not_found", "Project not found.")
     return project
 
 
@@ -146,8 +145,8 @@ async def create_project(request: Request) -> Response:
     raw, body = await read_body(request, schemas.CreateProject)
     project_id = str(uuid.uuid4())
     event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
-    project = await _record(request, who, f"project-{project_id}", [event], 0, raw, projects.evolve)
-    return json_response(project, 201, {"Location": f"{PREFIX}/projects/{project.id}"})
+    project = await _record(request, who, streams.project(project_id), [event], 0, raw, projects.evolve)
+    return json_response(project, 201, {"Location": f"{API_PREFIX}/projects/{project.id}"})
 
 
 async def update_project(request: Request) -> Response:
@@ -156,12 +155,12 @@ async def update_project(request: Request) -> Response:
     raw, body = await read_body(request, schemas.UpdateProject)
     event = t.ProjectUpdated(project_id=project.id, **_changes(body))
     return json_response(
-        await _record(request, who, f"project-{project.id}", [event], project.version, raw, projects.evolve)
+        await _record(request, who, streams.project(project.id), [event], project.version, raw, projects.evolve)
     )
 
 
 def routes() -> list[Route]:
-    a, p = f"{PREFIX}/agents", f"{PREFIX}/projects"
+    a, p = f"{API_PREFIX}/agents", f"{API_PREFIX}/projects"
     return [
         Route(a, list_agents, methods=["GET"]),
         Route(a, create_agent, methods=["POST"]),

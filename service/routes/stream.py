@@ -29,12 +29,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from events import RecordedEvent
+from events import streams as stream_names
 from projections import queries
 from service.context import Tenancy, log_of, principal, settings_of
-from service.http import bad_request, parse_uuid, whole_number
+from service.http import API_PREFIX, bad_request, parse_uuid, whole_number
 from service.routes.log import type_filter
 
-PATH = "/api/mission-control/activity/stream"
+PATH = f"{API_PREFIX}/activity/stream"
 RETRY_MS = 2000
 PAGE = 200
 """Log positions a client is handed at a time (the most one client makes the server hold)."""
@@ -65,7 +66,7 @@ def stream_filter(request: Request) -> list[str] | None:
     streams = None
     if (task_id := request.query_params.get("taskId")) is not None:
         task_id = parse_uuid(task_id, "taskId")
-        streams = [f"task-{task_id}", f"presence-{task_id}"]
+        streams = [stream_names.task(task_id), stream_names.presence(task_id)]
     if (stream := request.query_params.get("stream")) is not None:
         if not stream:
             raise bad_request("Query parameter stream names no stream.")

@@ -11,24 +11,24 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from events import TypeFilter, decode
+from events import streams
 from events import types as t
 from projections import queries
-from projections.tasks import STATUSES, Task
+from projections.lifecycle import STATUSES
+from projections.tasks import Task
 from service import schemas
 from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal, replayed, runner_of,
+    can_see_project, commands_of, idempotency, log_of, meta, principal, runner_of,
     settings_of, visible_task,
 )
 from service.deciders import (
-    ArchiveTask, CancelTask, CreateTask, Rejected, RetryTask, Review, SendMessage, StartRun, UpdateTask,
+    ArchiveTask, CancelTask, CreateTask, Refused, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
 from service.http import (
-    bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
+    API_PREFIX, bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
 )
 from service.runner import ECHO_AGENT_ID
-
-PREFIX = "/api/mission-control"
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -43,7 +43,7 @@ def if_match(request: Request) -> set[int] | None:
         return None
     versions = {whole_number(tag.strip().removeprefix("W/").strip('"')) for tag in raw.split(",")}
     if None in versions:
-        raise Rejected(412, "precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
+        raise Refused("precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
     return versions  # type: ignore[return-value]
 
 
@@ -85,22 +85,24 @@ async def create_task(request: Request) -> Response:
     who = principal(request, "task:write")
     raw, body = await read_body(request, schemas.CreateTask)
     idem = idempotency(request, who, raw)
-    earlier = await replayed(request, idem)
     log = log_of(request)
-    if earlier:
-        task = await queries.task_as_of(log, earlier[0].stream.removeprefix("task-"), earlier[-1].position)
-        if not await can_see_project(request, who, task.project_id):  # the user's other key, or a project left
-            raise Rejected(409, "idempotency_conflict", "This Idempotency-Key was used with a different request.")
-        return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+
+    async def may_see(task: Task) -> bool:  # not if created by the user's key for another project
+        return await can_see_project(request, who, task.project_id)
+
+    # A replay answers before anything is checked or created (the default project) again.
+    earlier = await commands_of(request).replay(idem, may_see) if idem else None
+    if earlier is not None:
+        return task_response(earlier, 201, {"Location": f"{API_PREFIX}/tasks/{earlier.id}"})
     if body.webhook_url is not None:
         _check_webhook_url(body.webhook_url)
     project_id = await _target_project(request, who, body.project_id)
     if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
-        raise Rejected(404, "agent_not_found", f"Agent {body.agent_id} not found.")
+        raise Refused("agent_not_found", f"Agent {body.agent_id} not found.")
     for dependency in body.depends_on:
         dep = await queries.task(log, str(dependency), with_watchers=False)
         if dep is None or not await can_see_project(request, who, dep.project_id):
-            raise Rejected(404, "not_found", f"Dependency {dependency} not found.")
+            raise Refused("not_found", f"Dependency {dependency} not found.")
     task_id = str(uuid.uuid4())
     event = t.TaskCreated(
         task_id=task_id, type=body.type, content=body.content, project_id=project_id, created_by=who.user,
@@ -112,7 +114,7 @@ async def create_task(request: Request) -> Response:
         depends_on=[str(d) for d in body.depends_on], webhook_url=body.webhook_url,
     )
     task, _ = await commands_of(request).task(task_id, CreateTask(event=event), meta(request, who), idem)
-    return task_response(task, 201, {"Location": f"{PREFIX}/tasks/{task.id}"})
+    return task_response(task, 201, {"Location": f"{API_PREFIX}/tasks/{task.id}"})
 
 
 def _check_webhook_url(url: str) -> None:
@@ -134,7 +136,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
     if await queries.project(log, project_id) is None or not await can_see_project(request, who, project_id):
-        raise Rejected(404, "not_found", f"Project {project_id} not found.")
+        raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
 
@@ -147,7 +149,7 @@ async def get_task(request: Request) -> Response:
         position = query_int(request, "asOf", 0, 0)
         past = await queries.task_as_of(log_of(request), task.id, position)
         if past is None:
-            raise Rejected(404, "not_found", f"Task {task.id} did not exist yet at position {position}.")
+            raise Refused("not_found", f"Task {task.id} did not exist yet at position {position}.")
         return task_response(past)
     return task_response(task)
 
@@ -250,7 +252,7 @@ async def mark_presence(request: Request) -> Response:
     task = await visible_task(request, who)
     raw, body = await read_body(request, schemas.PresenceBody)
     await commands_of(request).append(  # with a used Idempotency-Key the log appends nothing again
-        f"presence-{task.id}", [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
+        streams.presence(task.id), [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
         meta(request, who), idempotency(request, who, raw),
     )
     return Response(status_code=204)
@@ -268,7 +270,7 @@ async def clear_presence(request: Request) -> Response:
     present = await queries.watchers(log_of(request), [task.id])
     if device_id in present.get(task.id, []):
         await log_of(request).append(
-            f"presence-{task.id}", [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)
+            streams.presence(task.id), [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)
         )
     return Response(status_code=204)
 
@@ -278,7 +280,7 @@ async def task_events(request: Request) -> Response:
     task = await visible_task(request, who)
     after = query_int(request, "after", 0, 0)
     limit = query_int(request, "limit", 500, 1, 5000)
-    page = await log_of(request).read_all(after, limit, streams=[f"task-{task.id}"])
+    page = await log_of(request).read_all(after, limit, streams=[streams.task(task.id)])
     return json_response(page.events, headers={"X-Next-After": str(page.next)})
 
 
@@ -292,15 +294,15 @@ async def task_output(request: Request) -> Response:
     log = log_of(request)
     if run_id != task.run_id and not any(
         msgspec.json.decode(e.payload, type=t.TaskStarted).run_id == run_id
-        for e in await log.read_stream(f"task-{task.id}", types=TypeFilter(["task.started"]))
+        for e in await log.read_stream(streams.task(task.id), types=TypeFilter(["task.started"]))
     ):  # a mistyped run would otherwise read as a run that wrote nothing
-        raise Rejected(404, "not_found", f"Task {task.id} has no run {run_id}.")
+        raise Refused("not_found", f"Task {task.id} has no run {run_id}.")
     only_output = TypeFilter(["task.output"])
 
     async def chunks():
         version = 0
         while True:
-            page = await log.read_stream(f"task-{task.id}", version, types=only_output, limit=500)
+            page = await log.read_stream(streams.task(task.id), version, types=only_output, limit=500)
             if not page:
                 return
             for event in page:
@@ -313,7 +315,7 @@ async def task_output(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    p = f"{PREFIX}/tasks"
+    p = f"{API_PREFIX}/tasks"
     return [
         Route(p, list_tasks, methods=["GET"]),
         Route(p, create_task, methods=["POST"]),

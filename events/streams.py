@@ -1,0 +1,43 @@
+"""Stream names: `<kind>-<id>` for one thing's events, built and read back only here.
+
+A task's own events (and its approvals') are in `task-<id>`; its presence in `presence-<id>`, so
+watching a task never moves the task's version. Webhook attempts share one stream.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+WEBHOOKS = "webhooks"
+
+
+def task(task_id: str) -> str:
+    return f"task-{task_id}"
+
+
+def presence(task_id: str) -> str:
+    return f"presence-{task_id}"
+
+
+def agent(agent_id: str) -> str:
+    return f"agent-{agent_id}"
+
+
+def project(project_id: str) -> str:
+    return f"project-{project_id}"
+
+
+def apikey(key_id: str) -> str:
+    return f"apikey-{key_id}"
+
+
+class Name(NamedTuple):
+    kind: str
+    """task, presence, agent, project or apikey for a stream built here."""
+    id: str
+
+
+def parse(stream: str) -> Name:
+    """The kind and id a stream name was built from (`webhooks` has kind `webhooks` and no id)."""
+    kind, _, ident = stream.partition("-")
+    return Name(kind, ident)

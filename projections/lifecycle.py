@@ -1,0 +1,69 @@
+"""The task's state machine as two tables: which commands each status admits, and which status
+each event leads to.
+
+The decider (service/deciders.py) refuses a command its task's status does not admit; the fold
+(projections/tasks.py) sets the status an event leads to; the OpenAPI document says which
+statuses an operation needs. None of them restates a status list.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from events import types as t
+
+Status = Literal["pending", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+ACTIVE: frozenset[Status] = frozenset({"running", "awaiting_input"})
+"""A run in progress: each of these statuses holds one of the `maxConcurrent` run slots."""
+
+Command = Literal[
+    "edit", "annotate", "archive", "run", "cancel", "retry", "message", "review",
+    "output", "ask", "finish", "fail",
+]
+"""What can be asked of an existing task: by a client (edit: change a field other than title,
+metadata and archived; annotate: change those three; the rest as their routes say) and by the
+runner about the run in progress (output, ask for input, finish, fail)."""
+
+ADMITS: dict[Command, frozenset[Status]] = {
+    "edit": frozenset({"pending"}),
+    "annotate": frozenset(STATUSES),
+    "archive": frozenset(STATUSES),
+    "run": frozenset({"pending"}),
+    "cancel": frozenset({"pending", "running", "awaiting_input"}),
+    "retry": frozenset({"failed", "cancelled"}),
+    "message": ACTIVE,
+    "review": frozenset({"review"}),
+    "output": ACTIVE,
+    "ask": ACTIVE,
+    "finish": ACTIVE,
+    "fail": ACTIVE,
+}
+"""Beside these, cancelling a cancelled task is no refusal: it changes nothing."""
+
+LEADS_TO: dict[type[t.EventData], Status] = {
+    t.TaskCreated: "pending",
+    t.TaskStarted: "running",
+    t.TaskInputRequested: "awaiting_input",
+    t.TaskMessage: "running",
+    t.TaskReview: "review",
+    t.TaskCompleted: "done",
+    t.TaskFailed: "failed",
+    t.TaskCancelled: "cancelled",
+    t.TaskRetried: "pending",
+}
+"""Task events absent here leave the status as it is."""
+
+
+def admits(status: Status, command: Command) -> bool:
+    return status in ADMITS[command]
+
+
+def admitting(command: Command) -> tuple[Status, ...]:
+    """The statuses that admit `command`, in lifecycle order."""
+    return tuple(s for s in STATUSES if s in ADMITS[command])
+
+
+def either(statuses: tuple[str, ...]) -> str:
+    """`a, b or c`: statuses as a sentence names them."""
+    return statuses[0] if len(statuses) == 1 else f"{', '.join(statuses[:-1])} or {statuses[-1]}"
