@@ -261,6 +261,22 @@ class WebhookAttempted(EventData):
     recorded: where a restarted delivery worker resumes its fold of the log."""
 
 
+# The log's own history
+
+
+class LogRechained(EventData):
+    """`import --rechain` carried a log hashed with code-point key order (before RFC 8785) forward:
+    the old chain's head, so that an export or digest taken before stays traceable."""
+
+    event_type: ClassVar[str] = "log.rechained"
+    previous_head: int
+    previous_hash: str
+    first_changed: int
+    """The first position whose payload or meta was re-encoded; every hash from it on is new."""
+    changed: int
+    """How many events were re-encoded."""
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.event_type: cls
     for cls in (
@@ -269,5 +285,6 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ApprovalCreated, ApprovalResolved, PresenceMarked, PresenceCleared,
         AgentRegistered, AgentUpdated, AgentPaused, AgentResumed,
         ProjectCreated, ProjectUpdated, ApiKeyIssued, ApiKeyRevoked, WebhookAttempted,
+        LogRechained,
     )
 }

@@ -8,8 +8,8 @@ holds one recorded event per line, oldest first. It is intact when:
 
   1. positions run 1, 2, 3, ... with no gap;
   2. within each stream, versions run 1, 2, 3, ...;
-  3. every hash is sha256(previous hash + the event without its hash, as canonical JSON),
-     the "previous hash" of position 1 being 64 zeros (API.md, "The activity stream and the log").
+  3. every hash is sha256(previous hash + the event without its hash, in RFC 8785 (JCS)
+     form), the "previous hash" of position 1 being 64 zeros.
 
 A digest POSITION:HASH saved earlier (GET /audit/digest) adds a fourth rule: the event at
 POSITION still carries HASH, so nothing up to it changed since the digest was taken.
@@ -22,14 +22,32 @@ import json
 import sys
 
 
+GENESIS_HASH = "0" * 64  # the "previous hash" of position 1
+
+
+def sort_utf16(value):
+    """RFC 8785 orders object keys by their UTF-16 code units, not by code points: the two
+    differ when a key holds a character outside the BMP (an emoji) beside one in U+E000-U+FFFF."""
+    if isinstance(value, dict):
+        return {key: sort_utf16(value[key]) for key in sorted(value, key=lambda key: key.encode("utf-16-be"))}
+    if isinstance(value, list):
+        return [sort_utf16(item) for item in value]
+    return value
+
+
 def canonical(event):
-    # RFC 8785 (JCS) for the values events hold: sorted keys, no spaces, UTF-8 as is.
+    # RFC 8785 (JCS) for the values events hold: keys in UTF-16 order, no spaces, UTF-8 as is.
+    return json.dumps(sort_utf16(event), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def code_point_ordered(event):
+    # The form Mission Control hashed before it followed RFC 8785: keys in code-point order.
     return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def verify(path, digest=None):
     """Returns (True, summary) or (False, what broke and where)."""
-    previous_hash = "0" * 64
+    previous_hash = GENESIS_HASH
     versions = {}  # stream -> last version seen
     position = 0  # the last good position
     with open(path, encoding="utf-8") as lines:
@@ -51,6 +69,11 @@ def verify(path, digest=None):
             versions[stream] = version
             computed = hashlib.sha256(bytes.fromhex(previous_hash) + canonical(event)).hexdigest()
             if computed != stored_hash:
+                old = hashlib.sha256(bytes.fromhex(previous_hash) + code_point_ordered(event)).hexdigest()
+                if old == stored_hash:
+                    return False, (f"broken at position {expected}: hashed with code-point key order (the pre-RFC "
+                                   "8785 canonical form), not tampered with; `mission-control import --rechain` "
+                                   "carries such a log forward")
                 return False, f"broken at position {expected}: the hash does not match the event and its predecessor"
             if digest and expected == digest[0] and stored_hash != digest[1]:
                 return False, f"broken at position {expected}: it no longer carries the digest's hash"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from events import RecordedEvent, open_log
-from events.verify import ChainBroken, verify_chain
+from events.verify import ChainBroken, Rechain, verify_chain
 from projections import queries, store
 from service import auth
 from service.settings import Settings, env_name, from_env
@@ -220,11 +220,14 @@ def import_(args) -> int:
     if not source.is_file():
         return _fail(f"no file {source}")
 
+    rechain = Rechain() if args.rechain else None
+
     async def work(log, progress):
         head = await log.read_head()
         if head:
             raise _Failed(f"{settings.database} already holds {head} events; import needs an empty data dir")
-        return await log.import_recorded(_recorded(source, progress))
+        events = _recorded(source, progress)
+        return await log.import_recorded(rechain.carry(events, "mission-control:cli") if rechain else events)
 
     try:
         with _progress("importing", "bytes") as progress:
@@ -233,6 +236,12 @@ def import_(args) -> int:
         print(f"mission-control: refused {source}, nothing imported: {broken}", file=sys.stderr)
         return 1
     print(f"imported {head} events into {settings.database}")
+    if rechain and rechain.first_changed is not None:
+        print(f"re-hashed in RFC 8785 form from position {rechain.first_changed} ({rechain.changed} events "
+              f"re-encoded); the old head {rechain.old.position}:{rechain.old.previous} is recorded at "
+              f"position {head} (log.rechained)")
+    elif rechain:
+        print("nothing needed re-hashing: the chain already holds under RFC 8785")
     return 0
 
 
@@ -313,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
                   "exit 1 with the first bad position, importing nothing.",
                   "mission-control import log.ndjson --data-dir ./replica")
     sub.add_argument("file", help="an NDJSON export, one recorded event a line")
+    sub.add_argument("--rechain", action="store_true",
+                     help="carry forward a log hashed with code-point key order (before RFC 8785): re-encode and "
+                          "re-hash it, recording the old head hash in a last log.rechained event")
     data_dir(sub)
 
     sub = command("rebuild", rebuild, "Drop every read model and refold it from the log.",

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from events import RecordedEvent
+from events.verify import ChainReport
 from projections.agents import Agent
 from projections.approvals import APPROVAL_STATUSES
 from projections import lifecycle
@@ -244,7 +245,7 @@ OPERATIONS: dict[str, Op] = {
                 Param("limit", _int(1, 5000, 500), "Page size (JSON only)."),
                 Param("stream", TEXT, "Only this stream (`task-<id>`)."), TYPES),
     ),
-    "verify": Op(summary="Check the hash chain.", scope="audit:read", answer=schemas.Verification),
+    "verify": Op(summary="Check the hash chain.", scope="audit:read", answer=ChainReport),
     "digest": Op(summary="The head's position and hash, to check later that the log still extends it.",
                  scope="audit:read", answer=schemas.Digest),
     "overview": Op(summary="Counts, resources and the log's head.", scope="task:read", answer=schemas.Overview),

@@ -151,14 +151,6 @@ class EventsPage(Struct):
     head: int
 
 
-class Verification(Struct, kw_only=True, rename="camel"):
-    ok: bool
-    head: int
-    checked: int
-    first_bad_position: int | None
-    reason: str | None = None
-
-
 class Digest(Struct):
     position: int
     hash: str

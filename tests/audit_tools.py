@@ -16,8 +16,8 @@ import msgspec
 from events import GENESIS_HASH, RecordedEvent, chain_hash
 from projections.store import MODELS
 from tests.api_helpers import wait_for
+from tests.chain_audit import VERIFY_EXPORT
 
-VERIFY_EXPORT = Path(__file__).parent.parent / "scripts" / "verify_export.py"
 READ_MODEL_TABLES = ("counters", "checkpoint", *(m.table for m in MODELS))
 SETTLED = {"review", "done", "failed", "cancelled"}
 COLUMNS = "position, stream, version, type, payload, meta, recorded_at, hash"

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import msgspec
 import pytest
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -452,11 +453,12 @@ async def test_hash_chain_matches_an_independent_audit(log_factory):
     assert set(json.loads(bytes(recorded[1].payload))) == {"taskId", "title", "priority"}
 
 
-json_text = st.text(st.characters(codec="utf-8")) | st.text(  # any text, and text dense in escapes
-    "\x00\x08\t\n\x0b\x0c\r\x1f\x7f\"\\/\u2028\ufeffé€😀aZ"
+json_text = st.text(st.characters(codec="utf-8")) | st.text(  # any text, text dense in escapes, and
+    # characters on both sides of the UTF-16 surrogates, where code-point and RFC 8785 order differ
+    "\x00\x08\t\n\x0b\x0c\r\x1f\x7f\"\\/\u2028\ufeffé€😀aZ\ue000\uffff\U00010000\U000e0067"
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | json_text,
+    st.none() | st.booleans() | st.integers(-(2**53 - 1), 2**53 - 1) | json_text,
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(json_text, inner, max_size=6),
     max_leaves=30,
 )
@@ -464,8 +466,8 @@ json_values = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(json_values)
-def test_canonical_json_is_what_json_dumps_writes(value):
-    assert events.canonical_json(value) == canonical(value)
+def test_canonical_json_is_rfc8785_as_json_dumps_and_the_rfc8785_package_write_it(value):
+    assert events.canonical_json(value) == canonical(value) == rfc8785.dumps(value)
 
 
 # --- projectors ------------------------------------------------------------------------------

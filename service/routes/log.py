@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from events import TypeFilter
+from events import GENESIS_HASH, TypeFilter
 from events.verify import verify_chain
 from projections import queries
 from service import schemas
@@ -69,7 +69,7 @@ async def digest(request: Request) -> Response:
     log = log_of(request)
     head = await log.read_head()
     if head == 0:
-        return json_response(schemas.Digest(position=0, hash="0" * 64))
+        return json_response(schemas.Digest(position=0, hash=GENESIS_HASH))
     page = await log.read_all(head - 1, 1, until=head)
     return json_response(schemas.Digest(position=head, hash=page.events[0].hash))
 
