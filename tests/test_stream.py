@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -329,7 +330,7 @@ def test_tenancy_a_member_sees_only_their_projects(srv):
         f"project-{default_project_id('bob')}"}
 
 
-def test_the_stream_of_a_revoked_key_ends(srv):
+def test_the_stream_of_a_revoked_key_ends_within_a_second(srv):
     token = srv.token("erin", "task:read")
     (key_id,) = [line.split()[0] for line in cli(srv.data_dir, "token", "list").stdout.splitlines() if " erin " in line]
     admin = srv.client()
@@ -339,19 +340,25 @@ def test_the_stream_of_a_revoked_key_ends(srv):
         while not stop.wait(0.1):
             admin.post("/tasks", json={"type": "prompt", "content": "x", "projectId": default_project_id("erin")})
 
-    with httpx.Client(base_url=srv.base_url + API, timeout=httpx.Timeout(30, read=10)) as client:
-        with connect_sse(client, "GET", STREAM, params={"access_token": token, "after": str(head(admin))}) as source:
-            cli(srv.data_dir, "token", "revoke", key_id)
-            writer = threading.Thread(target=keep_appending)
-            writer.start()
-            try:
-                started = time.monotonic()
-                for _ in source.iter_sse():  # ends only when the server ends the stream
-                    assert time.monotonic() - started < 20, "the revoked key's stream kept going"
-            finally:
-                stop.set()
-                writer.join()
+    reader = Reader(srv, lambda events: False, token="", params={"access_token": token, "after": str(head(admin))})
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        wait_for(lambda: len(reader.events) >= 5, 10, "erin's stream to deliver")  # so the revocation lands mid-stream
+        cli(srv.data_dir, "token", "revoke", key_id)
+        revoked = time.time()  # the revocation is in the log by now
+        delivered = [event for _, event in reader.result(timeout=15)]  # returns once the server ends the stream
+    finally:
+        stop.set()
+        writer.join()
+    late = [event for event in delivered if recorded_at(event) >= revoked + 1]
+    assert not late, f"{len(late)} events recorded over a second after the revocation reached the revoked key"
     refused(srv.client(token="").get(STREAM, params={"access_token": token}), 401)
+
+
+def recorded_at(event: dict) -> float:
+    """The event's recordedAt, in seconds since the epoch like time.time()."""
+    return datetime.fromisoformat(event["recordedAt"].replace("Z", "+00:00")).timestamp()
 
 
 # --- other processes, vanishing and stalled clients, shutdown -------------------------------------
@@ -445,9 +452,7 @@ def test_a_vanished_client_leaves_no_task_behind(tmp_path):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             request_stream(sock, server.token)
             wait_for(lambda: server.tasks()[1] > 0, 5, "the stream's tasks to start")
-        gone = time.monotonic()
-        wait_for(lambda: server.tasks()[1] == 0, 1.0, "the stream's tasks to end within a second")
-        assert time.monotonic() - gone < 1.0
+        wait_for(lambda: server.tasks()[1] == 0, 5, "the closed stream's tasks to end")
 
         for _ in range(1000):
             open_and_drop(server.port, server.token)
