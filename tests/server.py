@@ -1,8 +1,11 @@
-"""A real `mission-control serve` process on loopback, for tests that talk HTTP.
+"""Real servers on loopback, for tests that talk HTTP and for `scripts/bench.py`.
 
-`server` gives each test a fresh one; `shared_server` one per test module. Both are real
-uvicorn processes on 127.0.0.1 with a real SQLite file, started by the same command a user
-runs, so a test can also SIGKILL one and start another on the same data dir.
+`Server` is a `mission-control serve` process started by the same command a user runs, with a
+real SQLite file, so a test can also SIGKILL one and start another on the same data dir.
+`Uvicorn` is any other ASGI app under uvicorn (the benchmarks' bare floors). Both are a
+`Process`: a free port on 127.0.0.1, started and waited for until it answers.
+
+`server` gives each test a fresh one; `shared_server` one per test module.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import httpx
 import pytest
 
 API = "/api/mission-control"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -35,41 +39,99 @@ def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None, check: bo
     )
 
 
-class Server:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
-        self.data_dir = data_dir
+class Process:
+    """A server in a process of its own on a free loopback port, its output in
+    `log_dir/NAME-PORT.log`. `start` waits until `ready_path` answers below 500."""
+
+    ready_path = "/healthz"
+
+    def __init__(self, log_dir: Path, name: str, env: dict[str, object] | None = None):
+        self.log_dir, self.name = log_dir, name
         self.env = {k: str(v) for k, v in (env or {}).items()}
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.admin_token = ""
-        self._clients: list[httpx.Client] = []
 
-    def start(self, timeout: float = 30) -> Server:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.data_dir / f"server-{self.port}.log", "ab")
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}-{self.port}.log"
+
+    def start(self, timeout: float = 30) -> Process:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT,
+            self.argv(), env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()[-3000:]}")
+                self.stop()
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.output()[-3000:]}")
             try:
-                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
-                    break
+                if httpx.get(self.base_url + self.ready_path, timeout=1).status_code < 500:
+                    return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        else:
-            raise RuntimeError(f"server did not answer /healthz in {timeout}s: {self.output()[-3000:]}")
-        self.admin_token = (self.data_dir / "admin-token").read_text().strip()
-        return self
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"{self.name} did not answer {self.ready_path} in {timeout}s: {self.output()[-3000:]}")
 
     def output(self) -> str:
-        return (self.data_dir / f"server-{self.port}.log").read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+        return self.process.returncode
+
+    def __enter__(self) -> Process:  # `with Server(...).start() as server:` stops it at the end
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class Uvicorn(Process):
+    """`uvicorn MODULE:app`, the module found in `app_dir`, run as `mission-control serve` runs
+    its app (uvloop and httptools when installed), without the access log."""
+
+    def __init__(self, app: str, app_dir: Path, log_dir: Path, ready_path: str, *options: str):
+        super().__init__(log_dir, app.partition(":")[0].rpartition(".")[2])
+        self.app, self.app_dir, self.ready_path, self.options = app, app_dir, ready_path, options
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir), "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "warning", "--no-access-log", *self.options]
+
+
+class Server(Process):
+    """`mission-control serve` on `data_dir`; `admin_token` is the key its first start issued."""
+
+    def __init__(self, data_dir: Path, env: dict[str, object] | None = None):
+        super().__init__(data_dir, "server", env)
+        self.data_dir = data_dir
+        self.admin_token = ""
+        self._clients: list[httpx.Client] = []
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir)]
+
+    def start(self, timeout: float = 30) -> Server:
+        super().start(timeout)
+        self.admin_token = (self.data_dir / "admin-token").read_text().strip()
+        return self
 
     def client(self, token: str | None = None, **options) -> httpx.Client:
         """An HTTP client for the API; `token=None` means the admin key, `token=""` none at all."""
@@ -89,17 +151,7 @@ class Server:
         for client in self._clients:
             client.close()
         self._clients.clear()
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-        return self.process.returncode
+        return super().stop(sig, timeout)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -241,10 +241,9 @@ def test_openai_provider_failures_fail_the_run_with_a_clear_reason(api, provider
 def test_openai_slow_stream_cancelled_closes_the_http_stream(api, provider):
     started = start(api, openai_agent(api, provider, "slow"), "Count slowly", "prompt")
     wait_for(lambda: "tick" in output(api, started["id"]), what="the stream to start")
-    began = time.monotonic()
     assert api.post(f"/tasks/{started['id']}/cancel").json()["status"] == "cancelled"
-    assert provider.disconnected.wait(2), "the provider's stream was not closed"
-    assert time.monotonic() - began < 2
+    # The stream would tick on for 30 s: it is cut only if the cancel closes the connection.
+    assert provider.disconnected.wait(10), "the provider's stream was not closed"
     assert events(api, started["id"])[-1]["type"] == "task.cancelled"
 
 

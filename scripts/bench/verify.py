@@ -1,6 +1,4 @@
-"""`scripts/bench.py verify`: how fast the auditor's walks go over a large log.
-
-    .venv/bin/python scripts/bench.py verify [--events 1000000]
+"""`bench.py verify`: how fast the auditor's walks go over a large log.
 
 verify: events.verify.verify_chain (read_all pages, positions, versions, hash, canonical
 form) against its floor, a raw scan hashing the same canonical bytes.
@@ -10,26 +8,26 @@ rebuild: projections.store.rebuild (drop every read model, refold from the log).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import sqlite3
 import time
 
-from bench import DIR_OPTION, _fill, command, events_option, line, mib, rate, ratio, workdir
 from events.sqlite import SqliteLog
 from events.verify import verify_chain
 from projections import store
+
+from . import raw_sqlite
+from .common import DIR_OPTION, command, events_option, line, mib, rate, ratio, workdir
 
 
 @command("verify", "verify_chain and rebuild over a large log, against a raw hashing scan",
          events_option(1_000_000), DIR_OPTION)
 async def bench_verify(args: argparse.Namespace) -> None:
     count = args.events
-    print(f"verify: {count:,} small events (10 per task stream), chain checked, then every read model rebuilt")
+    print(f"verify: {count:,} small events ({raw_sqlite.TASK_EVENTS} per task stream), chain checked, "
+          "then every read model rebuilt")
     with workdir(args.dir) as where:
         path = where / "verify.db"
         started = time.perf_counter()
-        _fill(str(path), count)
+        raw_sqlite.fill(str(path), count)
         line("filled (raw executemany)", f"{time.perf_counter() - started:.1f} s", mib(path.stat().st_size))
 
         log = SqliteLog(path, durable=False, projector=store.project)
@@ -47,17 +45,8 @@ async def bench_verify(args: argparse.Namespace) -> None:
         finally:
             await log.close()
 
-        # The floor of verify: one raw scan hashing the very bytes the chain covers.
         started = time.perf_counter()
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            rows = conn.execute(
-                "SELECT meta, payload, position, recorded_at, stream, type, version FROM events ORDER BY position"
-            )
-            for meta, payload, position, recorded_at, stream, type_, version in rows:
-                hashlib.sha256(
-                    b'{"meta":%s,"payload":%s,"position":%d,"recordedAt":"%s","stream":"%s","type":"%s","version":%d}'
-                    % (meta, payload, position, recorded_at.encode(), stream.encode(), type_.encode(), version)
-                ).hexdigest()
+        raw_sqlite.hash_chain(path)
         raw = time.perf_counter() - started
 
     verify_rate = rate("verify_chain", count, verified)

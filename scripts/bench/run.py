@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.server import API, Server
 
-from bench import command  # noqa: E402
-from tests.server import API, Server  # noqa: E402
+from .common import command
 
 
 @command(
@@ -34,11 +32,8 @@ from tests.server import API, Server  # noqa: E402
 def run(args) -> None:
     with tempfile.TemporaryDirectory(prefix="mc-bench-run-") as tmp:
         # One client making 1,000 tasks as fast as it can: the per-key rate limit is not what is measured.
-        server = Server(Path(tmp) / "data", {"MC_MAX_CONCURRENT": args.limit, "MC_RATE_LIMIT_PER_SECOND": 0}).start()
-        try:
+        with Server(Path(tmp) / "data", {"MC_MAX_CONCURRENT": args.limit, "MC_RATE_LIMIT_PER_SECOND": 0}).start() as server:
             asyncio.run(_drive(server, args.tasks, args.limit))
-        finally:
-            server.stop()
 
 
 async def _drive(server: Server, count: int, limit: int) -> None:
