@@ -15,11 +15,40 @@ const OVERVIEW_EVERY_MS = 5000;
 const PRESENCE_EVERY_MS = 30000;
 const RECONNECT_MS = 3000;
 
+const FEED_PRESENCE = "mc.feedPresence"; // localStorage: "1" when the feed shows presence rows
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
 const $ = (selector, root = document) => root.querySelector(selector);
+
+/** "Chrome on Linux", from the user agent: how a person tells their browsers apart. */
+function browserName() {
+  const ua = navigator.userAgent;
+  const browser = /Edg\//.test(ua) ? "Edge" : /Firefox\//.test(ua) ? "Firefox" : /Chrome\//.test(ua) ? "Chrome"
+    : /Safari\//.test(ua) ? "Safari" : "Browser";
+  const os = /Android/.test(ua) ? "Android" : /iPhone|iPad/.test(ua) ? "iOS" : /Windows/.test(ua) ? "Windows"
+    : /Mac OS X/.test(ua) ? "macOS" : /CrOS/.test(ua) ? "ChromeOS" : /Linux/.test(ua) ? "Linux" : "";
+  return os ? `${browser} on ${os}` : browser;
+}
+
+/** This tab's device id, which is also its name: "Chrome on Linux · tab 2 · k3f9". Tabs are counted
+ * per browser (localStorage); the short tag of this browser keeps two people's "tab 1" on one task
+ * apart, since presence is kept per task and device. A reload keeps the tab's id (sessionStorage). */
+function tabDevice() {
+  const kept = sessionStorage.getItem("mc.deviceId");
+  if (kept) return kept;
+  const tab = Number(localStorage.getItem("mc.tabs") || 0) + 1;
+  localStorage.setItem("mc.tabs", String(tab));
+  const tag = localStorage.getItem("mc.browserTag") || crypto.randomUUID().slice(0, 4);
+  localStorage.setItem("mc.browserTag", tag);
+  return `${browserName()} · tab ${tab} · ${tag}`;
+}
+
+/** A device as a person knows it: the dashboard's own ids are names; a bare UUID (a script's) is cut short. */
+const deviceLabel = (id) => (UUID.test(id) ? `device ${id.slice(0, 8)}` : id);
 
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE),
-  deviceId: sessionStorage.getItem("mc.deviceId") || crypto.randomUUID(),
+  deviceId: tabDevice(),
   tasks: new Map(),
   totalTasks: 0,
   approvals: [],
@@ -386,7 +415,7 @@ function card(task) {
       agent ? h("span", { class: "chip" }, agent.name) : null,
       task.requiresApproval ? h("span", { class: "chip needs-approval", title: "Requires approval" }, "approval") : null,
       task.priority !== 5 ? h("span", { class: "chip", title: "Priority" }, `P${task.priority}`) : null,
-      task.watchers.length ? h("span", { class: "chip watch", title: `Watched by ${task.watchers.join(", ")}` }, `◉ ${task.watchers.length}`) : null,
+      task.watchers.length ? h("span", { class: "chip watch", title: `Watched on ${task.watchers.map(deviceLabel).join(", ")}` }, `◉ ${task.watchers.length}`) : null,
       h("time", { class: "ago", datetime: when, title: new Date(when).toLocaleString() }, ago(when))),
   );
   return el;
@@ -485,7 +514,8 @@ function describe(event) {
     case "task.message": return p.message;
     case "task.input_requested": return p.prompt;
     case "approval.resolved": return [p.decision, p.feedback].filter(Boolean).join(" — ");
-    case "presence.marked": case "presence.cleared": return p.deviceId;
+    case "presence.marked": return `watching on ${deviceLabel(p.deviceId)}`;
+    case "presence.cleared": return `left, on ${deviceLabel(p.deviceId)}`;
     case "agent.registered": return `${p.name} (${p.kind})`;
     case "project.created": return p.name;
     case "apikey.issued": return `${p.user}: ${(p.scopes || []).join(", ")}`;
@@ -503,9 +533,22 @@ function subject(event) {
   return event.stream.replace(/-([0-9a-f]{8})[0-9a-f-]{28}$/, " $1");
 }
 
+// Presence is an event at every renewal (30 s per open panel): kept in the log, but out of the feed
+// unless asked for. Hidden rows are counted apart, so they never push the other events out.
+const NOT_PRESENCE = ".feed-item:not([data-kind=presence])";
+
+function showPresence(shown) {
+  $(".feed-list").classList.toggle("with-presence", shown);
+  $("[data-testid=feed-presence-toggle]").checked = shown;
+  if (shown) localStorage.setItem(FEED_PRESENCE, "1");
+  else localStorage.removeItem(FEED_PRESENCE);
+}
+$("[data-testid=feed-presence-toggle]").addEventListener("change", (event) => showPresence(event.target.checked));
+showPresence(localStorage.getItem(FEED_PRESENCE) === "1");
+
 function addToFeed(event) {
   const list = $(".feed-list");
-  const top = list.firstElementChild;
+  const top = list.querySelector(NOT_PRESENCE);
   const actor = event.meta && event.meta.actor;
   // A run's output is many small events: they gather into one line per task.
   if (event.type === "task.output" && top && top.dataset.type === "task.output" && top.dataset.stream === event.stream) {
@@ -527,7 +570,8 @@ function addToFeed(event) {
     item.addEventListener("click", () => openPanel(event.payload.taskId));
   }
   list.prepend(item);
-  while (list.childElementCount > FEED_LIMIT) list.lastElementChild.remove();
+  const alike = list.querySelectorAll(kind === "presence" ? ".feed-item[data-kind=presence]" : NOT_PRESENCE);
+  for (let i = FEED_LIMIT; i < alike.length; i++) alike[i].remove();
   $("[data-feed-status]").textContent = `#${event.position}`;
 }
 
@@ -643,7 +687,7 @@ function renderPanel() {
     ["Started", task.startedAt ? new Date(task.startedAt).toLocaleString() : "—"],
     ["Finished", task.completedAt ? new Date(task.completedAt).toLocaleString() : "—"],
     ["Runs", String(task.runs)], ["Priority", String(task.priority)], ["Version", String(task.version)],
-    ["Watching", task.watchers.length ? task.watchers.join(", ") : "—"],
+    ["Watching", task.watchers.length ? task.watchers.map(deviceLabel).join(", ") : "—"],
   ];
   if (task.error) facts.push(["Error", task.error]);
   if (task.status === "awaiting_input" && task.inputPrompt) facts.push(["Asks", task.inputPrompt]);
