@@ -168,14 +168,19 @@ def verify(args) -> int:
     if args.against:
         position, _, digest = args.against.partition(":")
         if not position.isdigit() or len(digest) != 64:
-            return _fail("--against takes POSITION:HASH, e.g. 1234:9f86d0…")
+            return _fail("--against takes POSITION:HASH with the whole 64-digit hash, as GET /audit/digest gives them")
         against = (int(position), digest.lower())
 
     with _progress("verifying") as progress:
         report = asyncio.run(_with_log(settings, lambda log: verify_chain(log, against=against, progress=progress)))
     if report.ok:
-        print(f"ok: {report.checked} events, head {report.head}")
+        checked = f"; the digest checked: event {against[0]} still carries its hash" if against else ""
+        print(f"ok: {report.checked} events, head {report.head}{checked}")
         return 0
+    if against is not None and report.first_bad_position > report.head:  # the chain held to the head
+        print(f"mission-control: the digest's position {against[0]} lies beyond the head {report.head}: "
+              "this log is shorter than the one the digest was taken of", file=sys.stderr)
+        return 1
     print(f"broken at position {report.first_bad_position}: {report.reason}", file=sys.stderr)
     return 1
 
