@@ -15,8 +15,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.api_helpers import wait_for
-
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -214,8 +212,11 @@ def test_the_feed_keeps_presence_out_unless_asked_and_names_devices(shared_serve
     assert re.fullmatch(r"Chrome on Linux · tab \d+ · \w{4}", device), device
     script_device = str(uuid.uuid4())
     assert client.post(f"/tasks/{task['id']}/presence", json={"deviceId": script_device}).status_code == 204
-    wait_for(lambda: sorted(client.get(f"/tasks/{task['id']}").json()["watchers"]) == sorted([device, script_device]),
-             what="both devices watching")
+    # Waiting through the page (Playwright serves its requests only while the test waits on it).
+    facts = tab.get_by_test_id("task-panel").locator("[data-field=facts]")
+    expect(facts).to_contain_text(device)
+    expect(facts).to_contain_text(f"device {script_device[:8]}")
+    assert sorted(client.get(f"/tasks/{task['id']}").json()["watchers"]) == sorted([device, script_device])
     client.post("/tasks", json={"type": "prompt", "title": "After the presence", "content": "y"})
     feed = tab.get_by_test_id("activity")
     # Once an event after them is shown, the presence events have reached the page too.
@@ -230,7 +231,6 @@ def test_the_feed_keeps_presence_out_unless_asked_and_names_devices(shared_serve
     expect(rows.filter(has_text=device)).to_have_count(1)
     expect(rows.filter(has_text=f"device {script_device[:8]}")).to_have_count(1)
     assert script_device not in feed.inner_text()
-    expect(tab.get_by_test_id("task-panel").locator("[data-field=facts]")).to_contain_text(device)
     tab.reload()  # the choice is kept
     expect(tab.get_by_test_id("feed-presence-toggle")).to_be_checked()
 

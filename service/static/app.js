@@ -579,7 +579,7 @@ function addToFeed(event) {
 
 async function openPanel(taskId) {
   closePanel();
-  const panel = { taskId, runId: null, positions: new Set(), loading: true };
+  const panel = { taskId, runId: null, positions: new Set(), output: [], loading: true };
   state.panel = panel;
   const drawer = $("[data-testid=task-panel]");
   drawer.hidden = false;
@@ -605,6 +605,7 @@ async function openPanel(taskId) {
     toast(`Could not open the task: ${error.message}`, "error");
   }
   panel.loading = false;
+  renderOutput();
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
@@ -633,12 +634,30 @@ function panelEvent(event) {
   if (!panel || panel.positions.has(event.position)) return;
   panel.positions.add(event.position);
   const p = event.payload || {};
-  if (event.type === "task.started") {
+  if (event.type === "task.started" && p.runId !== panel.runId) {
     panel.runId = p.runId;
-    $("[data-testid=task-output]").replaceChildren();
+    renderOutput();
   }
-  if (event.type === "task.output" && p.runId === panel.runId) appendOutput(p.stream, p.chunk);
+  if (event.type === "task.output") addOutput(event);
   appendTimeline(event);
+}
+
+/** Live chunks may overtake the history still loading (a run started just before the panel
+ * opened), so the output is shown once the history is in, in log order; later chunks follow it. */
+function addOutput(event) {
+  const panel = state.panel;
+  panel.output.push(event);
+  if (!panel.loading && event.payload.runId === panel.runId) appendOutput(event.payload.stream, event.payload.chunk);
+}
+
+function renderOutput() {
+  const panel = state.panel;
+  if (!panel || panel.loading) return;
+  panel.output.sort((a, b) => a.position - b.position);
+  $("[data-testid=task-output]").replaceChildren();
+  for (const { payload } of panel.output) {
+    if (payload.runId === panel.runId) appendOutput(payload.stream, payload.chunk);
+  }
 }
 
 function appendOutput(stream, chunk) {
