@@ -18,6 +18,7 @@ from events import EventLog, Meta, WrongExpectedVersion
 from events import streams
 from events import types as t
 from projections import queries
+from projections.projects import Project
 from service.http import HttpError
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
@@ -77,27 +78,41 @@ async def visible_projects(log: EventLog, principal: Principal, acting: bool = F
     return member_of
 
 
+async def find_project(log: EventLog, id_or_name: str) -> Project:
+    """The project with this id, else the one project with this name; ValueError otherwise."""
+    project = await queries.project(log, id_or_name)
+    if project is not None:
+        return project
+    named = [p for p in await queries.projects(log) if p.name == id_or_name]
+    if not named:
+        raise ValueError(f"no project with the id or name {id_or_name!r}")
+    if len(named) > 1:
+        raise ValueError(f"{len(named)} projects are named {id_or_name!r}; give one's id: "
+                         + ", ".join(p.id for p in named))
+    return named[0]
+
+
 async def issue_key(
-    log: EventLog, user: str, scopes: list[str], project_id: str | None = None, actor: str | None = None
+    log: EventLog, user: str, scopes: list[str], project: str | None = None, actor: str | None = None
 ) -> tuple[str, str]:
-    """Issue a key (and the user's default project, the first time); returns (key id, token)."""
+    """Issue a key (and the user's default project, the first time); returns (key id, token).
+    `project` (an id or a name) restricts the key to it and makes the user a member.
+    Everything is checked before the first append: a refused key appends nothing."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
     if not user:
         raise ValueError("a key needs a user")
+    restricted_to = None if project is None else await find_project(log, project)
+    project_id = None if restricted_to is None else restricted_to.id
     meta = Meta(actor=actor or user)
     await ensure_default_project(log, user, meta)
-    if project_id is not None:
-        project = await queries.project(log, project_id)
-        if project is None:
-            raise ValueError(f"project {project_id} does not exist")
-        if user not in project.members:
-            await log.append(
-                streams.project(project_id),
-                [t.ProjectUpdated(project_id=project_id, members=[*project.members, user])],
-                expected=project.version, meta=meta,
-            )
+    if restricted_to is not None and user not in restricted_to.members:
+        await log.append(
+            streams.project(project_id),
+            [t.ProjectUpdated(project_id=project_id, members=[*restricted_to.members, user])],
+            expected=restricted_to.version, meta=meta,
+        )
     token = "mc_" + secrets.token_urlsafe(32)
     key_id = str(uuid.uuid4())
     await log.append(
@@ -122,11 +137,11 @@ async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
     return project_id
 
 
-async def revoke_key(log: EventLog, key_id: str, actor: str | None = None) -> bool:
-    keys = {k.id: k for k in await queries.api_keys(log)}
-    key = keys.get(key_id)
+async def revoke_key(log: EventLog, key_id: str, actor: str | None = None) -> None:
+    """Revoke a key; ValueError for an unknown one or one already revoked (nothing is appended)."""
+    key = await queries.api_key(log, key_id)
     if key is None:
-        return False
-    if not key.revoked:
-        await log.append(streams.apikey(key_id), [t.ApiKeyRevoked(key_id=key_id)], meta=Meta(actor=actor))
-    return True
+        raise ValueError(f"no key {key_id}")
+    if key.revoked:
+        raise ValueError(f"key {key_id} was already revoked; nothing changed")
+    await log.append(streams.apikey(key_id), [t.ApiKeyRevoked(key_id=key_id)], meta=Meta(actor=actor))

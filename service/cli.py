@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 from events import RecordedEvent, open_log
@@ -23,6 +24,23 @@ ADMIN_TOKEN_FILE = "admin-token"
 
 def _env(name: str, default=None):
     return os.environ.get(env_name(name), default)
+
+
+def _data_dir(args, *, create: bool = False, **overrides) -> Settings:
+    """The command's settings, once its data dir is fit to use. Only `serve` and `import` create
+    one (`create`): any other command on a mistyped path must fail, not leave an empty log there."""
+    settings = from_env(data_dir=args.data_dir, **overrides)
+    path = Path(settings.data_dir)
+    if path.exists() and not path.is_dir():
+        raise _Failed(f"the data dir {path} is not a directory")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _Failed(f"cannot create the data dir {path}: {exc.strerror}") from None
+    elif not settings.database.is_file():
+        raise _Failed(f"no log at {settings.database}; `serve` or `import` creates one")
+    return settings
 
 
 async def _with_log(settings: Settings, work):
@@ -79,8 +97,7 @@ def serve(args) -> int:
     from service.logs import configure
 
     configure()
-    settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    settings = _data_dir(args, create=True, host=args.host, port=args.port)
     token = asyncio.run(first_admin_key(settings))
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
@@ -100,7 +117,7 @@ def serve(args) -> int:
 
 
 def token_create(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
+    settings = _data_dir(args)
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
 
     async def work(log):
@@ -116,22 +133,28 @@ def token_create(args) -> int:
 
 
 def token_list(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
+    settings = _data_dir(args)
     keys = asyncio.run(_with_log(settings, queries.api_keys))
-    for key in keys:
-        state = "revoked" if key.revoked else "active"
-        print(f"{key.id}  {key.user:<20} {state:<8} {','.join(key.scopes)}  {key.project_id or ''}".rstrip())
+    rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT")] + [
+        (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "")
+        for key in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[4]]).rstrip())
     return 0
 
 
 def token_revoke(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
+    settings = _data_dir(args)
 
     async def work(log):
         return await auth.revoke_key(log, args.key_id, actor="mission-control:cli")
 
-    if not asyncio.run(_with_log(settings, work)):
-        return _fail(f"no key {args.key_id}")
+    try:
+        asyncio.run(_with_log(settings, work))
+    except ValueError as exc:
+        return _fail(str(exc))
     print(f"revoked {args.key_id}")
     return 0
 
@@ -139,27 +162,25 @@ def token_revoke(args) -> int:
 # --- the auditor's commands ------------------------------------------------------------
 
 
-def _existing(settings: Settings) -> Settings:
-    """The settings, once sure the log exists: checking a mistyped data dir must not pass."""
-    if not settings.database.is_file():
-        raise _Failed(f"no log at {settings.database}")
-    return settings
-
-
 def verify(args) -> int:
-    settings = _existing(from_env(data_dir=args.data_dir))
+    settings = _data_dir(args)
     against = None
     if args.against:
         position, _, digest = args.against.partition(":")
         if not position.isdigit() or len(digest) != 64:
-            return _fail("--against takes POSITION:HASH, e.g. 1234:9f86d0…")
+            return _fail("--against takes POSITION:HASH with the whole 64-digit hash, as GET /audit/digest gives them")
         against = (int(position), digest.lower())
 
     with _progress("verifying") as progress:
         report = asyncio.run(_with_log(settings, lambda log: verify_chain(log, against=against, progress=progress)))
     if report.ok:
-        print(f"ok: {report.checked} events, head {report.head}")
+        checked = f"; the digest checked: event {against[0]} still carries its hash" if against else ""
+        print(f"ok: {report.checked} events, head {report.head}{checked}")
         return 0
+    if against is not None and report.first_bad_position > report.head:  # the chain held to the head
+        print(f"mission-control: the digest's position {against[0]} lies beyond the head {report.head}: "
+              "this log is shorter than the one the digest was taken of", file=sys.stderr)
+        return 1
     print(f"broken at position {report.first_bad_position}: {report.reason}", file=sys.stderr)
     return 1
 
@@ -167,7 +188,7 @@ def verify(args) -> int:
 def export(args) -> int:
     import msgspec
 
-    settings = _existing(from_env(data_dir=args.data_dir))
+    settings = _data_dir(args)
     encoder = msgspec.json.Encoder()
     out = sys.stdout.buffer
 
@@ -215,10 +236,10 @@ def _recorded(path: Path, progress: Callable[[int, int], None] | None) -> Iterat
 
 
 def import_(args) -> int:
-    settings = from_env(data_dir=args.data_dir)
     source = Path(args.file)
     if not source.is_file():
         return _fail(f"no file {source}")
+    settings = _data_dir(args, create=True)
 
     rechain = Rechain() if args.rechain else None
 
@@ -246,7 +267,7 @@ def import_(args) -> int:
 
 
 def rebuild(args) -> int:
-    settings = _existing(from_env(data_dir=args.data_dir))
+    settings = _data_dir(args)
     with _progress("rebuilding read models") as progress:
         position = asyncio.run(_with_log(settings, lambda log: store.rebuild(log, progress)))
     print(f"rebuilt every read model from {position} events")
@@ -268,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
         description="Hand tasks to AI agents and shell workers, watch them run, prove what happened.",
         epilog="Example: mission-control serve --port 8000 --data-dir ./var",
     )
+    root.add_argument("--version", action="version", version=f"%(prog)s {version('mission-control')}")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn, help_: str, example: str):
@@ -294,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     sub.set_defaults(fn=token_create)
     sub.add_argument("--user", required=True, help="the user the key acts as")
     sub.add_argument("--scopes", required=True, help=f"comma list of {', '.join(auth.SCOPES)}")
-    sub.add_argument("--project", default=None, help="restrict the key to this project id")
+    sub.add_argument("--project", default=None, help="restrict the key to this project (its id or its name)")
     data_dir(sub)
     sub = token_commands.add_parser("list", help="list keys (never their secrets)",
                                     description="List the API keys: id, user, state, scopes (never their secrets).",

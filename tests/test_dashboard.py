@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -200,6 +201,40 @@ def test_text_from_the_api_is_shown_as_text_never_as_markup(shared_server, open_
     assert page.tab.evaluate("window.pwned") is None
 
 
+def test_the_feed_keeps_presence_out_unless_asked_and_names_devices(shared_server, open_page):
+    client = shared_server.client()
+    task = client.post("/tasks", json={"type": "prompt", "title": "Watched closely", "content": "x"}).json()
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    page.card(task["id"], "pending").click()  # an open panel marks this tab's presence
+    device = tab.evaluate("sessionStorage.getItem('mc.deviceId')")
+    assert re.fullmatch(r"Chrome on Linux · tab \d+ · \w{4}", device), device
+    script_device = str(uuid.uuid4())
+    assert client.post(f"/tasks/{task['id']}/presence", json={"deviceId": script_device}).status_code == 204
+    # Waiting through the page (Playwright serves its requests only while the test waits on it).
+    facts = tab.get_by_test_id("task-panel").locator("[data-field=facts]")
+    expect(facts).to_contain_text(device)
+    expect(facts).to_contain_text(f"device {script_device[:8]}")
+    assert sorted(client.get(f"/tasks/{task['id']}").json()["watchers"]) == sorted([device, script_device])
+    client.post("/tasks", json={"type": "prompt", "title": "After the presence", "content": "y"})
+    feed = tab.get_by_test_id("activity")
+    # Once an event after them is shown, the presence events have reached the page too.
+    expect(feed.locator(".feed-item", has_text="After the presence")).to_be_visible()
+    types = feed.locator(".feed-item:visible .event-type").all_inner_texts()
+    assert "task.created" in types and not [t for t in types if t.startswith("presence.")], types
+    logged = client.get("/events", params={"types": "presence.marked", "limit": 500}).json()["events"]
+    assert {device, script_device} <= {e["payload"]["deviceId"] for e in logged}  # still in the log
+
+    feed.get_by_test_id("feed-presence-toggle").check()
+    rows = feed.locator(".feed-item:visible", has_text="presence.marked")
+    expect(rows.filter(has_text=device)).to_have_count(1)
+    expect(rows.filter(has_text=f"device {script_device[:8]}")).to_have_count(1)
+    assert script_device not in feed.inner_text()
+    tab.reload()  # the choice is kept
+    expect(tab.get_by_test_id("feed-presence-toggle")).to_be_checked()
+
+
 def test_sign_in_refuses_a_wrong_key_and_keeps_a_good_one_for_the_tab_only(shared_server, open_page):
     page = open_page(shared_server.base_url)
     tab = page.tab
@@ -210,7 +245,7 @@ def test_sign_in_refuses_a_wrong_key_and_keeps_a_good_one_for_the_tab_only(share
 
     page.sign_in(shared_server.admin_token)
     assert tab.evaluate("sessionStorage.getItem('mc.apiKey')") == shared_server.admin_token
-    assert tab.evaluate("localStorage.length") == 0
+    assert shared_server.admin_token not in tab.evaluate("JSON.stringify(localStorage)")
     tab.reload()
     expect(tab.get_by_test_id("connection")).to_have_attribute("data-state", "live")
 

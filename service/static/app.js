@@ -15,11 +15,40 @@ const OVERVIEW_EVERY_MS = 5000;
 const PRESENCE_EVERY_MS = 30000;
 const RECONNECT_MS = 3000;
 
+const FEED_PRESENCE = "mc.feedPresence"; // localStorage: "1" when the feed shows presence rows
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
 const $ = (selector, root = document) => root.querySelector(selector);
+
+/** "Chrome on Linux", from the user agent: how a person tells their browsers apart. */
+function browserName() {
+  const ua = navigator.userAgent;
+  const browser = /Edg\//.test(ua) ? "Edge" : /Firefox\//.test(ua) ? "Firefox" : /Chrome\//.test(ua) ? "Chrome"
+    : /Safari\//.test(ua) ? "Safari" : "Browser";
+  const os = /Android/.test(ua) ? "Android" : /iPhone|iPad/.test(ua) ? "iOS" : /Windows/.test(ua) ? "Windows"
+    : /Mac OS X/.test(ua) ? "macOS" : /CrOS/.test(ua) ? "ChromeOS" : /Linux/.test(ua) ? "Linux" : "";
+  return os ? `${browser} on ${os}` : browser;
+}
+
+/** This tab's device id, which is also its name: "Chrome on Linux · tab 2 · k3f9". Tabs are counted
+ * per browser (localStorage); the short tag of this browser keeps two people's "tab 1" on one task
+ * apart, since presence is kept per task and device. A reload keeps the tab's id (sessionStorage). */
+function tabDevice() {
+  const kept = sessionStorage.getItem("mc.deviceId");
+  if (kept) return kept;
+  const tab = Number(localStorage.getItem("mc.tabs") || 0) + 1;
+  localStorage.setItem("mc.tabs", String(tab));
+  const tag = localStorage.getItem("mc.browserTag") || crypto.randomUUID().slice(0, 4);
+  localStorage.setItem("mc.browserTag", tag);
+  return `${browserName()} · tab ${tab} · ${tag}`;
+}
+
+/** A device as a person knows it: the dashboard's own ids are names; a bare UUID (a script's) is cut short. */
+const deviceLabel = (id) => (UUID.test(id) ? `device ${id.slice(0, 8)}` : id);
 
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE),
-  deviceId: sessionStorage.getItem("mc.deviceId") || crypto.randomUUID(),
+  deviceId: tabDevice(),
   tasks: new Map(),
   totalTasks: 0,
   approvals: [],
@@ -268,10 +297,7 @@ function onEvent(event) {
   if (kind === "task" || kind === "presence") refreshTask(id);
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
-  if (state.panel && state.panel.taskId === id && kind === "task") {
-    if (state.panel.loading) state.panel.early.push(event);
-    else panelEvent(event);
-  }
+  if (state.panel && state.panel.taskId === id && kind === "task") panelEvent(event);
   refreshOverview.soon();
   if (state.overview && event.position > state.overview.log.head) $("[data-stat=head]").textContent = `#${event.position}`;
   renderConnection();
@@ -389,7 +415,7 @@ function card(task) {
       agent ? h("span", { class: "chip" }, agent.name) : null,
       task.requiresApproval ? h("span", { class: "chip needs-approval", title: "Requires approval" }, "approval") : null,
       task.priority !== 5 ? h("span", { class: "chip", title: "Priority" }, `P${task.priority}`) : null,
-      task.watchers.length ? h("span", { class: "chip watch", title: `Watched by ${task.watchers.join(", ")}` }, `◉ ${task.watchers.length}`) : null,
+      task.watchers.length ? h("span", { class: "chip watch", title: `Watched on ${task.watchers.map(deviceLabel).join(", ")}` }, `◉ ${task.watchers.length}`) : null,
       h("time", { class: "ago", datetime: when, title: new Date(when).toLocaleString() }, ago(when))),
   );
   return el;
@@ -488,7 +514,8 @@ function describe(event) {
     case "task.message": return p.message;
     case "task.input_requested": return p.prompt;
     case "approval.resolved": return [p.decision, p.feedback].filter(Boolean).join(" — ");
-    case "presence.marked": case "presence.cleared": return p.deviceId;
+    case "presence.marked": return `watching on ${deviceLabel(p.deviceId)}`;
+    case "presence.cleared": return `left, on ${deviceLabel(p.deviceId)}`;
     case "agent.registered": return `${p.name} (${p.kind})`;
     case "project.created": return p.name;
     case "apikey.issued": return `${p.user}: ${(p.scopes || []).join(", ")}`;
@@ -506,9 +533,22 @@ function subject(event) {
   return event.stream.replace(/-([0-9a-f]{8})[0-9a-f-]{28}$/, " $1");
 }
 
+// Presence is an event at every renewal (30 s per open panel): kept in the log, but out of the feed
+// unless asked for. Hidden rows are counted apart, so they never push the other events out.
+const NOT_PRESENCE = ".feed-item:not([data-kind=presence])";
+
+function showPresence(shown) {
+  $(".feed-list").classList.toggle("with-presence", shown);
+  $("[data-testid=feed-presence-toggle]").checked = shown;
+  if (shown) localStorage.setItem(FEED_PRESENCE, "1");
+  else localStorage.removeItem(FEED_PRESENCE);
+}
+$("[data-testid=feed-presence-toggle]").addEventListener("change", (event) => showPresence(event.target.checked));
+showPresence(localStorage.getItem(FEED_PRESENCE) === "1");
+
 function addToFeed(event) {
   const list = $(".feed-list");
-  const top = list.firstElementChild;
+  const top = list.querySelector(NOT_PRESENCE);
   const actor = event.meta && event.meta.actor;
   // A run's output is many small events: they gather into one line per task.
   if (event.type === "task.output" && top && top.dataset.type === "task.output" && top.dataset.stream === event.stream) {
@@ -530,7 +570,8 @@ function addToFeed(event) {
     item.addEventListener("click", () => openPanel(event.payload.taskId));
   }
   list.prepend(item);
-  while (list.childElementCount > FEED_LIMIT) list.lastElementChild.remove();
+  const alike = list.querySelectorAll(kind === "presence" ? ".feed-item[data-kind=presence]" : NOT_PRESENCE);
+  for (let i = FEED_LIMIT; i < alike.length; i++) alike[i].remove();
   $("[data-feed-status]").textContent = `#${event.position}`;
 }
 
@@ -538,9 +579,7 @@ function addToFeed(event) {
 
 async function openPanel(taskId) {
   closePanel();
-  // Live events that arrive while the history loads wait in `early`: applied before the history
-  // they would land out of order (a task.started from the history would wipe their output).
-  const panel = { taskId, runId: null, positions: new Set(), loading: true, early: [] };
+  const panel = { taskId, runId: null, positions: new Set(), output: [], loading: true };
   state.panel = panel;
   const drawer = $("[data-testid=task-panel]");
   drawer.hidden = false;
@@ -552,6 +591,7 @@ async function openPanel(taskId) {
     state.tasks.set(taskId, task);
     panel.runId = task.runId;
     renderPanel();
+    // Live events that arrive while the history loads are kept by position, so none shows twice.
     let after = 0;
     for (;;) {
       const response = await request("GET", `/tasks/${taskId}/events?after=${after}&limit=1000`);
@@ -564,11 +604,8 @@ async function openPanel(taskId) {
   } catch (error) {
     toast(`Could not open the task: ${error.message}`, "error");
   }
-  if (state.panel !== panel) return;
   panel.loading = false;
-  // Positions already applied from the history are skipped, so none shows twice.
-  panel.early.sort((a, b) => a.position - b.position).forEach(panelEvent);
-  panel.early = [];
+  renderOutput();
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
@@ -597,12 +634,30 @@ function panelEvent(event) {
   if (!panel || panel.positions.has(event.position)) return;
   panel.positions.add(event.position);
   const p = event.payload || {};
-  if (event.type === "task.started") {
+  if (event.type === "task.started" && p.runId !== panel.runId) {
     panel.runId = p.runId;
-    $("[data-testid=task-output]").replaceChildren();
+    renderOutput();
   }
-  if (event.type === "task.output" && p.runId === panel.runId) appendOutput(p.stream, p.chunk);
+  if (event.type === "task.output") addOutput(event);
   appendTimeline(event);
+}
+
+/** Live chunks may overtake the history still loading (a run started just before the panel
+ * opened), so the output is shown once the history is in, in log order; later chunks follow it. */
+function addOutput(event) {
+  const panel = state.panel;
+  panel.output.push(event);
+  if (!panel.loading && event.payload.runId === panel.runId) appendOutput(event.payload.stream, event.payload.chunk);
+}
+
+function renderOutput() {
+  const panel = state.panel;
+  if (!panel || panel.loading) return;
+  panel.output.sort((a, b) => a.position - b.position);
+  $("[data-testid=task-output]").replaceChildren();
+  for (const { payload } of panel.output) {
+    if (payload.runId === panel.runId) appendOutput(payload.stream, payload.chunk);
+  }
 }
 
 function appendOutput(stream, chunk) {
@@ -651,7 +706,7 @@ function renderPanel() {
     ["Started", task.startedAt ? new Date(task.startedAt).toLocaleString() : "—"],
     ["Finished", task.completedAt ? new Date(task.completedAt).toLocaleString() : "—"],
     ["Runs", String(task.runs)], ["Priority", String(task.priority)], ["Version", String(task.version)],
-    ["Watching", task.watchers.length ? task.watchers.join(", ") : "—"],
+    ["Watching", task.watchers.length ? task.watchers.map(deviceLabel).join(", ") : "—"],
   ];
   if (task.error) facts.push(["Error", task.error]);
   if (task.status === "awaiting_input" && task.inputPrompt) facts.push(["Asks", task.inputPrompt]);
