@@ -80,7 +80,7 @@ def serve(args) -> int:
 
     configure()
     settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as the log is
     token = asyncio.run(first_admin_key(settings))
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
