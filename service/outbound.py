@@ -11,6 +11,7 @@ later (DNS rebinding) changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -82,17 +83,26 @@ async def send(client: httpx.AsyncClient, url: str, allow: Allowed, **request) -
         found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise Refused(f"{host} cannot be resolved: {exc.strerror}") from None
-    refusals = []
+    refusals, admitted = [], []
     for address in dict.fromkeys(_address(info[4][0]) for info in found):
         try:
             _check_address(host, address, allow)
+            admitted.append(address)
         except Refused as refused:
             refusals.append(str(refused))
-            continue
-        headers = {**request.pop("headers", {}), "Host": parsed.netloc.decode("ascii")}
-        extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
-        return await client.post(parsed.copy_with(host=str(address)), headers=headers, extensions=extensions, **request)
-    raise Refused("; ".join(refusals))
+    if not admitted:
+        raise Refused("; ".join(refusals))
+    headers = {**request.pop("headers", {}), "Host": parsed.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
+
+    def post(address: Address):
+        return client.post(parsed.copy_with(host=str(address)), headers=headers, extensions=extensions, **request)
+
+    *others, last = admitted
+    for address in others:  # the next one when nothing listens at one (localhost: ::1, then 127.0.0.1)
+        with contextlib.suppress(httpx.ConnectError):
+            return await post(address)
+    return await post(last)
 
 
 def client(timeout: float) -> httpx.AsyncClient:

@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import json
 import socket
+import ssl
+import subprocess
 import threading
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -229,32 +231,63 @@ def test_a_name_is_checked_at_each_delivery_and_a_refusal_is_a_failed_attempt(ma
     assert delivered.headers["Host"] == f"localhost:{port}"
 
 
-async def test_a_delivery_connects_to_the_address_it_checked(receiver, monkeypatch):
-    """DNS rebinding: the name answers loopback (admitted) once, then the metadata address. The
-    request goes to the address checked, never to a second answer."""
-    port = receiver.server_address[1]
-    answers = iter(["127.0.0.1", "169.254.169.254"])
-    asked: list[str] = []
-    real = socket.getaddrinfo
-
-    def rebinding(host, *args, **kwargs):
-        if host != "rebind.test":
-            return real(host, *args, **kwargs)
-        asked.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    async with outbound.client(5) as client:
-        sent = await outbound.send(
-            client, f"http://rebind.test:{port}/rebind", outbound.allowed("127.0.0.0/8"), content=b"{}",
-        )
-        assert sent.status_code == 204
-        assert len(receiver.got("/rebind")) == 1 and asked == ["rebind.test"]
-        with pytest.raises(outbound.Refused, match="169.254.169.254, a link-local or cloud-metadata"):
-            await outbound.send(client, f"http://rebind.test:{port}/rebind", outbound.allowed("127.0.0.0/8"))
-    assert len(receiver.got("/rebind")) == 1
-
-
 def test_an_allow_list_item_that_is_neither_a_name_nor_a_cidr_stops_the_start():
     with pytest.raises(SystemExit, match="'10.0.0.0/33' is neither a host name nor a CIDR"):
         from_env(webhook_allow="localhost, 10.0.0.0/33")
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """Names of our own: `names[name]` is the list of addresses each lookup answers, one by one."""
+    names: dict[str, list[str]] = {}
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def lookup(host, port, *args, **kwargs):
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host].pop(0), port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return names, asked
+
+
+async def test_a_delivery_connects_to_the_address_it_checked(receiver, resolver):
+    """DNS rebinding: the name answers loopback (admitted) once, then the metadata address. The
+    request goes to the address checked, never to a second answer."""
+    names, asked = resolver
+    names["rebind.test"] = ["127.0.0.1", "169.254.169.254"]
+    url = f"http://rebind.test:{receiver.server_address[1]}/rebind"
+    async with outbound.client(5) as client:
+        sent = await outbound.send(client, url, outbound.allowed("127.0.0.0/8"), content=b"{}")
+        assert sent.status_code == 204
+        assert len(receiver.got("/rebind")) == 1 and asked == ["rebind.test"]
+        assert receiver.got("/rebind")[0].headers["Host"] == f"rebind.test:{receiver.server_address[1]}"
+        with pytest.raises(outbound.Refused, match="169.254.169.254, a link-local or cloud-metadata"):
+            await outbound.send(client, url, outbound.allowed("127.0.0.0/8"))
+    assert len(receiver.got("/rebind")) == 1
+
+
+async def test_https_to_a_checked_address_still_verifies_the_certificate_of_the_name(receiver, resolver, tmp_path):
+    """The connection goes to the address, the TLS server name and the check stay the host's."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=tls.test",
+         "-addext", "subjectAltName=DNS:tls.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    receiver.socket = server_side.wrap_socket(receiver.socket, server_side=True)
+    names, _ = resolver
+    port = receiver.server_address[1]
+    names.update({"tls.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    allow = outbound.allowed("127.0.0.0/8")
+    trusting = httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert)), trust_env=False,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
+    async with trusting:
+        assert (await outbound.send(trusting, f"https://tls.test:{port}/tls", allow)).status_code == 204
+        with pytest.raises(httpx.ConnectError, match="certificate verify failed"):  # not this name's certificate
+            await outbound.send(trusting, f"https://other.test:{port}/tls", allow)
+    assert len(receiver.got("/tls")) == 1
