@@ -6,8 +6,8 @@ every grandchild; it gets a minimal environment; its output is decoded as it str
 A descendant can leave the group (`setsid`) and its parent (a double fork). So while a run
 lives its descendants are looked for (`Descendants`) and recorded by pid and start time in
 `<data-dir>/runs/<run-id>.pids`; stopping the run kills each one still the same process, and
-a start after a crash kills those the file names. The server is a child subreaper, so an
-orphan it has seen stays its child (and a zombie it reaps) rather than init's.
+a start after a crash kills those the file names. The server is a child subreaper: an orphaned
+descendant becomes its child rather than init's, so it can still be found, and is reaped.
 """
 
 from __future__ import annotations
