@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -165,7 +166,10 @@ class SqliteLog(EventLog):
     # --- lifecycle -------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask: the log holds every task and key hash. SQLite gives the
+        # -wal and -shm files the mode of the database file, so creating that one 0600 suffices.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer_thread, self._open_writer)
         for _ in range(self._reader_count):

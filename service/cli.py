@@ -35,7 +35,7 @@ def _data_dir(args, *, create: bool = False, **overrides) -> Settings:
         raise _Failed(f"the data dir {path} is not a directory")
     if create:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as the log is
         except OSError as exc:
             raise _Failed(f"cannot create the data dir {path}: {exc.strerror}") from None
     elif not settings.database.is_file():

@@ -107,7 +107,8 @@ class Runner:
         """End every run a previous process left in progress, and whatever processes it left
         running: nothing stays running forever."""
         stuck, _ = await queries.tasks(self.log, statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
-        await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id])
+        runs_dir = Path(self.settings.data_dir) / "runs"
+        await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id], runs_dir)
         for task in stuck:
             await self._record(task.id, FailRun(run_id=task.run_id or "", reason="interrupted", error=INTERRUPTED))
         return len(stuck)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgspec
 
+from service import outbound
+
 
 class Settings(msgspec.Struct, kw_only=True):
     data_dir: str = "./var"
@@ -32,7 +34,13 @@ class Settings(msgspec.Struct, kw_only=True):
     """Attempts at one webhook delivery (the first and its retries) before it is given up."""
     webhook_backoff_seconds: float = 5.0
     """The wait before a delivery's first retry; each further retry waits twice as long."""
+    webhook_allow: str = ""
+    """Host names and CIDRs (comma-separated) that webhooks may reach though they are loopback or
+    private. Link-local and cloud-metadata addresses stay refused whatever this says."""
     durable: bool = True
+
+    def __post_init__(self) -> None:
+        outbound.allowed(self.webhook_allow)  # a ValueError that says which item is wrong
 
     @property
     def database(self) -> Path:

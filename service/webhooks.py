@@ -13,7 +13,8 @@ duplicates by `X-MC-Delivery`, which is stable across attempts and restarts.
 
 Each request: the body is the task as it stood at the triggering event (the API's task JSON);
 `X-MC-Signature: sha256=<hex HMAC-SHA256 of the body keyed with MC_WEBHOOK_SECRET>` (absent
-when no secret is set), `X-MC-Delivery: <delivery id>`, `X-MC-Event: <the event type>`.
+when no secret is set), `X-MC-Delivery: <delivery id>`, `X-MC-Event: <the event type>`. Where a
+delivery may go, and how its address is checked at each attempt: `service.outbound`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import structlog
 from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
 from events import types as t
 from projections import queries
+from service import outbound
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.webhooks")
@@ -83,7 +85,7 @@ class WebhookWorker:
         self._main: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_SECONDS, follow_redirects=False)
+        self._client = outbound.client(REQUEST_TIMEOUT_SECONDS)
         self._main = asyncio.create_task(self._run(), name="webhooks")
 
     async def close(self) -> None:
@@ -185,11 +187,14 @@ class WebhookWorker:
                 headers["X-MC-Signature"] = signature(self.settings.webhook_secret, body)
             assert self._client is not None
             status, error = None, None
+            allow = outbound.allowed(self.settings.webhook_allow)
             try:
-                response = await self._client.post(delivery.url, content=body, headers=headers)
+                response = await outbound.send(self._client, delivery.url, allow, content=body, headers=headers)
                 status = response.status_code
                 if not 200 <= status < 300:
                     error = f"The receiver answered HTTP {status}."
+            except outbound.Refused as refused:  # checked again at each attempt: the name may resolve elsewhere now
+                error = f"Not sent: {delivery.url} {refused}."
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a URL httpx cannot address too
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         attempt = t.WebhookAttempted(

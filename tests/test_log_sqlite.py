@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -89,6 +90,28 @@ async def test_journal_and_sync_settings(open_sqlite):
     assert await durable.transact(lambda tx: tx.execute("PRAGMA synchronous")) == [(2,)]  # FULL
     fast = await open_sqlite("fast.db", durable=False)
     assert await fast.transact(lambda tx: tx.execute("PRAGMA synchronous")) == [(0,)]  # OFF
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_the_data_dir_and_the_log_files_are_private_whatever_the_umask(open_sqlite, tmp_path):
+    with umask(0o022):  # the usual default, under which files are world-readable
+        log = await open_sqlite("data/log.db")
+        await log.append("task-a", [created("a")])
+    files = {p.name: mode(p) for p in (tmp_path / "data").iterdir()}
+    assert files == {"log.db": 0o600, "log.db-wal": 0o600, "log.db-shm": 0o600}
+    assert mode(tmp_path / "data") == 0o700
 
 
 async def test_query_cannot_write(open_sqlite):

@@ -171,6 +171,32 @@ def test_cancel_stops_the_run_and_its_grandchildren_within_two_seconds(api, shel
     assert events(api, started["id"])[-1]["type"] == "task.cancelled"  # nothing recorded after it
 
 
+def left_the_group(client: httpx.Client, task_id: str) -> int:
+    """The pid a `setsid ... & echo $!` printed, once it runs in a session of its own."""
+    pid = first_line_pid(client, task_id)
+    wait_for(lambda: psutil.Process(pid).name() == "sleep", what="setsid to exec sleep")
+    assert os.getsid(pid) == pid  # out of the run's process group: killpg does not reach it
+    return pid
+
+
+def test_a_grandchild_that_leaves_the_group_does_not_survive_cancel_timeout_or_the_run_s_end(api, shell):
+    cancelled = start(api, shell, "setsid sleep 311 & echo $!; wait")
+    escaped = left_the_group(api, cancelled["id"])
+    assert api.post(f"/tasks/{cancelled['id']}/cancel").status_code == 200
+    wait_for(lambda: gone(escaped), 5, "the setsid sleep to be killed at cancel")
+
+    timed_out = start(api, shell, "setsid sleep 312 & echo $!; wait", timeoutSeconds=1)
+    escaped = left_the_group(api, timed_out["id"])
+    assert failure(api, until_status(api, timed_out["id"])["id"])["reason"] == "timeout"
+    wait_for(lambda: gone(escaped), 5, "the setsid sleep to be killed at the timeout")
+
+    # The leader exits at once; its orphan (holding stdout) ends with the run, which ends.
+    ended = start(api, shell, "setsid sleep 314 & echo $!")
+    escaped = first_line_pid(api, ended["id"])
+    assert until_status(api, ended["id"])["status"] == "done"
+    wait_for(lambda: gone(escaped), 5, "the orphaned sleep to be killed at the run's end")
+
+
 def test_a_replayed_cancel_leaves_the_next_run_alone(api):
     """A client retrying its cancel (same Idempotency-Key) after the task was retried and run
     again gets the first answer back; the new run must neither be stopped nor left unended."""
@@ -284,6 +310,23 @@ def test_a_run_interrupted_by_sigkill_fails_as_interrupted_at_the_next_start(mak
     after = start(client, shell, "echo alive")
     assert until_status(client, after["id"])["result"] == "alive\n"
     assert events(client, after["id"])[0]["position"] > interrupted["position"]
+
+
+def test_a_grandchild_without_the_run_s_environment_outside_its_group_is_killed_after_sigkill(make_server):
+    first = make_server()
+    client = first.client()
+    started = start(client, register(client, "shell"), "env -i setsid sleep 313 & echo $!; wait")
+    escaped = left_the_group(client, started["id"])
+    assert "MC_RUN_ID" not in psutil.Process(escaped).environ()
+    # Recorded as it appeared, where the next start finds it (a kill within the first poll would be too soon).
+    record = first.data_dir / "runs" / f"{started['runId']}.pids"
+    wait_for(lambda: record.exists() and str(escaped) in record.read_text().split(), what="the sleep on record")
+    first.kill()
+    assert not gone(escaped)
+
+    client = make_server(first.data_dir).client()
+    assert task(client, started["id"])["status"] == "failed"
+    wait_for(lambda: gone(escaped), 5, "the escaped sleep to be killed by the recovery")
 
 
 def test_a_graceful_stop_kills_running_processes_and_records_the_runs_as_interrupted(make_server):

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import stat
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +22,7 @@ from service.auth import SCOPES
 from service.runner import RUNNER_ACTOR
 from service.settings import Settings
 from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
-from tests.server import API, Server, cli
+from tests.server import API, Server, cli, free_port
 
 # --- the contract, once ------------------------------------------------------------------
 
@@ -218,6 +221,33 @@ def test_a_key_is_stored_only_as_its_hash_and_the_first_admin_key_in_a_0600_file
     server.restart()
     assert re.findall(r"mc_[\w-]{20,}", server.output()) == [server.admin_token]
     assert server.client().get("/tasks").status_code == 200
+
+
+def test_serve_creates_a_private_data_dir_under_the_usual_umask(tmp_path):
+    data_dir, port = tmp_path / "fresh" / "data", free_port()
+    previous = os.umask(0o022)  # inherited by the server
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.umask(previous)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), 30, "the server to be ready")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data_dir.iterdir() if p.is_file()}
+        assert modes == dict.fromkeys(["admin-token", *(f"mission-control.db{s}" for s in ("", "-wal", "-shm"))], 0o600)
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # --- what every append records -----------------------------------------------------------

@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import ssl
+import subprocess
 import threading
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,14 +20,16 @@ import pytest
 
 from events import Meta
 from events.types import WebhookAttempted
-from service.settings import Settings
+from service.settings import Settings, from_env
 from service.webhooks import STREAM, WebhookWorker
-from tests.api_helpers import wait_for
+from service import outbound
+from tests.api_helpers import log_unchanged, refused, wait_for
 from tests.server import Server
 from tests.test_runner import start, until_status
 
 SECRET = "webhook-s3cret"
-SETTINGS = {"MC_WEBHOOK_SECRET": SECRET, "MC_WEBHOOK_BACKOFF_SECONDS": "0.2"}
+# The receivers listen on loopback, which a webhook reaches only where the setting admits it.
+SETTINGS = {"MC_WEBHOOK_SECRET": SECRET, "MC_WEBHOOK_BACKOFF_SECONDS": "0.2", "MC_WEBHOOK_ALLOW": "127.0.0.0/8"}
 
 
 class Received(NamedTuple):
@@ -183,3 +188,106 @@ async def test_a_worker_resumes_from_the_checkpoint_of_the_last_recorded_attempt
         await log.append(STREAM, [attempt], meta=Meta())
     resume = await WebhookWorker(log, Settings())._resume_point()
     assert resume == (100 + attempts_made if attempts_made else 0)
+
+
+# --- outbound addresses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://127.0.0.1:84139/hook", "port 84139"),  # once delivered to port 84139 - 65536
+    ("http://127.0.0.1:0/hook", "port 0"),
+    ("http://user:pw@127.0.0.1/hook", "credentials"),  # once sent as Basic auth and kept in the log
+    ("http://169.254.169.254/latest/meta-data/", "link-local or cloud-metadata"),
+    ("http://[fe80::1%25eth0]/", "link-local or cloud-metadata"),
+    ("http://[fd00:ec2::254]/", "link-local or cloud-metadata"),
+    ("http://[::ffff:169.254.169.254]/", "link-local or cloud-metadata"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "link-local or cloud-metadata"),  # NAT64 of 169.254.169.254
+    ("http://10.1.2.3/hook", "MC_WEBHOOK_ALLOW does not admit"),  # private, and not in the setting
+    ("http://[::1]/hook", "MC_WEBHOOK_ALLOW does not admit"),
+])
+def test_a_webhook_url_the_service_never_sends_to_is_refused_at_create(mc, url, why):
+    client = mc.client()
+    with log_unchanged(client):
+        response = client.post("/tasks", json={"type": "prompt", "content": "x", "webhookUrl": url})
+    refused(response, 400, mentions=("webhookUrl", why))
+
+
+def test_a_name_is_checked_at_each_delivery_and_a_refusal_is_a_failed_attempt(make_server, receiver):
+    """`localhost` is a name, so only its delivery can tell where it leads: to loopback, which
+    this server does not admit; another admits it by that name."""
+    port = receiver.server_address[1]
+    strict = make_server(**{**SETTINGS, "MC_WEBHOOK_ALLOW": "", "MC_WEBHOOK_ATTEMPTS": "2"})
+    client = strict.client()
+    start(client, None, "hello", "prompt", webhookUrl=f"http://localhost:{port}/strict")
+    tried = wait_for(lambda: len(found := attempts(client)) == 2 and found, what="two refused attempts")
+    assert [(e["payload"]["ok"], e["payload"]["statusCode"]) for e in tried] == [(False, None)] * 2
+    assert "localhost is at 127.0.0.1, a loopback" in tried[0]["payload"]["error"]
+    assert "MC_WEBHOOK_ALLOW does not admit" in tried[0]["payload"]["error"]
+    assert receiver.got("/strict") == []
+
+    client = make_server(**{**SETTINGS, "MC_WEBHOOK_ALLOW": "LocalHost"}).client()
+    start(client, None, "hello", "prompt", webhookUrl=f"http://localhost:{port}/admitted")
+    (delivered,) = wait_for(lambda: receiver.got("/admitted"), what="the admitted delivery")
+    assert delivered.headers["Host"] == f"localhost:{port}"
+
+
+def test_an_allow_list_item_that_is_neither_a_name_nor_a_cidr_stops_the_start():
+    with pytest.raises(SystemExit, match="'10.0.0.0/33' is neither a host name nor a CIDR"):
+        from_env(webhook_allow="localhost, 10.0.0.0/33")
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """Names of our own: `names[name]` is the list of addresses each lookup answers, one by one."""
+    names: dict[str, list[str]] = {}
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def lookup(host, port, *args, **kwargs):
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host].pop(0), port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return names, asked
+
+
+async def test_a_delivery_connects_to_the_address_it_checked(receiver, resolver):
+    """DNS rebinding: the name answers loopback (admitted) once, then the metadata address. The
+    request goes to the address checked, never to a second answer."""
+    names, asked = resolver
+    names["rebind.test"] = ["127.0.0.1", "169.254.169.254"]
+    url = f"http://rebind.test:{receiver.server_address[1]}/rebind"
+    async with outbound.client(5) as client:
+        sent = await outbound.send(client, url, outbound.allowed("127.0.0.0/8"), content=b"{}")
+        assert sent.status_code == 204
+        assert len(receiver.got("/rebind")) == 1 and asked == ["rebind.test"]
+        assert receiver.got("/rebind")[0].headers["Host"] == f"rebind.test:{receiver.server_address[1]}"
+        with pytest.raises(outbound.Refused, match="169.254.169.254, a link-local or cloud-metadata"):
+            await outbound.send(client, url, outbound.allowed("127.0.0.0/8"))
+    assert len(receiver.got("/rebind")) == 1
+
+
+async def test_https_to_a_checked_address_still_verifies_the_certificate_of_the_name(receiver, resolver, tmp_path):
+    """The connection goes to the address, the TLS server name and the check stay the host's."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=tls.test",
+         "-addext", "subjectAltName=DNS:tls.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    receiver.socket = server_side.wrap_socket(receiver.socket, server_side=True)
+    names, _ = resolver
+    port = receiver.server_address[1]
+    names.update({"tls.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    allow = outbound.allowed("127.0.0.0/8")
+    trusting = httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert)), trust_env=False,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
+    async with trusting:
+        assert (await outbound.send(trusting, f"https://tls.test:{port}/tls", allow)).status_code == 204
+        with pytest.raises(httpx.ConnectError, match="certificate verify failed"):  # not this name's certificate
+            await outbound.send(trusting, f"https://other.test:{port}/tls", allow)
+    assert len(receiver.got("/tls")) == 1

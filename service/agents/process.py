@@ -2,6 +2,12 @@
 
 A run's process leads a process group of its own (a new session), so stopping it reaches
 every grandchild; it gets a minimal environment; its output is decoded as it streams.
+
+A descendant can leave the group (`setsid`) and its parent (a double fork). So while a run
+lives its descendants are looked for (`Descendants`) and recorded by pid and start time in
+`<data-dir>/runs/<run-id>.pids`; stopping the run kills each one still the same process, and
+a start after a crash kills those the file names. The server is a child subreaper: an orphaned
+descendant becomes its child rather than init's, so it can still be found, and is reaped.
 """
 
 from __future__ import annotations
@@ -9,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import ctypes
+import glob
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import IO, Annotated
 
 import msgspec
@@ -27,6 +37,9 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 READ_BYTES = 64 * 1024
 RUN_ID_VARIABLE = "MC_RUN_ID"
 """Set for every run's processes: how recovery finds what a killed server left behind."""
+
+DESCENDANTS_POLL_SECONDS = 0.1
+PR_SET_CHILD_SUBREAPER = 36
 
 Sink = Callable[[str], Awaitable[None]]
 Feeder = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -72,6 +85,7 @@ async def run_process(
     /dev/null). Returns the exit code (negative: killed by that signal). However it ends,
     nothing of its process group survives it."""
     ctx.workdir.mkdir(parents=True, exist_ok=True)
+    _become_subreaper()
     try:
         # Popen rather than the loop's subprocess support: it vforks, which stays fast however
         # large the server is (uvloop's spawn takes tens of milliseconds here).
@@ -82,10 +96,12 @@ async def run_process(
     except OSError as exc:
         raise RunFailed("error", f"Cannot start {argv[0]}: {exc.strerror or exc}.") from None
     assert child.stdout is not None and child.stderr is not None
+    descendants = Descendants(child.pid, ctx.run_id, records(ctx.workdir.parent, ctx.run_id))
     readers = [asyncio.create_task(_pump(child.stdout, stdout)), asyncio.create_task(_pump(child.stderr, stderr))]
     writer = asyncio.create_task(_feed(child.stdin, feed)) if feed and child.stdin else None
     helpers = [*readers, *([writer] if writer else [])]
     exited = asyncio.create_task(_exited(child))
+    watching = asyncio.create_task(descendants.watch())
     stopped = False
     try:
         waiting: set[asyncio.Future] = {exited, *helpers}
@@ -95,16 +111,18 @@ async def run_process(
                 helper.result()
         # Whatever the leader left running would keep the pipes open: it ends with the run.
         stopped = True
-        await stop_group(child, config.kill_grace_seconds)
+        await stop_group(child, config.kill_grace_seconds, descendants)
         for reader in readers:
             await reader
         return child.returncode  # type: ignore[return-value]
     finally:
+        watching.cancel()
         if not stopped:
-            await stop_group(child, config.kill_grace_seconds)
+            await stop_group(child, config.kill_grace_seconds, descendants)
         for helper in (*helpers, exited):
             helper.cancel()
-        await asyncio.gather(*helpers, exited, return_exceptions=True)
+        await asyncio.gather(*helpers, exited, watching, return_exceptions=True)
+        descendants.forget()
 
 
 async def _pump(pipe: IO[bytes], sink: Sink) -> None:
@@ -153,17 +171,23 @@ async def _exited(child: subprocess.Popen) -> None:
         os.close(pidfd)
 
 
-async def stop_group(child: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the group, SIGKILL it once the leader has exited or after `grace`, whichever is
-    first (grandchildren that ignore or outlive SIGTERM included), then reap the leader."""
+async def stop_group(child: subprocess.Popen, grace: float, descendants: Descendants) -> None:
+    """SIGTERM the group and every descendant, SIGKILL them once the leader has exited or after
+    `grace`, whichever is first (grandchildren that ignore or outlive SIGTERM included), then
+    reap the leader."""
     try:
+        descendants.look()  # those the leader still holds, however young
         _signal_group(child.pid, signal.SIGTERM)
+        descendants.signal(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_exited(child), grace)
     finally:  # even if cancelled again while waiting
         _signal_group(child.pid, signal.SIGKILL)
+        descendants.look()
+        descendants.signal(signal.SIGKILL)
     await _exited(child)
     child.wait()
+    await asyncio.to_thread(descendants.reap)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -182,13 +206,22 @@ def finished(code: int, stdout: str) -> str:
     raise RunFailed("exit", f"The process exited with code {code}.", exit_code=code, result=stdout)
 
 
-def kill_orphans(run_ids: Iterable[str]) -> int:
-    """SIGKILL every process whose environment names one of these runs: what a server that
-    died mid-run (SIGKILL, power loss) left running. Returns how many were killed."""
+def kill_orphans(run_ids: Iterable[str], runs_dir: Path) -> int:
+    """SIGKILL what a server that died mid-run (SIGKILL, power loss) left running of these runs:
+    every process their records name that is still the same process (same start time, never
+    a reused pid), and every process whose environment names one of them. Returns how many."""
     wanted = set(run_ids)
     if not wanted:
         return 0
     killed = 0
+    for run_id in wanted:
+        path = records(runs_dir, run_id)
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text().splitlines():
+                pid, _, started = line.partition(" ")
+                with contextlib.suppress(ValueError):
+                    killed += _signal_same(int(pid), int(started), signal.SIGKILL)
+            path.unlink()
     for proc in psutil.process_iter():
         try:
             if proc.environ().get(RUN_ID_VARIABLE) in wanted:
@@ -199,3 +232,127 @@ def kill_orphans(run_ids: Iterable[str]) -> int:
     if killed:
         log.warning("killed processes left by interrupted runs", count=killed)
     return killed
+
+
+def records(runs_dir: Path, run_id: str) -> Path:
+    """Where a run's descendants are recorded: beside the runs' working directories."""
+    return runs_dir / f"{run_id}.pids"
+
+
+class Descendants:
+    """A run's processes besides its leader, by pid and start time: those under the leader,
+    and orphans of the run (reparented to this server) whose environment names it."""
+
+    def __init__(self, leader: int, run_id: str, path: Path):
+        self.leader = leader
+        self.run_id = run_id
+        self.path = path
+        self.known: dict[int, int] = {}
+        self._file: IO[str] | None = None
+
+    async def watch(self) -> None:
+        while True:
+            self.look()
+            await asyncio.sleep(DESCENDANTS_POLL_SECONDS)
+
+    def look(self) -> None:
+        """Record every descendant there is now: from the leader down, from each one known
+        (an orphan keeps its children), and the server's children that carry this run's id."""
+        roots = [self.leader, *(pid for pid, started in self.known.items() if _started(pid) == started)]
+        roots += [pid for pid in _children(os.getpid()) if pid not in self.known and _run_id(pid) == self.run_id]
+        seen = set()
+        while roots:
+            pid = roots.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            if pid != self.leader and pid not in self.known and (started := _started(pid)) is not None:
+                self._record(pid, started)
+            roots += _children(pid)
+
+    def signal(self, sig: int) -> None:
+        for pid, started in self.known.items():
+            _signal_same(pid, started, sig)
+
+    def reap(self) -> None:
+        """Wait for those that are this server's children (orphans it adopted), so none stays a zombie."""
+        for pid, started in list(self.known.items()):  # in a thread, while `look` may add to it
+            if _started(pid) == started and _parent(pid) == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)  # its own child: no one else can reap it, nor reuse its pid first
+
+    def forget(self) -> None:
+        """The run is over and every process of it dead: no record left for a recovery."""
+        if self._file is not None:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def _record(self, pid: int, started: int) -> None:
+        self.known[pid] = started
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run's life
+        self._file.write(f"{pid} {started}\n")
+        self._file.flush()  # in the kernel's hands: it survives the server's SIGKILL
+
+
+def _become_subreaper() -> None:
+    """Orphaned descendants of runs become this process's children instead of init's (Linux)."""
+    global _subreaper
+    if not _subreaper and sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _subreaper = True
+
+
+_subreaper = False
+
+
+def _signal_same(pid: int, started: int, sig: int) -> bool:
+    """Signal pid if it is still the process that started at `started`. Through a pidfd, so
+    the pid cannot be reused between the check and the signal."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if _started(pid) != started:
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            found += map(int, Path(path).read_text().split())
+    return found
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 on (the command name, which may hold anything, cut off)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot: with its pid, it names one process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _run_id(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).environ().get(RUN_ID_VARIABLE)
+    except (psutil.Error, OSError):
+        return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -16,7 +15,7 @@ from events import types as t
 from projections import queries
 from projections.lifecycle import STATUSES
 from projections.tasks import Task
-from service import schemas
+from service import outbound, schemas
 from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
 from service.context import (
     can_see_project, commands_of, idempotency, log_of, meta, principal, runner_of,
@@ -95,7 +94,10 @@ async def create_task(request: Request) -> Response:
     if earlier is not None:
         return task_response(earlier, 201, {"Location": f"{API_PREFIX}/tasks/{earlier.id}"})
     if body.webhook_url is not None:
-        _check_webhook_url(body.webhook_url)
+        try:
+            outbound.check_url(body.webhook_url, outbound.allowed(settings_of(request).webhook_allow))
+        except outbound.Refused as refused:
+            raise bad_request(f"webhookUrl {refused}.") from None
     project_id = await _target_project(request, who, body.project_id)
     if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
         raise Refused("agent_not_found", f"Agent {body.agent_id} not found.")
@@ -115,15 +117,6 @@ async def create_task(request: Request) -> Response:
     )
     task, _ = await commands_of(request).task(task_id, CreateTask(event=event), meta(request, who), idem)
     return task_response(task, 201, {"Location": f"{API_PREFIX}/tasks/{task.id}"})
-
-
-def _check_webhook_url(url: str) -> None:
-    """The pattern in the schema lets through hosts an HTTP client cannot address (bad IDNA)."""
-    try:
-        if not httpx.URL(url).host:
-            raise httpx.InvalidURL("no host")
-    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors
-        raise bad_request(f"webhookUrl is not a URL a webhook can be sent to: {exc}.") from None
 
 
 async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
