@@ -260,8 +260,11 @@ async def clear_presence(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
     device_id = request.query_params.get("deviceId")
-    if device_id is None:
-        _, body = await read_body(request, schemas.PresenceBody)
+    # A body is checked whenever one is sent: garbage next to ?deviceId= is bad input all the same.
+    _, body = await read_body(request, schemas.PresenceBody, required=device_id is None)
+    if body is not None:
+        if device_id is not None and device_id != body.device_id:
+            raise bad_request("deviceId differs between the body and the query; give it once.")
         device_id = body.device_id
     if not device_id:
         raise bad_request("deviceId is required, in the body or the query.")

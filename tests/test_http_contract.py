@@ -1,0 +1,108 @@
+"""Smaller contract points a hostile client found (issue 12, items 4, 10, 11 and 13): every
+refusal a 400 with a sentence that says what was wrong, and the log untouched."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.api_helpers import log_unchanged, refused
+from tests.server import API
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def c(shared_server):
+    return shared_server.client()
+
+
+@pytest.fixture(scope="module")
+def task(c):
+    answer = c.post("/tasks", json={"type": "prompt", "content": "target"})
+    assert answer.status_code == 201
+    return answer.json()
+
+
+DUPLICATES = [
+    (b'{"type": "prompt", "type": "command", "content": "ls"}', "type"),
+    (b'{"type": "prompt", "content": "x", "metadata": {"a": {"b": 1, "b": 2}}}', "b"),
+    (b'{"type": "prompt", "content": "x", "metadata": {"list": [{"k": 1, "k": 1}]}}', "k"),
+    (b'{"type": "prompt", "content": "x", "colour": 1, "colour": 2}', "colour"),  # unknown and repeated
+]
+
+
+@pytest.mark.parametrize("body, key", DUPLICATES)
+def test_a_key_given_twice_anywhere_in_a_body_is_refused(c, body, key):
+    with log_unchanged(c):
+        refused(c.post("/tasks", content=body, headers=JSON), 400, "invalid_request", (f"'{key}'", "more than once"))
+
+
+def test_a_key_given_twice_is_refused_on_commands_too(c, task):
+    with log_unchanged(c):
+        answer = c.patch(f"/tasks/{task['id']}", content=b'{"title": "a", "title": "b"}', headers=JSON)
+        refused(answer, 400, None, ("'title'", "more than once"))
+
+
+def test_deleting_presence_refuses_a_garbage_body_next_to_a_device_in_the_query(c, task):
+    path = f"/tasks/{task['id']}/presence"
+    with log_unchanged(c):
+        refused(c.request("DELETE", path, params={"deviceId": "d2"}, content=b"garbage\x00", headers=JSON),
+                400, "malformed_json")
+        refused(c.request("DELETE", path, params={"deviceId": "d2"}, json={"device": "d2"}), 400, None, ("device",))
+        refused(c.request("DELETE", path, params={"deviceId": "d2"}, json={"deviceId": "d3"}), 400, None,
+                ("differs",))
+    # a body that agrees with the query, or none at all, is taken
+    assert c.request("DELETE", path, params={"deviceId": "d2"}, json={"deviceId": "d2"}).status_code == 204
+    assert c.request("DELETE", path, params={"deviceId": "d2"}).status_code == 204
+
+
+@pytest.mark.parametrize("path, methods", [
+    ("/tasks", {"GET", "HEAD", "POST"}),
+    ("/tasks/{task}", {"GET", "HEAD", "PATCH", "DELETE"}),
+    ("/tasks/{task}/presence", {"POST", "DELETE"}),
+])
+def test_405_allow_lists_the_methods_of_every_route_on_the_path(c, task, path, methods):
+    answer = c.request("OPTIONS", path.format(task=task["id"]))
+    refused(answer, 405, "method_not_allowed")
+    assert set(answer.headers["allow"].replace(" ", "").split(",")) == methods
+
+
+def test_a_lone_surrogate_is_named_not_called_truncated(c):
+    for escape in ("\\ud800", "\\udc00", "\\ud800\\ud800"):
+        body = b'{"type": "prompt", "content": "a%sb"}' % escape.encode()
+        with log_unchanged(c):
+            detail = refused(c.post("/tasks", content=body, headers=JSON), 400, "malformed_json")["detail"]
+        assert "surrogate" in detail and "truncated" not in detail, detail
+    # an escaped backslash before "ud800" is no escape, and a proper pair is a character
+    assert c.post("/tasks", content=b'{"type": "prompt", "content": "\\\\ud800"}', headers=JSON).status_code == 201
+    made = c.post("/tasks", content=b'{"type": "prompt", "content": "\\ud83d\\ude00"}', headers=JSON)
+    assert made.status_code == 201 and made.json()["content"] == "\U0001f600"
+
+
+def test_exponent_notation_is_refused_without_being_called_a_fraction(c):
+    for body, field in ((b'{"type": "prompt", "content": "x", "metadata": {"n": 1E2}}', "metadata.n"),
+                        (b'{"type": "prompt", "content": "x", "priority": 1E0}', "priority")):
+        with log_unchanged(c):
+            detail = refused(c.post("/tasks", content=body, headers=JSON), 400, None, (field, "exponent"))["detail"]
+        assert "a fractional number" not in detail
+
+
+def test_depends_on_naming_a_task_twice_is_refused(c, task):
+    with log_unchanged(c):
+        refused(c.post("/tasks", json={"type": "prompt", "content": "x", "dependsOn": [task["id"]] * 3}),
+                400, None, ("dependsOn", task["id"], "more than once"))
+    other = c.post("/tasks", json={"type": "prompt", "content": "x", "dependsOn": [task["id"]]})
+    assert other.status_code == 201 and other.json()["dependsOn"] == [task["id"]]
+
+
+def test_a_request_id_over_200_characters_is_replaced_not_cut(shared_server, c):
+    long_id = "r" * 300
+    answer = c.get("/tasks", headers={"X-Request-ID": long_id})
+    assert answer.status_code == 200
+    uuid.UUID(answer.headers["x-request-id"])  # a fresh id, not the first 200 of the client's
+    kept = httpx.get(shared_server.base_url + API + "/tasks", headers={
+        "X-Request-ID": "r" * 200, "Authorization": f"Bearer {shared_server.admin_token}"})
+    assert kept.headers["x-request-id"] == "r" * 200
