@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import uuid
 
+import json
+
 import httpx
 import pytest
+from hypothesis import given, settings, strategies as st
+
+from service import schemas
+from service.deciders import Rejected
+from service.http import decode_body
 
 from tests.api_helpers import log_unchanged, refused
 from tests.server import API
@@ -31,6 +38,8 @@ DUPLICATES = [
     (b'{"type": "prompt", "content": "x", "metadata": {"a": {"b": 1, "b": 2}}}', "b"),
     (b'{"type": "prompt", "content": "x", "metadata": {"list": [{"k": 1, "k": 1}]}}', "k"),
     (b'{"type": "prompt", "content": "x", "colour": 1, "colour": 2}', "colour"),  # unknown and repeated
+    (b'{"type": "prompt", "content": "\\u003a", "type": "command"}', "type"),  # a colon spelled as an escape
+    (b'{"type": "prompt", "content": "a:b", "metadata": {"k:": ":", "k:": ":"}}', "k:"),
 ]
 
 
@@ -38,6 +47,43 @@ DUPLICATES = [
 def test_a_key_given_twice_anywhere_in_a_body_is_refused(c, body, key):
     with log_unchanged(c):
         refused(c.post("/tasks", content=body, headers=JSON), 400, "invalid_request", (f"'{key}'", "more than once"))
+
+
+KEYS = st.sampled_from(["a", "b", "a:", ":", "\\u003a", "b\\\\"])
+LEAVES = st.one_of(st.integers(-5, 5), st.sampled_from(['"x"', '":"', '"\\u003a"', "true", "null"]))
+
+
+def _object(children) -> st.SearchStrategy[str]:
+    pairs = st.lists(st.tuples(KEYS, children), max_size=4)
+    return pairs.map(lambda ps: "{" + ",".join(f'"{k}" : {v}' for k, v in ps) + "}")
+
+
+JSON_TEXTS = st.recursive(LEAVES.map(str), lambda children: st.one_of(
+    _object(children), st.lists(children, max_size=3).map(lambda vs: "[" + ",".join(vs) + "]")), max_leaves=12)
+
+
+def _repeats_a_key(text: str) -> bool:
+    def pairs(ps):
+        if len({k for k, _ in ps}) != len(ps):
+            raise KeyError
+        return dict(ps)
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except KeyError:
+        return True
+    return False
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(metadata=_object(JSON_TEXTS))
+def test_the_cheap_duplicate_check_refuses_exactly_the_bodies_that_repeat_a_key(metadata):
+    body = ('{"type": "prompt", "content": "x", "metadata": %s}' % metadata).encode()
+    try:
+        decode_body(body, schemas.CreateTask, 32, 1000)
+        refused_as_duplicate = False
+    except Rejected as exc:
+        refused_as_duplicate = "more than once" in exc.detail
+    assert refused_as_duplicate == _repeats_a_key(body.decode())
 
 
 def test_a_key_given_twice_is_refused_on_commands_too(c, task):

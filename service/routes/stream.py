@@ -32,6 +32,7 @@ from events import RecordedEvent
 from projections import queries
 from service.context import Tenancy, log_of, principal, settings_of
 from service.http import bad_request, parse_uuid, whole_number
+from service.logs import client_dropped
 from service.routes.log import type_filter
 
 PATH = "/api/mission-control/activity/stream"
@@ -89,7 +90,8 @@ class EventStream(EventSourceResponse):
             if not _only_send_timeouts(exc):
                 raise
             # A client that stopped reading: expected in production, not a server error.
-            logger.info(
+            client_dropped.set(True)
+            logger.warning(
                 "stream client dropped", reason=f"took no data for {self.send_timeout} s",
                 request_id=scope.get("state", {}).get("request_id"),
             )
