@@ -211,7 +211,7 @@ def whole_number(raw: str) -> int | None:
 
 def query_int(request: Request, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # an empty value is refused for every parameter by the middleware
         return default
     value = whole_number(raw)
     if value is None or not minimum <= value <= maximum:

@@ -152,3 +152,42 @@ def test_a_request_id_over_200_characters_is_replaced_not_cut(shared_server, c):
     kept = httpx.get(shared_server.base_url + API + "/tasks", headers={
         "X-Request-ID": "r" * 200, "Authorization": f"Bearer {shared_server.admin_token}"})
     assert kept.headers["x-request-id"] == "r" * 200
+
+
+@pytest.mark.parametrize("path, name", [
+    ("/tasks", "limit"), ("/tasks", "status"), ("/tasks", "search"), ("/tasks/{task}", "asOf"),
+    ("/tasks/{task}/output", "runId"), ("/tasks/{task}/events", "after"), ("/approvals", "status"),
+    ("/events", "types"), ("/events", "stream"),
+])
+def test_an_empty_query_value_is_refused_on_every_route(c, task, path, name):
+    answer = c.get(path.format(task=task["id"]) + f"?{name}=")
+    refused(answer, 400, "invalid_request", (name, "empty"))
+
+
+def test_a_types_filter_naming_no_event_type_is_refused(c):
+    refused(c.get("/events", params={"types": "task.complete"}), 400, None, ("task.complete",))
+    assert c.get("/events", params={"types": "task.completed,presence.,agent*"}).status_code == 200
+
+
+def test_the_openapi_document_states_the_limits_the_server_enforces(shared_server):
+    document = httpx.get(shared_server.base_url + "/openapi.json").json()
+    components = document["components"]["schemas"]
+
+    def parameter(path: str, method: str, name: str) -> dict:
+        return next(p for p in document["paths"][API + path][method]["parameters"] if p["name"] == name)["schema"]
+
+    for path, name in (("/events", "after"), ("/tasks/{task_id}", "asOf"), ("/tasks", "offset")):
+        assert parameter(path, "get", name)["maximum"] == 2**63 - 1, name
+    assert "W/" in parameter("/tasks/{task_id}", "patch", "If-Match")["pattern"]
+    assert "task\\.completed" in parameter("/events", "get", "types")["pattern"]
+    assert parameter("/tasks/{task_id}/presence", "delete", "deviceId")["minLength"] == 1
+    create = components["CreateTask"]["properties"]
+    assert create["content"]["pattern"] == "^[^\\u0000]*$"  # no NUL
+    assert create["metadata"]["additionalProperties"] == {"$ref": "#/components/schemas/JsonValue"}
+    assert create["dependsOn"]["uniqueItems"] is True
+    values = components["JsonValue"]["anyOf"]
+    assert {"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1} in values
+    assert not any(v.get("type") == "number" for v in values)  # no fractions
+    openai = next(v for v in components["CreateAgent"]["oneOf"] if v["properties"]["kind"] == {"const": "openai"})
+    assert "config" in openai["required"]
+    assert {"baseUrl", "model"} <= set(components["OpenAIConfig"]["required"])

@@ -68,8 +68,6 @@ def stream_filter(request: Request) -> list[str] | None:
         task_id = parse_uuid(task_id, "taskId")
         streams = [f"task-{task_id}", f"presence-{task_id}"]
     if (stream := request.query_params.get("stream")) is not None:
-        if not stream:
-            raise bad_request("Query parameter stream names no stream.")
         streams = [s for s in (streams or [stream]) if s == stream]
     return streams
 
