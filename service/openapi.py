@@ -323,7 +323,7 @@ def _operation(path: str, name: str, op: Op, path_params: list[str], schemas_of:
     parameters = [
         {"name": p, "in": "path", "required": True, "schema": UUID, "description": f"The {p.split('_')[0]}'s id."}
         for p in path_params
-    ] + [{"name": p.name, "in": p.where, "required": False, "schema": p.schema, "description": p.description}
+    ] + [{"name": p.name, "in": p.where, "required": False, "schema": _non_empty(p), "description": p.description}
          for p in op.params]
     responses = {str(op.status): _success(op, schemas_of.get(op.answer))}
     for status in op.same_answer:
@@ -360,6 +360,13 @@ def _operation(path: str, name: str, op: Op, path_params: list[str], schemas_of:
             "content": {"application/json": {"schema": schemas_of[op.body]}},
         }
     return operation
+
+
+def _non_empty(param: Param) -> dict[str, Any]:
+    """A query value is never empty (the middleware refuses `?limit=` on every route)."""
+    if param.where == "query" and param.schema.get("type") == "string" and "minLength" not in param.schema:
+        return {**param.schema, "minLength": 1}
+    return param.schema
 
 
 def _tag(path: str) -> str:
@@ -448,11 +455,8 @@ def _as_checked(schema: Any) -> None:
         if "exclusiveMaximum" not in schema:
             schema.setdefault("maximum", SAFE_INTEGER["maximum"])
     elif kind == "number":
-        whole = {"type": "integer", **{k: schema.pop(k) for k in (
-            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema}}
-        del schema["type"]
-        schema["anyOf"] = [whole, {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}]
-        _as_checked(whole)
+        schema["type"] = "integer"  # a decimal goes as a string ("0.5"), which the document leaves unsaid
+        schema.pop("default", None)  # a float default would read as a fraction the body may hold
     elif kind == "object" and "properties" not in schema and "additionalProperties" not in schema:
         schema["additionalProperties"] = {"$ref": REF.format(name=JSON_VALUE_NAME)}
     for value in list(schema.values()):

@@ -191,3 +191,10 @@ def test_the_openapi_document_states_the_limits_the_server_enforces(shared_serve
     openai = next(v for v in components["CreateAgent"]["oneOf"] if v["properties"]["kind"] == {"const": "openai"})
     assert "config" in openai["required"]
     assert {"baseUrl", "model"} <= set(components["OpenAIConfig"]["required"])
+
+
+def test_a_malformed_if_match_is_bad_input_not_a_failed_precondition(c, task):
+    for given in ("", "abc", 'W/"x"'):
+        with log_unchanged(c):
+            refused(c.patch(f"/tasks/{task['id']}", json={"title": "x"}, headers={"If-Match": given}), 400,
+                    "invalid_request", ("If-Match",))

@@ -42,8 +42,8 @@ def if_match(request: Request) -> set[int] | None:
     if raw is None or raw.strip() == "*":
         return None
     versions = {whole_number(tag.strip().removeprefix("W/").strip('"')) for tag in raw.split(",")}
-    if None in versions:
-        raise Rejected(412, "precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
+    if None in versions:  # malformed, so bad input (400); 412 is for a version that moved
+        raise bad_request(f"If-Match {raw[:40]!r} names no task version: give 3, \"3\", W/\"3\", a comma list, or *.")
     return versions  # type: ignore[return-value]
 
 
