@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from events import (
@@ -102,7 +102,18 @@ async def _closed(request: Request, exc: LogClosed) -> Response:
 async def _http(request: Request, exc: HTTPException) -> Response:
     words = {404: "not_found", 405: "method_not_allowed"}
     detail = "No such route." if exc.status_code == 404 else str(exc.detail)
-    return error_response(exc.status_code, words.get(exc.status_code, "http_error"), detail, exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the first route on the path only; each method has its own
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(_methods_on(request)))}
+    return error_response(exc.status_code, words.get(exc.status_code, "http_error"), detail, headers)
+
+
+def _methods_on(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return methods
 
 
 async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:

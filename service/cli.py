@@ -91,25 +91,31 @@ async def first_admin_key(settings: Settings) -> str | None:
 
 
 def serve(args) -> int:
-    import uvicorn
-
+    from service import serving
     from service.app import create_app
     from service.logs import configure
 
     configure()
+    settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
+    try:  # the address first: a busy port must not cost an admin key or an admin-token file
+        sock = serving.listen(settings.host, settings.port)
+    except serving.AddressInUse as exc:
+        return _fail(str(exc))
     settings = _data_dir(args, create=True, host=args.host, port=args.port)
     token = asyncio.run(first_admin_key(settings))
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
         print(token, flush=True)
+
+    def ready() -> None:
+        where = serving.url(settings.host, settings.port)
+        print(f"Mission Control is listening on {where} with its data in {Path(settings.data_dir).resolve()}",
+              flush=True)
+
     # uvicorn stops gracefully on SIGTERM, then raises the signal again so that the process
     # dies by it (status -15). A graceful stop is a success: exit 0 on that signal instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, access_log=False,
-        log_level="warning", timeout_graceful_shutdown=3, lifespan="on",
-        log_config=None,  # uvicorn's records go through service.logs, as JSON when not on a terminal
-    )
+    serving.run(create_app(settings), settings, sock, ready)
     return 0
 
 

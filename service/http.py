@@ -3,6 +3,8 @@ HTTP-level refusal (`HttpError`), or a domain `Refused` given its status by one 
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from typing import Any, TypeVar
 
@@ -97,40 +99,116 @@ def decode_body(body: bytes, type_: type[T], max_depth: int, max_string: int) ->
     except RecursionError:
         raise bad_request("The JSON body is nested too deeply.") from None
     except msgspec.ValidationError as exc:
-        raise bad_request(f"Invalid request body: {exc}.") from None
+        _check_keys(body)
+        hint = " (whole numbers are written as digits, without a fraction or an exponent)" if (
+            "got `float`" in str(exc)) else ""
+        raise bad_request(f"Invalid request body: {exc}{hint}.") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets invalid UTF-8 through as the latter
-        raise bad_request(f"Malformed JSON: {exc}.", "malformed_json") from None
-    _check_shape(msgspec.to_builtins(value), max_depth, max_string, "$")
+        raise bad_request(_malformed(body, exc), "malformed_json") from None
+    try:  # the body as sent: every key and value the client wrote, none of the type's defaults
+        sent = msgspec.json.decode(body)
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"Invalid request body: {exc}.") from None
+    counted = [0, 0]  # an object's key-value pairs, the colons inside strings
+    _check_shape(sent, max_depth, max_string, "$", counted)
+    # Every ':' of a JSON text separates a pair or sits in a string, and a pair lost to a repeated
+    # key takes its ':' with it: so, unless a string spells one as an escape, the count tells
+    # whether a key repeats, and the costly pair-by-pair check runs only when it may.
+    if body.count(b":") != counted[0] + counted[1] or b"\\u003" in body:
+        _check_keys(body)
     return value
 
 
-def _check_shape(value: Any, depth_left: int, max_string: int, path: str) -> None:
-    """Bounds what a client can make us keep forever in the log."""
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
+def _check_keys(body: bytes) -> None:
+    """Refuses a key given twice in one object. msgspec keeps the last silently, while a proxy or
+    an auditor reading first-wins would see another request; only the standard library's parser
+    hands over an object's pairs before they become a dict (a few microseconds for a usual body)."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        raise bad_request(
+            f"The key {str(exc.args[0])[:80]!r} appears more than once in one object; each key may appear once."
+        ) from None
+    except (ValueError, RecursionError):  # what msgspec took and this parser cannot: refused by the shape check
+        pass
+
+
+ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
+"""A JSON string escape; `\\\\` is consumed whole, so the `u` after it starts no escape."""
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first `\\uXXXX` escape of a UTF-16 surrogate that has no partner, if any."""
+    high: re.Match | None = None
+    for escape in ESCAPE.finditer(text):
+        code = int(escape.group(1), 16) if escape.group(1) else -1
+        if high is not None:
+            if 0xDC00 <= code <= 0xDFFF and escape.start() == high.end():
+                high = None
+                continue
+            return high.group()
+        if 0xD800 <= code <= 0xDBFF:
+            high = escape
+        elif 0xDC00 <= code <= 0xDFFF:
+            return escape.group()
+    return high.group() if high is not None else None
+
+
+def _malformed(body: bytes, exc: Exception) -> str:
+    # msgspec calls a lone surrogate "truncated" or "invalid utf-16 surrogate pair": say what it is.
+    if isinstance(exc, msgspec.DecodeError) and (lone := _lone_surrogate(body.decode("utf-8", "replace"))):
+        return (f"Malformed JSON: {lone} is a lone UTF-16 surrogate, which is no character; a character "
+                "beyond U+FFFF is escaped as a high surrogate followed by a low one.")
+    return f"Malformed JSON: {exc}."
+
+
+def _check_shape(value: Any, depth_left: int, max_string: int, path: str, counted: list[int]) -> None:
+    """Bounds what a client can make us keep forever in the log; counts pairs and colons in strings
+    into `counted` for the duplicate-key check."""
     if isinstance(value, str):
         if len(value) > max_string:
             raise bad_request(f"{path} is longer than {max_string} characters.")
         if "\x00" in value:
             raise bad_request(f"{path} contains a NUL character.")
+        counted[1] += value.count(":")
         return
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > JSON_SAFE_INTEGER:
         raise bad_request(
             f"{path} is beyond ±(2^53 - 1); larger integers lose precision in JSON (send them as strings)."
         )
-    if isinstance(value, float):
+    if isinstance(value, float):  # from a fraction (1.5, 1.0) or an exponent (1E2): which, msgspec does not say
         raise bad_request(
-            f"{path} is a fractional number; events hold integers, strings, booleans, null, arrays and "
-            "objects only (send decimals as strings)."
+            f"{path} is a number with a fraction or an exponent; events hold integers written as plain digits, "
+            "strings, booleans, null, arrays and objects only (send decimals as strings)."
         )
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list):
         if depth_left <= 0:
             raise bad_request(f"{path} is nested too deeply.")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str) and (len(key) > max_string or "\x00" in key):
+        for index, item in enumerate(value):
+            _check_shape(item, depth_left - 1, max_string, f"{path}[{index}]", counted)
+    elif isinstance(value, dict):
+        if depth_left <= 0:
+            raise bad_request(f"{path} is nested too deeply.")
+        counted[0] += len(value)
+        for key, item in value.items():
+            if len(key) > max_string or "\x00" in key:
                 raise bad_request(
                     f"A key in {path} is longer than {max_string} characters or contains a NUL character."
                 )
-            _check_shape(item, depth_left - 1, max_string, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+            counted[1] += key.count(":")
+            _check_shape(item, depth_left - 1, max_string, f"{path}.{key}", counted)
 
 
 async def read_body(request: Request, type_: type[T], required: bool = True) -> tuple[bytes, T | None]:
@@ -161,7 +239,7 @@ def whole_number(raw: str) -> int | None:
 
 def query_int(request: Request, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # an empty value is refused for every parameter by the middleware
         return default
     value = whole_number(raw)
     if value is None or not minimum <= value <= maximum:

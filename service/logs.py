@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
 import msgspec
 import structlog
 
 _encoder = msgspec.json.Encoder(enc_hook=repr)  # anything unusual in a log line is written as its repr
+
+
+client_dropped: ContextVar[bool] = ContextVar("client_dropped", default=False)
+"""Set by a response that ended because its client stopped reading (and said so at warning)."""
+
+_INCOMPLETE = "ASGI callable returned without completing response."
+
+
+class _DroppedClientIsNoServerError(logging.Filter):
+    """uvicorn calls any unfinished response an error; one we ended on a client that stopped
+    reading has been logged as the warning it is. (uvicorn logs in the request's own task, whose
+    context carries the flag.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == _INCOMPLETE and client_dropped.get())
 
 
 def _json_line(event: dict) -> str:
@@ -48,5 +64,8 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     # uvicorn's per-connection chatter stays at warning; its errors still come through, formatted.
     logging.getLogger("uvicorn").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DroppedClientIsNoServerError) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(_DroppedClientIsNoServerError())
     # httpx logs every request's full URL at INFO: webhook URLs and provider paths may hold secrets.
     logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))

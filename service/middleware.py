@@ -27,8 +27,8 @@ REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 
 
 def request_id_of(headers: Headers) -> str:
-    given = (headers.get("x-request-id") or "")[:200]
-    return given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
+    given = headers.get("x-request-id") or ""
+    return given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())  # replaced whole, never cut
 
 
 class ApiMiddleware:
@@ -76,6 +76,12 @@ class ApiMiddleware:
 
     async def _admit(self, scope: Scope, headers: Headers) -> HttpError | None:
         path = scope["path"]
+        if scope.get("query_string"):
+            empty = next((name for name, value in QueryParams(scope["query_string"]).multi_items() if not value), None)
+            if empty is not None:  # one rule for every route: `limit=` is neither the default nor a value
+                return Rejected(
+                    400, "invalid_request", f"Query parameter {empty[:40]!r} is empty; give it a value or leave it out."
+                )
         settings = self.state.settings
         if path in PUBLIC or path.startswith(PUBLIC_PREFIXES) or (path == "/metrics" and settings.metrics_public):
             return None

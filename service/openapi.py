@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from events import RecordedEvent
 from events.verify import ChainReport
+from events.types import EVENT_TYPES
 from projections.agents import Agent
 from projections.approvals import APPROVAL_STATUSES
 from projections import lifecycle
@@ -26,6 +27,8 @@ from projections.projects import Project
 from projections.tasks import Task
 from service import schemas
 from service.http import API_PREFIX, Error
+from service.agents.kinds import KINDS
+from service.http import JSON_SAFE_INTEGER, MAX_INT, Error
 
 REF = "#/components/schemas/{name}"
 TITLE = "Mission Control"
@@ -79,10 +82,9 @@ class Op(msgspec.Struct, frozen=True, kw_only=True):
     """Another media type of the success answer and what it holds."""
 
 
-def _int(minimum: int, maximum: int | None = None, default: int | None = None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "integer", "minimum": minimum}
-    if maximum is not None:
-        schema["maximum"] = maximum
+def _int(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> dict[str, Any]:
+    """A query integer: digits only, and never past what SQLite binds."""
+    schema: dict[str, Any] = {"type": "integer", "minimum": minimum, "maximum": maximum}
     if default is not None:
         schema["default"] = default
     return schema
@@ -93,8 +95,17 @@ TEXT = {"type": "string"}
 IDEMPOTENCY = Param("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": 200},
                     "Repeat the request safely: the same key with the same body answers the same, appending nothing.",
                     "header")
-IF_MATCH = Param("If-Match", TEXT, "The task version (its ETag) the change is meant for; 412 if it moved.", "header")
-TYPES = Param("types", TEXT, "Comma list of event types; a trailing `.` or `*` matches a prefix (`task.`).")
+_TAG = r'(W/)?"?[0-9]{1,18}"?'
+IF_MATCH = Param(
+    "If-Match", {"type": "string", "pattern": rf"^\s*(\*|{_TAG}(\s*,\s*{_TAG})*)\s*$"},
+    'The task version (its ETag) the change is meant for: `3`, `"3"`, `W/"3"`, a comma list, or `*`; 412 if it '
+    "moved.", "header")
+_FAMILIES = sorted({name.split(".")[0] for name in EVENT_TYPES})
+_TYPE_NAMES = "|".join([n.replace(".", r"\.") for n in sorted(EVENT_TYPES)] + [rf"{f}\.\*?" for f in _FAMILIES])
+TYPES = Param(
+    "types", {"type": "string", "pattern": rf"^({_TYPE_NAMES})(,({_TYPE_NAMES}))*$"},
+    "Comma list of event types; one ending in `.` or `*` is a prefix (`task.`). A name that is no event type, "
+    f"nor the prefix of one, is refused. The types: {', '.join(f'`{n}`' for n in sorted(EVENT_TYPES))}.")
 
 HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ETag": ("The task's version, quoted.", TEXT),
@@ -186,7 +197,9 @@ OPERATIONS: dict[str, Op] = {
     ),
     "clear_presence": Op(
         summary="A device stops watching the task.", scope="task:write", body=schemas.PresenceBody,
-        body_required=False, status=204, params=(Param("deviceId", TEXT, "The device, if not in the body."),),
+        body_required=False, status=204,
+        params=(Param("deviceId", {"type": "string", "minLength": 1, "maxLength": 200},
+                      "The device, if not in the body: one of the two is required (if both, they must agree)."),),
         errors=_WRONG_STATUS,
     ),
     "task_events": Op(
@@ -329,7 +342,7 @@ def _operation(path: str, name: str, op: Op, path_params: list[str], schemas_of:
     parameters = [
         {"name": p, "in": "path", "required": True, "schema": UUID, "description": f"The {p.split('_')[0]}'s id."}
         for p in path_params
-    ] + [{"name": p.name, "in": p.where, "required": False, "schema": p.schema, "description": p.description}
+    ] + [{"name": p.name, "in": p.where, "required": False, "schema": _non_empty(p), "description": p.description}
          for p in op.params]
     responses = {str(op.status): _success(op, schemas_of.get(op.answer))}
     for status in op.same_answer:
@@ -368,6 +381,13 @@ def _operation(path: str, name: str, op: Op, path_params: list[str], schemas_of:
     return operation
 
 
+def _non_empty(param: Param) -> dict[str, Any]:
+    """A query value is never empty (the middleware refuses `?limit=` on every route)."""
+    if param.where == "query" and param.schema.get("type") == "string" and "minLength" not in param.schema:
+        return {**param.schema, "minLength": 1}
+    return param.schema
+
+
 def _tag(path: str) -> str:
     """The resource a path is under (`tasks`, `agents`, `audit`, ...), or `service` for the root's."""
     rest = path.removeprefix(API_PREFIX + "/")
@@ -380,10 +400,16 @@ def build(routes: list) -> dict[str, Any]:
     missing = sorted({r.endpoint.__name__ for r in endpoints} - OPERATIONS.keys())
     if missing:
         raise LookupError(f"routes without an OpenAPI entry in service/openapi.py: {', '.join(missing)}")
-    types = sorted({t for op in OPERATIONS.values() for t in (op.body, op.answer) if t is not None}
-                   | {Error}, key=repr)
+    configs = {kind.config for kind in KINDS.values() if kind.config is not None}
+    bodies = {op.body for op in OPERATIONS.values() if op.body is not None}
+    types = sorted(bodies | configs | {op.answer for op in OPERATIONS.values() if op.answer is not None} | {Error},
+                   key=repr)
     generated, components = msgspec.json.schema_components(types, ref_template=REF)
     schemas_of = dict(zip(types, generated))
+    for body in bodies | configs:  # what the body checks refuse, beyond the types: say it
+        _as_checked(components[body.__name__])
+    components[schemas.CreateAgent.__name__] = _by_kind(components, schemas.CreateAgent.__name__)
+    components[JSON_VALUE_NAME] = JSON_VALUE
     paths: dict[str, dict[str, Any]] = {}
     for route in endpoints:
         name = route.endpoint.__name__
@@ -413,6 +439,62 @@ def build(routes: list) -> dict[str, Any]:
             },
         },
     }
+
+
+NO_NUL = "^[^\\u0000]*$"
+SAFE_INTEGER = {"type": "integer", "minimum": -JSON_SAFE_INTEGER, "maximum": JSON_SAFE_INTEGER}
+JSON_VALUE_NAME = "JsonValue"
+JSON_VALUE = {
+    "description": "A value an event can hold: no fractions or exponents (send decimals as strings), integers "
+                   "within ±(2^53 − 1), strings without NUL, at most 32 levels deep, keys given once per object.",
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL}, SAFE_INTEGER, {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": {"$ref": REF.format(name=JSON_VALUE_NAME)}},
+        {"type": "object", "additionalProperties": {"$ref": REF.format(name=JSON_VALUE_NAME)}},
+    ],
+}
+
+
+def _as_checked(schema: Any) -> None:
+    """A request body's schema as `service.http.decode_body` enforces it: strings without NUL, integers
+    within ±(2^53 − 1), free-form objects of JSON values, numbers without fractions (a config's
+    decimal is sent as a string)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _as_checked(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind == "string" and not {"pattern", "format", "enum", "const"} & schema.keys():
+        schema["pattern"] = NO_NUL
+    elif kind == "integer":
+        if "exclusiveMinimum" not in schema:
+            schema.setdefault("minimum", SAFE_INTEGER["minimum"])
+        if "exclusiveMaximum" not in schema:
+            schema.setdefault("maximum", SAFE_INTEGER["maximum"])
+    elif kind == "number":
+        schema["type"] = "integer"  # a decimal goes as a string ("0.5"), which the document leaves unsaid
+        schema.pop("default", None)  # a float default would read as a fraction the body may hold
+    elif kind == "object" and "properties" not in schema and "additionalProperties" not in schema:
+        schema["additionalProperties"] = {"$ref": REF.format(name=JSON_VALUE_NAME)}
+    for value in list(schema.values()):
+        _as_checked(value)
+
+
+def _by_kind(components: dict[str, Any], name: str) -> dict[str, Any]:
+    """CreateAgent as one variant per agent kind, each with the config that kind requires."""
+    base = components[name]
+    variants = []
+    for kind, spec in KINDS.items():
+        variant = {**base, "properties": {**base["properties"], "kind": {"const": kind}}}
+        if spec.config is not None:
+            config = spec.config.__name__
+            variant["properties"]["config"] = {"$ref": REF.format(name=config)}
+            if components[config].get("required"):
+                variant["required"] = [*base.get("required", ()), "config"]
+        variants.append(variant)
+    return {"title": base.get("title", name), "oneOf": variants}
 
 
 def _link_created(paths: dict[str, dict[str, Any]]) -> None:

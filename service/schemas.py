@@ -35,8 +35,15 @@ class CreateTask(Body):
     priority: t.Priority = 5
     timeout_seconds: Timeout | None = None
     metadata: dict[str, Any] = {}
-    depends_on: list[uuid.UUID] = []
+    depends_on: Annotated[list[uuid.UUID], Meta(extra_json_schema={"uniqueItems": True})] = []
     webhook_url: Url | None = None
+
+    def __post_init__(self) -> None:
+        # Refused, not deduplicated: a list that names a task twice is a mistake the client should see.
+        if len(set(self.depends_on)) != len(self.depends_on):
+            seen: set[uuid.UUID] = set()
+            twice = next(d for d in self.depends_on if d in seen or seen.add(d))
+            raise ValueError(f"dependsOn names task {twice} more than once")
 
 
 class UpdateTask(Body):

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
 from service import outbound
+Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class Settings(msgspec.Struct, kw_only=True):
     data_dir: str = "./var"
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+    max_header_bytes: Positive = 64 * 1024
+    """The request line and headers together; a larger block is answered 431 and closed."""
+    header_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """A connection whose request headers have not all arrived this long after its first byte
+    (or after it opened) is answered 408 and closed."""
+    max_connections: Positive = 1000
+    """HTTP connections open at once (streams included); one more is answered 503 and closed."""
     max_concurrent: int = 5
     """Runs that may be `running` or `awaiting_input` at once, across all tasks."""
     max_body_bytes: int = 1024 * 1024
@@ -61,5 +70,16 @@ def from_env(**overrides) -> Settings:
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(values, Settings, strict=False)
-    except msgspec.ValidationError as exc:  # e.g. MC_METRICS_PUBLIC=yes: one clear line, not a traceback
-        raise SystemExit(f"mission-control: a setting is invalid: {exc} (booleans are true/false or 1/0)") from None
+    except msgspec.ValidationError as exc:  # e.g. MC_PORT=99999: one clear line, not a traceback (nor a wrap)
+        raise SystemExit(f"mission-control: {invalid_setting(exc, values)}") from None
+
+
+def invalid_setting(exc: msgspec.ValidationError, values: dict) -> str:
+    """'Expected `int` <= 65535 - at `$.port`' as a sentence that names the setting and the value."""
+    message, _, field = str(exc).rpartition(" - at `$.")
+    field = field.rstrip("`")
+    if field not in Settings.__struct_fields__:
+        return f"a setting is invalid: {exc}."
+    hint = " (booleans are true/false or 1/0)" if isinstance(getattr(Settings(), field), bool) else ""
+    return (f"the setting {field} ({env_name(field)}) is invalid: {values[field]!r} is not allowed, "
+            f"{message[0].lower()}{message[1:]}{hint}.")

@@ -9,6 +9,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from events import GENESIS_HASH, TypeFilter
+from events.types import EVENT_TYPES
 from events.verify import verify_chain
 from projections import queries
 from service import schemas
@@ -25,7 +26,17 @@ def type_filter(request: Request) -> TypeFilter | None:
     names = [n.strip() for n in raw.split(",") if n.strip()]
     if not names:
         raise bad_request("Query parameter types names no event type.")
+    unknown = next((n for n in names if not _names_types(n)), None)
+    if unknown is not None:  # a misspelt type would otherwise match nothing, silently
+        raise bad_request(f"Query parameter types names {unknown[:60]!r}, which is no event type nor the prefix of one.")
     return TypeFilter(names)
+
+
+def _names_types(name: str) -> bool:
+    if not name.endswith((".", "*")):
+        return name in EVENT_TYPES
+    prefix = name.removesuffix("*")
+    return any(known.startswith(prefix) for known in EVENT_TYPES)
 
 
 async def list_events(request: Request) -> Response:

@@ -33,6 +33,7 @@ from events import streams as stream_names
 from projections import queries
 from service.context import Tenancy, log_of, principal, settings_of
 from service.http import API_PREFIX, bad_request, parse_uuid, whole_number
+from service.logs import client_dropped
 from service.routes.log import type_filter
 
 PATH = f"{API_PREFIX}/activity/stream"
@@ -68,8 +69,6 @@ def stream_filter(request: Request) -> list[str] | None:
         task_id = parse_uuid(task_id, "taskId")
         streams = [stream_names.task(task_id), stream_names.presence(task_id)]
     if (stream := request.query_params.get("stream")) is not None:
-        if not stream:
-            raise bad_request("Query parameter stream names no stream.")
         streams = [s for s in (streams or [stream]) if s == stream]
     return streams
 
@@ -90,7 +89,8 @@ class EventStream(EventSourceResponse):
             if not _only_send_timeouts(exc):
                 raise
             # A client that stopped reading: expected in production, not a server error.
-            logger.info(
+            client_dropped.set(True)
+            logger.warning(
                 "stream client dropped", reason=f"took no data for {self.send_timeout} s",
                 request_id=scope.get("state", {}).get("request_id"),
             )

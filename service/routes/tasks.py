@@ -41,8 +41,8 @@ def if_match(request: Request) -> set[int] | None:
     if raw is None or raw.strip() == "*":
         return None
     versions = {whole_number(tag.strip().removeprefix("W/").strip('"')) for tag in raw.split(",")}
-    if None in versions:
-        raise Refused("precondition_failed", f"If-Match {raw[:40]!r} names no task version.")
+    if None in versions:  # malformed, so bad input (400); 412 is for a version that moved
+        raise bad_request(f"If-Match {raw[:40]!r} names no task version: give 3, \"3\", W/\"3\", a comma list, or *.")
     return versions  # type: ignore[return-value]
 
 
@@ -136,9 +136,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
 async def get_task(request: Request) -> Response:
     who = principal(request, "task:read")
     task = await visible_task(request, who)
-    if "asOf" in request.query_params:
-        if not request.query_params["asOf"]:
-            raise bad_request("Query parameter asOf must name a log position.")
+    if "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
         position = query_int(request, "asOf", 0, 0)
         past = await queries.task_as_of(log_of(request), task.id, position)
         if past is None:
@@ -255,8 +253,11 @@ async def clear_presence(request: Request) -> Response:
     who = principal(request, "task:write")
     task = await visible_task(request, who)
     device_id = request.query_params.get("deviceId")
-    if device_id is None:
-        _, body = await read_body(request, schemas.PresenceBody)
+    # A body is checked whenever one is sent: garbage next to ?deviceId= is bad input all the same.
+    _, body = await read_body(request, schemas.PresenceBody, required=device_id is None)
+    if body is not None:
+        if device_id is not None and device_id != body.device_id:
+            raise bad_request("deviceId differs between the body and the query; give it once.")
         device_id = body.device_id
     if not device_id:
         raise bad_request("deviceId is required, in the body or the query.")
