@@ -79,7 +79,7 @@ class ApiMiddleware:
         if scope.get("query_string"):
             empty = next((name for name, value in QueryParams(scope["query_string"]).multi_items() if not value), None)
             if empty is not None:  # one rule for every route: `limit=` is neither the default nor a value
-                return Rejected(
+                return HttpError(
                     400, "invalid_request", f"Query parameter {empty[:40]!r} is empty; give it a value or leave it out."
                 )
         settings = self.state.settings
