@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from service import schemas
-from service.deciders import Rejected
+from service.http import HttpError
 from service.http import decode_body
 
 from tests.api_helpers import log_unchanged, refused
@@ -81,7 +81,7 @@ def test_the_cheap_duplicate_check_refuses_exactly_the_bodies_that_repeat_a_key(
     try:
         decode_body(body, schemas.CreateTask, 32, 1000)
         refused_as_duplicate = False
-    except Rejected as exc:
+    except HttpError as exc:
         refused_as_duplicate = "more than once" in exc.detail
     assert refused_as_duplicate == _repeats_a_key(body.decode())
 
