@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from service import schemas
-from service.http import HttpError
-from service.http import decode_body
+from service.http import HttpError, decode_body
 
 from tests.api_helpers import log_unchanged, refused
 from tests.server import API
