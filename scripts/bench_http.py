@@ -114,9 +114,9 @@ async def append_one(request):
     return Response(BODY, 201, media_type="application/json")
 
 
-async def read_one(request):  # a row found by its key: the newest event the POSTs above appended
-    rows = await request.app.state.log.query("SELECT payload FROM events ORDER BY position DESC LIMIT 1")
-    return Response(rows[0][0] if rows else BODY, 200, media_type="application/json")
+async def read_one(request):  # a row found by its key: the task stream's newest event
+    last = await request.app.state.log.last_event("task-" + request.path_params["task_id"])
+    return Response(bytes(last.payload) if last else BODY, 200, media_type="application/json")
 
 
 app = Starlette(lifespan=lifespan, routes=[
@@ -286,13 +286,14 @@ async def _fill(data_dir: Path, tasks: int) -> None:
     exactly as the service keeps them. A third of the tasks run to done, so counters vary."""
     from events import Meta, open_log
     from events import types as t
-    from projections import store
+    from projections.readmodels import read_models
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = open_log(str(data_dir / "mission-control.db"), projector=store.project, durable=False)
+    log = open_log(str(data_dir / "mission-control.db"), durable=False)
+    models = read_models(log)
     await log.open()
     try:
-        await store.prepare(log)
+        await models.prepare()
         project_id = str(uuid.uuid4())
         await log.append(f"project-{project_id}", [t.ProjectCreated(project_id=project_id, name="bench")],
                          meta=Meta(actor="bench"))

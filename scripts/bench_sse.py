@@ -481,12 +481,13 @@ async def _fill(path: Path, count: int) -> int:
     from events import Meta
     from events.sqlite import SqliteLog
     from events.types import TaskCreated, TaskOutput, TaskStarted
-    from projections import store
+    from projections.readmodels import read_models
 
-    log = SqliteLog(path, projector=store.project, durable=False)
+    log = SqliteLog(path, durable=False)
+    models = read_models(log)
     await log.open()
     try:
-        await store.prepare(log)
+        await models.prepare()
         per_task, n = 100, 0
         meta = Meta(actor="bench")
         while n < count:

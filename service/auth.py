@@ -16,7 +16,7 @@ import msgspec
 
 from events import EventLog, Meta, WrongExpectedVersion
 from events import types as t
-from projections import queries
+from projections.readmodels import ReadModels
 from service.deciders import Rejected
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
@@ -52,11 +52,11 @@ def unauthorized(detail: str) -> Rejected:
     return Rejected(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
 
-async def authenticate(log: EventLog, token: str | None) -> Principal:
+async def authenticate(models: ReadModels, token: str | None) -> Principal:
     if not token:
         raise unauthorized("An API key is required: send Authorization: Bearer <key>.")
     digest = hash_token(token)
-    key = await queries.api_key_by_hash(log, digest)
+    key = await models.api_key_by_hash(digest)
     if key is None or not hmac.compare_digest(key.token_hash, digest):
         raise unauthorized("The API key is not known.")
     if key.revoked:
@@ -64,20 +64,21 @@ async def authenticate(log: EventLog, token: str | None) -> Principal:
     return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id)
 
 
-async def visible_projects(log: EventLog, principal: Principal, acting: bool = False) -> list[str] | None:
+async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:
     """The projects whose tasks this principal sees, or with `acting` may change; None means all.
     `audit:read` reads every project but acts only where its user is a member; `admin` does both."""
     everywhere = principal.has("admin") if acting else principal.has("audit:read")
     if everywhere:
         return None if principal.project_id is None else [principal.project_id]
-    member_of = [p.id for p in await queries.projects(log) if principal.user in p.members]
+    member_of = [p.id for p in await models.projects() if principal.user in p.members]
     if principal.project_id is not None:  # the key's project, while its user is still a member
         return [principal.project_id] if principal.project_id in member_of else []
     return member_of
 
 
 async def issue_key(
-    log: EventLog, user: str, scopes: list[str], project_id: str | None = None, actor: str | None = None
+    log: EventLog, models: ReadModels, user: str, scopes: list[str], project_id: str | None = None,
+    actor: str | None = None,
 ) -> tuple[str, str]:
     """Issue a key (and the user's default project, the first time); returns (key id, token)."""
     unknown = sorted(set(scopes) - set(SCOPES))
@@ -86,9 +87,9 @@ async def issue_key(
     if not user:
         raise ValueError("a key needs a user")
     meta = Meta(actor=actor or user)
-    await ensure_default_project(log, user, meta)
+    await ensure_default_project(log, models, user, meta)
     if project_id is not None:
-        project = await queries.project(log, project_id)
+        project = await models.project(project_id)
         if project is None:
             raise ValueError(f"project {project_id} does not exist")
         if user not in project.members:
@@ -107,9 +108,9 @@ async def issue_key(
     return key_id, token
 
 
-async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
+async def ensure_default_project(log: EventLog, models: ReadModels, user: str, meta: Meta) -> str:
     project_id = default_project_id(user)
-    if await queries.project(log, project_id) is None:
+    if await models.project(project_id) is None:
         try:
             await log.append(
                 f"project-{project_id}",
@@ -121,8 +122,8 @@ async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
     return project_id
 
 
-async def revoke_key(log: EventLog, key_id: str, actor: str | None = None) -> bool:
-    keys = {k.id: k for k in await queries.api_keys(log)}
+async def revoke_key(log: EventLog, models: ReadModels, key_id: str, actor: str | None = None) -> bool:
+    keys = {k.id: k for k in await models.api_keys()}
     key = keys.get(key_id)
     if key is None:
         return False

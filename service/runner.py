@@ -14,8 +14,8 @@ from pathlib import Path
 import structlog
 
 from events import EventLog, Meta
-from projections import queries
 from projections.agents import Agent
+from projections.readmodels import ReadModels
 from projections.tasks import ACTIVE, Task
 from service.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.agents.kinds import KINDS
@@ -96,8 +96,9 @@ class _Output:
 
 
 class Runner:
-    def __init__(self, log_: EventLog, commands: Commands, settings: Settings):
+    def __init__(self, log_: EventLog, models: ReadModels, commands: Commands, settings: Settings):
         self.log = log_
+        self.models = models
         self.commands = commands
         self.settings = settings
         self.runs: dict[str, tuple[str, asyncio.Task, asyncio.Queue]] = {}
@@ -105,7 +106,7 @@ class Runner:
     async def recover(self) -> int:
         """End every run a previous process left in progress, and whatever processes it left
         running: nothing stays running forever."""
-        stuck, _ = await queries.tasks(self.log, statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
+        stuck, _ = await self.models.tasks(statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
         await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id])
         for task in stuck:
             await self._record(task.id, FailRun(run_id=task.run_id or "", reason="interrupted", error=INTERRUPTED))
@@ -149,8 +150,8 @@ class Runner:
             raise
 
     async def _prompt(self, task: Task) -> str:
-        project = await queries.project(self.log, task.project_id)
-        dependencies = [d for d in [await queries.task(self.log, i, with_watchers=False) for i in task.depends_on] if d]
+        project = await self.models.project(task.project_id)
+        dependencies = [d for d in [await self.models.task(i, with_watchers=False) for i in task.depends_on] if d]
         return compose_prompt(project.context if project else None, dependencies, task)
 
     async def _drive(self, task: Task, agent: Agent, messages: asyncio.Queue) -> None:

@@ -8,11 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from events import TypeFilter
+from events import GENESIS_HASH, TypeFilter
 from events.verify import verify_chain
-from projections import queries
 from service import schemas
-from service.context import Tenancy, log_of, principal, settings_of
+from service.context import Tenancy, log_of, models_of, principal, settings_of
 from service.http import bad_request, json_response, query_int
 
 PREFIX = "/api/mission-control"
@@ -36,7 +35,7 @@ async def list_events(request: Request) -> Response:
     stream = request.query_params.get("stream")
     streams = [stream] if stream else None
     types = type_filter(request)
-    tenancy = Tenancy(log, who)  # an auditor's key issued for one project reads that project's events
+    tenancy = Tenancy(models_of(request), who)  # an auditor's key issued for one project reads that project's events
     await tenancy.prepare()
     if "application/x-ndjson" in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(log, after, streams, types, tenancy), media_type="application/x-ndjson")
@@ -70,7 +69,7 @@ async def digest(request: Request) -> Response:
     log = log_of(request)
     head = await log.read_head()
     if head == 0:
-        return json_response(schemas.Digest(position=0, hash="0" * 64))
+        return json_response(schemas.Digest(position=0, hash=GENESIS_HASH))
     page = await log.read_all(head - 1, 1, until=head)
     return json_response(schemas.Digest(position=head, hash=page.events[0].hash))
 
@@ -78,7 +77,7 @@ async def digest(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     principal(request, "task:read")
     log = log_of(request)
-    figures = await queries.counters(log)
+    figures = await models_of(request).counters()
     memory = psutil.virtual_memory()
     return json_response(schemas.Overview(
         tasks=figures.tasks,

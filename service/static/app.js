@@ -268,7 +268,12 @@ function onEvent(event) {
   if (kind === "task" || kind === "presence") refreshTask(id);
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
-  if (state.panel && state.panel.taskId === id && kind === "task") panelEvent(event);
+  if (state.panel && state.panel.taskId === id && kind === "task") {
+    // While the history loads, a live event waits for it: a run's first output must not be
+    // shown before the history's task.started, which clears the output for that run.
+    if (state.panel.loading) state.panel.early.push(event);
+    else panelEvent(event);
+  }
   refreshOverview.soon();
   if (state.overview && event.position > state.overview.log.head) $("[data-stat=head]").textContent = `#${event.position}`;
   renderConnection();
@@ -535,7 +540,7 @@ function addToFeed(event) {
 
 async function openPanel(taskId) {
   closePanel();
-  const panel = { taskId, runId: null, positions: new Set(), loading: true };
+  const panel = { taskId, runId: null, positions: new Set(), loading: true, early: [] };
   state.panel = panel;
   const drawer = $("[data-testid=task-panel]");
   drawer.hidden = false;
@@ -547,7 +552,7 @@ async function openPanel(taskId) {
     state.tasks.set(taskId, task);
     panel.runId = task.runId;
     renderPanel();
-    // Live events that arrive while the history loads are kept by position, so none shows twice.
+    // Live events that arrive while the history loads follow it, kept by position so none shows twice.
     let after = 0;
     for (;;) {
       const response = await request("GET", `/tasks/${taskId}/events?after=${after}&limit=1000`);
@@ -561,6 +566,7 @@ async function openPanel(taskId) {
     toast(`Could not open the task: ${error.message}`, "error");
   }
   panel.loading = false;
+  panel.early.forEach(panelEvent);
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
