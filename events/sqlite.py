@@ -156,13 +156,22 @@ def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[s
     return "".join(f" AND {s}" for s in sql), params
 
 
+def _storage_error(error: BaseException) -> BaseException:
+    """sqlite3's errors as the log's StorageError, for callers that know no SQLite (the
+    original its cause); the log's own errors, and a projector's, as they are."""
+    if isinstance(error, sqlite3.Error):
+        translated = StorageError(str(error))
+        translated.__cause__ = error
+        return translated
+    return error
+
+
 @contextlib.contextmanager
 def _translated():
-    """sqlite3's errors as the log's StorageError, for callers that know no SQLite."""
     try:
         yield
     except sqlite3.Error as exc:
-        raise StorageError(str(exc)) from exc
+        raise _storage_error(exc) from exc
 
 
 def open_log(url: str, **options) -> SqliteLog:
@@ -369,8 +378,10 @@ class SqliteLog(EventLog):
                 earlier = used_keys.get(append.key) or self._recorded_for_key(conn, append.key)
                 if earlier is not None:
                     fingerprint, recorded = earlier
-                    same = fingerprint == append.fingerprint
-                    outcomes.append(_Outcome(recorded, False) if same else _Outcome.failed(IdempotencyConflict(append.key)))
+                    if fingerprint == append.fingerprint:
+                        outcomes.append(_Outcome(recorded, fresh=False))
+                    else:
+                        outcomes.append(_Outcome.failed(IdempotencyConflict(append.key)))
                     continue
             version = versions.get(append.stream)
             if version is None:
@@ -498,10 +509,8 @@ class SqliteLog(EventLog):
         """A read of the tables kept beside the log (projections/sqlite.py's read models)."""
         # Read models are read by key or by a bounded page: a few microseconds in SQLite, far
         # less than a round trip to a reader thread, and WAL never makes a reader wait.
-        try:
+        with _translated():
             return self._local.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageError(str(exc)) from exc
 
     async def _scan(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         """Reads of the log itself, pages of up to thousands of events: on a reader thread.
@@ -509,10 +518,8 @@ class SqliteLog(EventLog):
         Executed and fetched in one call on that thread: a caller cancelled half-way (a client
         gone) must not leave a stepped statement behind, whose open read transaction would
         pin the connection to an old snapshot and hide every later commit from it."""
-        try:
+        with _translated():
             return list(await self._reader().execute_fetchall(sql, params))
-        except sqlite3.Error as exc:
-            raise StorageError(str(exc)) from exc
 
     async def read_head(self) -> int:
         rows = await self.query("SELECT COALESCE(MAX(position), 0) FROM events")
@@ -543,7 +550,9 @@ class SqliteLog(EventLog):
 
     async def last_event(self, stream: str) -> RecordedEvent | None:
         # One row found by the (stream, version) index: read like the read models, on the loop.
-        rows = await self.query(f"SELECT {COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,)
+        )
         return _row(rows[0]) if rows else None
 
     async def idempotent(self, key: str):
@@ -579,12 +588,3 @@ class SqliteLog(EventLog):
 
 class _ProjectorFailed(Exception):
     pass
-
-
-def _storage_error(error: BaseException) -> BaseException:
-    """A driver's error as the log's StorageError; the log's own errors (and a projector's) as they are."""
-    if isinstance(error, sqlite3.Error):
-        translated = StorageError(str(error))
-        translated.__cause__ = error
-        return translated
-    return error

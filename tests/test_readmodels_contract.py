@@ -38,8 +38,9 @@ async def snapshot(models: ReadModels) -> tuple:
     """Every read there is, for comparing two states of the models."""
     tasks, total = await models.tasks(archived=None, limit=1000)
     return (
-        [(x.id, x.version, x.status, x.watchers) for x in tasks], total, await models.approvals(None, None), await models.agents(),
-        await models.projects(), await models.api_keys(), await models.counters(), await models.running_count(),
+        [(x.id, x.version, x.status, x.watchers) for x in tasks], total, await models.approvals(None, None),
+        await models.agents(), await models.projects(), await models.api_keys(), await models.counters(),
+        await models.running_count(),
     )
 
 
@@ -63,7 +64,8 @@ async def test_tasks_by_filter_newest_first_with_the_total(models):
     p1, p2 = uid(), uid()
     ids = [uid() for _ in range(6)]
     await append(models, f"task-{ids[0]}", created(ids[0], p1, content="100% sure", desktop_id="d1"))
-    await append(models, f"task-{ids[1]}", created(ids[1], p1, content="a_b"), t.TaskStarted(task_id=ids[1], run_id="r", agent_id="g1"))
+    await append(models, f"task-{ids[1]}", created(ids[1], p1, content="a_b"),
+                 t.TaskStarted(task_id=ids[1], run_id="r", agent_id="g1"))
     await append(models, f"task-{ids[2]}", created(ids[2], p2, content="plain", title="Needle in title"))
     await append(models, f"task-{ids[3]}", created(ids[3], p2, content="archived"), t.TaskArchived(task_id=ids[3]))
     await append(models, f"task-{ids[4]}", created(ids[4], p2, content="back\\slash"))
@@ -120,7 +122,8 @@ async def test_approvals_with_their_tasks(models):
 async def test_agents_projects_and_api_keys(models):
     g1, g2, p1, k1, k2 = uid(), uid(), uid(), uid(), uid()
     await append(models, f"agent-{g1}", t.AgentRegistered(agent_id=g1, name="one", kind="echo"))
-    await append(models, f"agent-{g2}", t.AgentRegistered(agent_id=g2, name="two", kind="echo"), t.AgentPaused(agent_id=g2))
+    await append(models, f"agent-{g2}", t.AgentRegistered(agent_id=g2, name="two", kind="echo"),
+                 t.AgentPaused(agent_id=g2))
     await append(models, f"project-{p1}", t.ProjectCreated(project_id=p1, name="p", members=["alice"]))
     await append(models, f"apikey-{k1}", t.ApiKeyIssued(key_id=k1, user="alice", scopes=["admin"], token_hash="h1"))
     await append(models, f"apikey-{k2}", t.ApiKeyIssued(key_id=k2, user="bob", scopes=["task:read"], token_hash="h2"),
@@ -160,8 +163,9 @@ async def test_counters_and_running_count(models):
 async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_factory):
     p = uid()
     ids = [uid() for _ in range(30)]
-    await asyncio.gather(*(append(models, f"task-{i}", created(i, p), t.TaskStarted(task_id=i, run_id="r", agent_id="g"))
-                           for i in ids))
+    await asyncio.gather(*(
+        append(models, f"task-{i}", created(i, p), t.TaskStarted(task_id=i, run_id="r", agent_id="g")) for i in ids
+    ))
     await append(models, f"presence-{ids[0]}", t.PresenceMarked(task_id=ids[0], device_id="phone"))
     live = await snapshot(models)
 
