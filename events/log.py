@@ -1,8 +1,10 @@
 """The append-only log: its interface, its errors, and the live tail every backend shares.
 
 A backend implements the storage methods (`append`, `read_all`, `read_stream`,
-`idempotent`, `transact`, `query`, ...). The tail is written once here, on top of
-`read_all` and the backend's commit notifications, so every backend resumes alike.
+`last_event`, `idempotent`, `import_recorded`, ...) in a module named after it (events/sqlite.py),
+which holds all of its SQL and translates its driver's errors into StorageError. The tail is
+written once here, on top of `read_all` and the backend's commit notifications, so every
+backend resumes alike.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import ClassVar, NamedTuple, Protocol
 
 from events.envelope import Meta, RecordedEvent
 from events.types import EventData
@@ -38,12 +40,15 @@ class LogClosed(Exception):
     """The log is closing; nothing more is accepted."""
 
 
+class StorageError(Exception):
+    """The storage under the log failed or is not a log (a file that is not a database, a disk
+    error): every backend raises its driver's errors as this, the original as its cause."""
+
+
 class Transaction(Protocol):
-    """What a projector may do inside an append's transaction: plain SQL with `?` parameters."""
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    """A backend's write transaction, as a projector sees it inside an append. Beyond reading
+    the log it is the backend's own handle: the read models of the same backend (a module
+    beside the log's, named alike) write through it, so they commit or fail with the append."""
 
     def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
         """Committed events in (after, until], as this transaction sees them."""
@@ -53,8 +58,6 @@ class Transaction(Protocol):
 Projector = Callable[[Transaction, list[RecordedEvent]], None]
 """Called inside every append transaction with the events it records, in order.
 If it raises, the append fails and nothing of it is written."""
-
-T = TypeVar("T")
 
 
 class Page(NamedTuple):
@@ -89,6 +92,9 @@ def matcher(streams: Sequence[str] | None, types: TypeFilter | None) -> Callable
 class EventLog(ABC):
     """One append-only log. Positions are global, gapless and start at 1."""
 
+    backend: ClassVar[str]
+    """The backend's name, which its modules are named after (events/sqlite.py, projections/sqlite.py)."""
+
     recent_capacity = 20_000
     """How many of the newest events the tail keeps at hand for live readers."""
     recent_bytes = 8 * 1024 * 1024
@@ -102,6 +108,8 @@ class EventLog(ABC):
         self._recent_size = 0  # bytes of their payloads
         self.on_batch: Callable[[int, float], None] | None = None
         """Optional observer of each commit a backend makes: (appends in it, seconds it took)."""
+        self.projector: Projector | None = None
+        """Run inside every append's transaction (the read models kept beside the log)."""
 
     # --- storage, per backend -------------------------------------------------
 
@@ -145,7 +153,12 @@ class EventLog(ABC):
     async def read_stream(
         self, stream: str, after_version: int = 0, *, types: TypeFilter | None = None,
         until_position: int | None = None, limit: int | None = None,
-    ) -> list[RecordedEvent]: ...
+    ) -> list[RecordedEvent]:
+        """The stream's events after `after_version`, oldest first."""
+
+    @abstractmethod
+    async def last_event(self, stream: str) -> RecordedEvent | None:
+        """The stream's newest event, if it has any."""
 
     @abstractmethod
     async def read_head(self) -> int:
@@ -163,14 +176,6 @@ class EventLog(ABC):
         raised and nothing of the import is written. The projector runs as for appends.
         `events` is consumed on the backend's writer, so it may lazily read a file; anything
         it raises aborts the import as well. Returns the new head."""
-
-    @abstractmethod
-    async def transact(self, fn: Callable[[Transaction], T]) -> T:
-        """Run fn in a write transaction of its own, serialised with appends."""
-
-    @abstractmethod
-    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """A read of the read models kept beside the log."""
 
     # --- the live tail, shared by every backend -------------------------------
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiosqlite
 import msgspec
@@ -30,7 +30,7 @@ from events.envelope import (
     GENESIS_HASH, Meta, RecordedEvent, encode_payload, link_hash, now_rfc3339,
 )
 from events.log import (
-    EventLog, IdempotencyConflict, LogClosed, Page, Projector, Transaction, TypeFilter,
+    EventLog, IdempotencyConflict, LogClosed, Page, Projector, StorageError, TypeFilter,
     WrongExpectedVersion,
 )
 from events.types import EventData
@@ -86,6 +86,32 @@ class _Append:
         self.future: asyncio.Future = future
 
 
+class _Outcome:
+    """What became of one append of a batch: the events it recorded (`fresh`: written by this
+    batch; otherwise an idempotent replay of an earlier append's), or the error refusing it."""
+
+    __slots__ = ("events", "fresh", "error")
+
+    def __init__(self, events: list[RecordedEvent], fresh: bool = True, error: BaseException | None = None):
+        self.events, self.fresh, self.error = events, fresh, error
+
+    @classmethod
+    def failed(cls, error: BaseException) -> _Outcome:
+        return cls([], False, error)
+
+
+class _Staged(NamedTuple):
+    """A batch made ready to write: an outcome per append, and the rows that record them."""
+
+    outcomes: list[_Outcome]
+    rows: list[tuple]
+    keys: list[tuple]
+    """Rows of the idempotency table."""
+    versions: dict[str, int]
+    """Each stream's version once the rows are written."""
+    head: int
+
+
 def _row(row: tuple) -> RecordedEvent:
     return RecordedEvent(
         position=row[0], stream=row[1], version=row[2], type=row[3],
@@ -94,7 +120,8 @@ def _row(row: tuple) -> RecordedEvent:
 
 
 class _Tx:
-    """The Transaction a projector sees: the writer's connection, nothing more."""
+    """The Transaction a projector sees: the writer's connection, nothing more. The SQLite read
+    models (projections/sqlite.py) write through `execute` and `executemany`."""
 
     def __init__(self, conn: sqlite3.Connection):
         self._conn = conn
@@ -130,7 +157,31 @@ def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[s
     return "".join(f" AND {s}" for s in sql), params
 
 
+def _storage_error(error: BaseException) -> BaseException:
+    """sqlite3's errors as the log's StorageError, for callers that know no SQLite (the
+    original its cause); the log's own errors, and a projector's, as they are."""
+    if isinstance(error, sqlite3.Error):
+        translated = StorageError(str(error))
+        translated.__cause__ = error
+        return translated
+    return error
+
+
+@contextlib.contextmanager
+def _translated():
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _storage_error(exc) from exc
+
+
+def open_log(url: str, **options) -> SqliteLog:
+    """`sqlite:///path`, or a bare path."""
+    return SqliteLog(url.removeprefix("sqlite:///"), **options)
+
+
 class SqliteLog(EventLog):
+    backend = "sqlite"
     version_cache_size = 100_000
     """Streams whose version the writer remembers between batches."""
 
@@ -171,16 +222,17 @@ class SqliteLog(EventLog):
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_thread, self._open_writer)
-        for _ in range(self._reader_count):
-            reader = await aiosqlite.connect(self.path)
-            await reader.execute_fetchall("PRAGMA busy_timeout = 10000")
-            await reader.execute_fetchall("PRAGMA query_only = 1")
-            self._readers.append(reader)
-        # Autocommit: no statement can open a transaction that would pin an old snapshot.
-        self._local = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._local.execute("PRAGMA busy_timeout = 1000")
-        self._local.execute("PRAGMA query_only = 1")
+        with _translated():
+            await loop.run_in_executor(self._writer_thread, self._open_writer)
+            for _ in range(self._reader_count):
+                reader = await aiosqlite.connect(self.path)
+                await reader.execute_fetchall("PRAGMA busy_timeout = 10000")
+                await reader.execute_fetchall("PRAGMA query_only = 1")
+                self._readers.append(reader)
+            # Autocommit: no statement can open a transaction that would pin an old snapshot.
+            self._local = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._local.execute("PRAGMA busy_timeout = 1000")
+            self._local.execute("PRAGMA query_only = 1")
         self._head = await self.read_head()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="mc-log-writer"),
@@ -255,66 +307,65 @@ class SqliteLog(EventLog):
                 try:
                     outcomes = await loop.run_in_executor(self._writer_thread, self._commit_batch, batch)
                 except Exception as exc:  # the database itself failed: every append in it fails
-                    outcomes = [exc] * len(batch)
+                    outcomes = [_Outcome.failed(exc)] * len(batch)
                 if self.on_batch is not None:
                     with contextlib.suppress(Exception):  # an observer must never stop the writer
                         self.on_batch(len(batch), time.perf_counter() - started)
                 committed: list[RecordedEvent] = []
                 for append, outcome in zip(batch, outcomes):
-                    if isinstance(outcome, tuple):
-                        recorded, fresh = outcome
-                        if fresh:
-                            committed.extend(recorded)
+                    if outcome.error is None:
+                        if outcome.fresh:
+                            committed.extend(outcome.events)
                         if not append.future.done():
-                            append.future.set_result(recorded)
+                            append.future.set_result(outcome.events)
                     elif not append.future.done():
-                        append.future.set_exception(outcome)
+                        append.future.set_exception(_storage_error(outcome.error))
                 self._committed(committed)
             if self._closed:
                 return
 
-    def _commit_batch(self, batch: list[_Append]) -> list[Any]:
-        """Runs on the writer thread. Returns per append (events, fresh) or an exception."""
+    def _commit_batch(self, batch: list[_Append]) -> list[_Outcome]:
+        """Runs on the writer thread. Returns an outcome per append."""
         try:
             return self._commit(batch)
         except _ProjectorFailed:
             # Find the append the projector refuses; the others still commit, each on its own.
-            outcomes: list[Any] = []
+            outcomes: list[_Outcome] = []
             for append in batch:
                 try:
                     outcomes.append(self._commit([append])[0])
                 except Exception as exc:  # this one alone failed; those before it are committed
-                    outcomes.append(exc)
+                    outcomes.append(_Outcome.failed(exc))
             return outcomes
 
-    def _commit(self, batch: list[_Append]) -> list[Any]:
+    def _commit(self, batch: list[_Append]) -> list[_Outcome]:
         conn = self._conn
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
-            outcomes, rows, keys, versions, head = self._stage(conn, batch)
-            if rows:
-                conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
-            if keys:
-                conn.executemany("INSERT INTO idempotency VALUES (?,?,?,?)", keys)
-            if self.projector is not None and rows:
-                fresh = [e for outcome in outcomes if isinstance(outcome, tuple) and outcome[1] for e in outcome[0]]
+            staged = self._stage(conn, batch)
+            if staged.rows:
+                conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", staged.rows)
+            if staged.keys:
+                conn.executemany("INSERT INTO idempotency VALUES (?,?,?,?)", staged.keys)
+            if self.projector is not None and staged.rows:
+                fresh = [e for outcome in staged.outcomes if outcome.fresh for e in outcome.events]
                 try:
                     self.projector(_Tx(conn), fresh)
                 except Exception as exc:
                     if len(batch) > 1:
                         raise _ProjectorFailed from exc
                     conn.execute("ROLLBACK")
-                    return [exc]
+                    return [_Outcome.failed(exc)]
             conn.execute("COMMIT")
-            self._remember(versions, head)
-            return outcomes
+            self._remember(staged.versions, staged.head)
+            return staged.outcomes
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
 
-    def _stage(self, conn: sqlite3.Connection, batch: list[_Append]):
+    def _stage(self, conn: sqlite3.Connection, batch: list[_Append]) -> _Staged:
         tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
         position, previous = tail if tail else (0, GENESIS_HASH)
         if position != self._versions_at:  # another process appended: what we knew may be stale
@@ -323,7 +374,7 @@ class SqliteLog(EventLog):
         recorded_at = now_rfc3339()  # one group commit, one instant
         recorded_at_json = _canonical.encode(recorded_at)
         used_keys: dict[str, tuple[str, list[RecordedEvent]]] = {}
-        outcomes: list[Any] = []
+        outcomes: list[_Outcome] = []
         rows: list[tuple] = []
         keys: list[tuple] = []
         for append in batch:
@@ -331,8 +382,10 @@ class SqliteLog(EventLog):
                 earlier = used_keys.get(append.key) or self._recorded_for_key(conn, append.key)
                 if earlier is not None:
                     fingerprint, recorded = earlier
-                    same = fingerprint == append.fingerprint
-                    outcomes.append((recorded, False) if same else IdempotencyConflict(append.key))
+                    if fingerprint == append.fingerprint:
+                        outcomes.append(_Outcome(recorded, fresh=False))
+                    else:
+                        outcomes.append(_Outcome.failed(IdempotencyConflict(append.key)))
                     continue
             version = versions.get(append.stream)
             if version is None:
@@ -342,7 +395,7 @@ class SqliteLog(EventLog):
                     "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (append.stream,)
                 ).fetchone()[0]
             if append.expected is not None and append.expected != version:
-                outcomes.append(WrongExpectedVersion(append.stream, append.expected, version))
+                outcomes.append(_Outcome.failed(WrongExpectedVersion(append.stream, append.expected, version)))
                 continue
             recorded = []
             stream_json = _canonical.encode(append.stream)
@@ -362,8 +415,8 @@ class SqliteLog(EventLog):
             if append.key is not None and recorded:
                 used_keys[append.key] = (append.fingerprint, recorded)
                 keys.append((append.key, append.fingerprint, recorded[0].position, recorded[-1].position))
-            outcomes.append((recorded, True))
-        return outcomes, rows, keys, versions, position
+            outcomes.append(_Outcome(recorded))
+        return _Staged(outcomes, rows, keys, versions, position)
 
     def _remember(self, versions: dict[str, int], head: int) -> None:
         """Stream versions as of `head`, so the next batch need not ask the database for them.
@@ -389,7 +442,8 @@ class SqliteLog(EventLog):
         if self._closed:
             raise LogClosed("the log is closed")
         loop = asyncio.get_running_loop()
-        self._committed(await loop.run_in_executor(self._writer_thread, self._import, events))
+        with _translated():
+            self._committed(await loop.run_in_executor(self._writer_thread, self._import, events))
         return self._head
 
     def _import(self, events: Iterable[RecordedEvent], chunk: int = 5000) -> list[RecordedEvent]:
@@ -429,7 +483,10 @@ class SqliteLog(EventLog):
         if self.projector is not None:
             self.projector(_Tx(conn), batch)
 
-    async def transact(self, fn: Callable[[Transaction], T]) -> T:
+    async def transact(self, fn: Callable[[_Tx], T]) -> T:
+        """Run fn in a write transaction of its own, serialised with appends (the SQLite read
+        models create, refold and rebuild their tables so)."""
+
         def run() -> T:
             conn = self._conn
             assert conn is not None
@@ -443,7 +500,8 @@ class SqliteLog(EventLog):
                 raise
             return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
+        with _translated():
+            return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
 
     # --- reads -----------------------------------------------------------------
 
@@ -452,9 +510,11 @@ class SqliteLog(EventLog):
         return self._readers[self._next_reader]
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """A read of the tables kept beside the log (projections/sqlite.py's read models)."""
         # Read models are read by key or by a bounded page: a few microseconds in SQLite, far
         # less than a round trip to a reader thread, and WAL never makes a reader wait.
-        return self._local.execute(sql, params).fetchall()
+        with _translated():
+            return self._local.execute(sql, params).fetchall()
 
     async def _scan(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         """Reads of the log itself, pages of up to thousands of events: on a reader thread.
@@ -462,7 +522,8 @@ class SqliteLog(EventLog):
         Executed and fetched in one call on that thread: a caller cancelled half-way (a client
         gone) must not leave a stepped statement behind, whose open read transaction would
         pin the connection to an old snapshot and hide every later commit from it."""
-        return list(await self._reader().execute_fetchall(sql, params))
+        with _translated():
+            return list(await self._reader().execute_fetchall(sql, params))
 
     async def read_head(self) -> int:
         rows = await self.query("SELECT COALESCE(MAX(position), 0) FROM events")
@@ -490,6 +551,13 @@ class SqliteLog(EventLog):
             [stream, after_version, *params, -1 if limit is None else limit],
         )
         return [_row(r) for r in rows]
+
+    async def last_event(self, stream: str) -> RecordedEvent | None:
+        # One row found by the (stream, version) index: read like the read models, on the loop.
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,)
+        )
+        return _row(rows[0]) if rows else None
 
     async def idempotent(self, key: str):
         rows = await self.query(

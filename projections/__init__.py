@@ -1,2 +1,2 @@
-"""Pure folds from events to read models, and the code that keeps their tables in step.
-Imports `events` only."""
+"""Pure folds from events to read models (tasks.py, approvals.py, ...), the read models'
+interface (readmodels.py) and its backends (sqlite.py). Imports `events` only."""

@@ -19,7 +19,7 @@ from events import (
 )
 from events import streams
 from events import types as t
-from projections import queries, store
+from projections.readmodels import ReadModels, read_models
 from service import metrics as metrics_route, openapi
 from service.commands import Commands
 from service.deciders import Refused
@@ -34,8 +34,8 @@ logger = structlog.get_logger("mission_control")
 STATIC = Path(__file__).parent / "static"
 
 
-async def ensure_echo_agent(log) -> None:
-    if await queries.agent(log, ECHO_AGENT_ID) is None:
+async def ensure_echo_agent(log, models: ReadModels) -> None:
+    if await models.agent(ECHO_AGENT_ID) is None:
         with contextlib.suppress(WrongExpectedVersion):
             await log.append(
                 streams.agent(ECHO_AGENT_ID),
@@ -60,20 +60,20 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state = request.app.state
-    figures = await queries.counters(state.log)
+    figures = await state.models.counters()
     head = await state.log.read_head()
     ready = state.ready and figures.checkpoint >= head
     if state.ready and not ready and (state.catching_up is None or state.catching_up.done()):
         # Events appended by a process without a projector are otherwise folded only by the
         # next append; an instance taken out of rotation for being unready would get none.
-        state.catching_up = asyncio.create_task(_catch_up(state.log))
+        state.catching_up = asyncio.create_task(_catch_up(state.models))
     body = {"ready": ready, "head": head, "projected": figures.checkpoint}
     return JSONResponse(body, 200 if ready else 503)
 
 
-async def _catch_up(log) -> None:
+async def _catch_up(models: ReadModels) -> None:
     try:
-        await store.refold(log)
+        await models.refold()
     except Exception:
         logger.exception("catching the read models up with the log failed")
 
@@ -129,17 +129,18 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        log = open_log(str(settings.database), projector=store.project, durable=settings.durable)
+        log = open_log(str(settings.database), durable=settings.durable)
+        models = read_models(log)
         await log.open()
-        app.state.log = log
+        app.state.log, app.state.models = log, models
         app.state.metrics.attach(log)
-        await store.prepare(log)
-        await ensure_echo_agent(log)
-        commands = Commands(log)
-        runner = Runner(log, commands, settings)
+        await models.prepare()
+        await ensure_echo_agent(log, models)
+        commands = Commands(log, models)
+        runner = Runner(log, models, commands, settings)
         app.state.commands, app.state.runner = commands, runner
         await runner.recover()
-        webhooks = WebhookWorker(log, settings)
+        webhooks = WebhookWorker(log, models, settings)
         webhooks.start()
         app.state.ready = True
         try:

@@ -17,8 +17,8 @@ import msgspec
 from events import EventLog, Meta, WrongExpectedVersion
 from events import streams
 from events import types as t
-from projections import queries
 from projections.projects import Project
+from projections.readmodels import ReadModels
 from service.http import HttpError
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
@@ -54,11 +54,11 @@ def unauthorized(detail: str) -> HttpError:
     return HttpError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
 
-async def authenticate(log: EventLog, token: str | None) -> Principal:
+async def authenticate(models: ReadModels, token: str | None) -> Principal:
     if not token:
         raise unauthorized("An API key is required: send Authorization: Bearer <key>.")
     digest = hash_token(token)
-    key = await queries.api_key_by_hash(log, digest)
+    key = await models.api_key_by_hash(digest)
     if key is None or not hmac.compare_digest(key.token_hash, digest):
         raise unauthorized("The API key is not known.")
     if key.revoked:
@@ -66,24 +66,24 @@ async def authenticate(log: EventLog, token: str | None) -> Principal:
     return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id)
 
 
-async def visible_projects(log: EventLog, principal: Principal, acting: bool = False) -> list[str] | None:
+async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:
     """The projects whose tasks this principal sees, or with `acting` may change; None means all.
     `audit:read` reads every project but acts only where its user is a member; `admin` does both."""
     everywhere = principal.has("admin") if acting else principal.has("audit:read")
     if everywhere:
         return None if principal.project_id is None else [principal.project_id]
-    member_of = [p.id for p in await queries.projects(log) if principal.user in p.members]
+    member_of = [p.id for p in await models.projects() if principal.user in p.members]
     if principal.project_id is not None:  # the key's project, while its user is still a member
         return [principal.project_id] if principal.project_id in member_of else []
     return member_of
 
 
-async def find_project(log: EventLog, id_or_name: str) -> Project:
+async def find_project(models: ReadModels, id_or_name: str) -> Project:
     """The project with this id, else the one project with this name; ValueError otherwise."""
-    project = await queries.project(log, id_or_name)
+    project = await models.project(id_or_name)
     if project is not None:
         return project
-    named = [p for p in await queries.projects(log) if p.name == id_or_name]
+    named = [p for p in await models.projects() if p.name == id_or_name]
     if not named:
         raise ValueError(f"no project with the id or name {id_or_name!r}")
     if len(named) > 1:
@@ -93,7 +93,8 @@ async def find_project(log: EventLog, id_or_name: str) -> Project:
 
 
 async def issue_key(
-    log: EventLog, user: str, scopes: list[str], project: str | None = None, actor: str | None = None
+    log: EventLog, models: ReadModels, user: str, scopes: list[str], project: str | None = None,
+    actor: str | None = None,
 ) -> tuple[str, str]:
     """Issue a key (and the user's default project, the first time); returns (key id, token).
     `project` (an id or a name) restricts the key to it and makes the user a member.
@@ -103,10 +104,10 @@ async def issue_key(
         raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
     if not user:
         raise ValueError("a key needs a user")
-    restricted_to = None if project is None else await find_project(log, project)
+    restricted_to = None if project is None else await find_project(models, project)
     project_id = None if restricted_to is None else restricted_to.id
     meta = Meta(actor=actor or user)
-    await ensure_default_project(log, user, meta)
+    await ensure_default_project(log, models, user, meta)
     if restricted_to is not None and user not in restricted_to.members:
         await log.append(
             streams.project(project_id),
@@ -123,9 +124,9 @@ async def issue_key(
     return key_id, token
 
 
-async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
+async def ensure_default_project(log: EventLog, models: ReadModels, user: str, meta: Meta) -> str:
     project_id = default_project_id(user)
-    if await queries.project(log, project_id) is None:
+    if await models.project(project_id) is None:
         try:
             await log.append(
                 streams.project(project_id),
@@ -137,9 +138,9 @@ async def ensure_default_project(log: EventLog, user: str, meta: Meta) -> str:
     return project_id
 
 
-async def revoke_key(log: EventLog, key_id: str, actor: str | None = None) -> None:
+async def revoke_key(log: EventLog, models: ReadModels, key_id: str, actor: str | None = None) -> None:
     """Revoke a key; ValueError for an unknown one or one already revoked (nothing is appended)."""
-    key = await queries.api_key(log, key_id)
+    key = await models.api_key(key_id)
     if key is None:
         raise ValueError(f"no key {key_id}")
     if key.revoked:

@@ -7,15 +7,14 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-from events import RecordedEvent, open_log
+from events import RecordedEvent, StorageError, open_log
 from events.verify import ChainBroken, Rechain, verify_chain
-from projections import queries, store
+from projections.readmodels import read_models
 from service import auth
 from service.settings import Settings, env_name, from_env
 
@@ -44,11 +43,13 @@ def _data_dir(args, *, create: bool = False, **overrides) -> Settings:
 
 
 async def _with_log(settings: Settings, work):
-    log = open_log(str(settings.database), projector=store.project, durable=settings.durable)
+    """work(log, read models) on the data dir's log."""
+    log = open_log(str(settings.database), durable=settings.durable)
+    models = read_models(log)
     await log.open()
     try:
-        await store.prepare(log)
-        return await work(log)
+        await models.prepare()
+        return await work(log, models)
     finally:
         await log.close()
 
@@ -76,10 +77,10 @@ def _progress(description: str, unit: str = "events") -> Iterator[Callable[[int,
 async def first_admin_key(settings: Settings) -> str | None:
     """On an empty log: issue an admin key, write it to a 0600 file, return it (once)."""
 
-    async def work(log):
-        if await log.read_head() > 0 and await queries.api_keys(log):
+    async def work(log, models):
+        if await log.read_head() > 0 and await models.api_keys():
             return None
-        _, token = await auth.issue_key(log, "admin", ["admin"], actor="mission-control:serve")
+        _, token = await auth.issue_key(log, models, "admin", ["admin"], actor="mission-control:serve")
         path = Path(settings.data_dir) / ADMIN_TOKEN_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a file left from an earlier data dir keeps its mode otherwise
@@ -126,8 +127,8 @@ def token_create(args) -> int:
     settings = _data_dir(args)
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
 
-    async def work(log):
-        return await auth.issue_key(log, args.user, scopes, args.project, actor="mission-control:cli")
+    async def work(log, models):
+        return await auth.issue_key(log, models, args.user, scopes, args.project, actor="mission-control:cli")
 
     try:
         key_id, token = asyncio.run(_with_log(settings, work))
@@ -140,7 +141,7 @@ def token_create(args) -> int:
 
 def token_list(args) -> int:
     settings = _data_dir(args)
-    keys = asyncio.run(_with_log(settings, queries.api_keys))
+    keys = asyncio.run(_with_log(settings, lambda _, models: models.api_keys()))
     rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT")] + [
         (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "")
         for key in keys
@@ -154,8 +155,8 @@ def token_list(args) -> int:
 def token_revoke(args) -> int:
     settings = _data_dir(args)
 
-    async def work(log):
-        return await auth.revoke_key(log, args.key_id, actor="mission-control:cli")
+    async def work(log, models):
+        return await auth.revoke_key(log, models, args.key_id, actor="mission-control:cli")
 
     try:
         asyncio.run(_with_log(settings, work))
@@ -178,7 +179,7 @@ def verify(args) -> int:
         against = (int(position), digest.lower())
 
     with _progress("verifying") as progress:
-        report = asyncio.run(_with_log(settings, lambda log: verify_chain(log, against=against, progress=progress)))
+        report = asyncio.run(_with_log(settings, lambda log, _: verify_chain(log, against=against, progress=progress)))
     if report.ok:
         checked = f"; the digest checked: event {against[0]} still carries its hash" if against else ""
         print(f"ok: {report.checked} events, head {report.head}{checked}")
@@ -209,7 +210,7 @@ def export(args) -> int:
         out.flush()
 
     with _progress("exporting") as progress:
-        asyncio.run(_with_log(settings, lambda log: work(log, progress)))
+        asyncio.run(_with_log(settings, lambda log, _: work(log, progress)))
     return 0
 
 
@@ -258,7 +259,7 @@ def import_(args) -> int:
 
     try:
         with _progress("importing", "bytes") as progress:
-            head = asyncio.run(_with_log(settings, lambda log: work(log, progress)))
+            head = asyncio.run(_with_log(settings, lambda log, _: work(log, progress)))
     except ChainBroken as broken:
         print(f"mission-control: refused {source}, nothing imported: {broken}", file=sys.stderr)
         return 1
@@ -275,7 +276,7 @@ def import_(args) -> int:
 def rebuild(args) -> int:
     settings = _data_dir(args)
     with _progress("rebuilding read models") as progress:
-        position = asyncio.run(_with_log(settings, lambda log: store.rebuild(log, progress)))
+        position = asyncio.run(_with_log(settings, lambda _, models: models.rebuild(progress)))
     print(f"rebuilt every read model from {position} events")
     return 0
 
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except _Failed as exc:
         return _fail(str(exc))
-    except sqlite3.DatabaseError as exc:
+    except StorageError as exc:
         return _fail(f"the log cannot be read: {exc}")
     except BrokenPipeError:  # e.g. `mission-control export | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams, typed
 from events.types import EventData
-from projections import queries
+from projections.readmodels import ReadModels
 from projections.tasks import Task, evolve
 from service.deciders import Command, CreateTask, Refused, decide
 
@@ -27,8 +27,9 @@ class Idempotency:
 
 
 class Commands:
-    def __init__(self, log: EventLog):
+    def __init__(self, log: EventLog, models: ReadModels):
         self.log = log
+        self.models = models
         self.admission = asyncio.Lock()
         """Held while a run is admitted, so the concurrency limit holds at every position."""
         self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -94,7 +95,7 @@ class Commands:
 
     async def _as_recorded(self, recorded: list[RecordedEvent]) -> Task:
         """The task as an earlier append with the same key left it."""
-        task = await queries.task_as_of(self.log, streams.parse(recorded[-1].stream).id, recorded[-1].position)
+        task = await self.models.task_as_of(streams.parse(recorded[-1].stream).id, recorded[-1].position)
         assert task is not None  # a key's fingerprint names its route: its events are this task's
         return task
 
@@ -113,7 +114,7 @@ class Commands:
             # A task is created under an id minted for it just now: no need to read it first.
             # Were it taken after all, the append's expected version refuses, and it is read.
             if state is None and not (attempt == 0 and isinstance(command, CreateTask)):
-                state = await queries.task(self.log, task_id, with_watchers=False)
+                state = await self.models.task(task_id, with_watchers=False)
             if if_match is not None and state is not None and state.version not in if_match:
                 named = ", ".join(str(v) for v in sorted(if_match))
                 raise Refused("precondition_failed", f"The task is at version {state.version}, not {named}.")

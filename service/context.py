@@ -9,7 +9,7 @@ import msgspec
 from starlette.requests import Request
 
 from events import EventLog, Meta, RecordedEvent, canonical_json, streams
-from projections import queries
+from projections.readmodels import ReadModels
 from projections.tasks import Task
 from service.auth import Principal, visible_projects
 from service.commands import Commands, Idempotency
@@ -21,6 +21,10 @@ from service.settings import Settings
 
 def log_of(request: Request) -> EventLog:
     return request.app.state.log
+
+
+def models_of(request: Request) -> ReadModels:
+    return request.app.state.models
 
 
 def settings_of(request: Request) -> Settings:
@@ -66,14 +70,14 @@ def idempotency(request: Request, who: Principal, body: bytes) -> Idempotency | 
 
 async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
     # A request that changes something acts: auditors see every project but act only in their own.
-    allowed = await visible_projects(log_of(request), who, acting=request.method != "GET")
+    allowed = await visible_projects(models_of(request), who, acting=request.method != "GET")
     return allowed is None or project_id in allowed
 
 
 async def visible_task(request: Request, who: Principal, task_id: str | None = None) -> Task:
     """The task named in the path, or 404 when it does not exist or lies outside the caller's projects."""
     task_id = parse_uuid(task_id or request.path_params["task_id"], "Task id")
-    task = await queries.task(log_of(request), task_id)
+    task = await models_of(request).task(task_id)
     if task is None or not await can_see_project(request, who, task.project_id):
         raise Refused("not_found", "Task not found.")
     return task
@@ -89,12 +93,12 @@ class Tenancy:
     """What a caller who does not see everything may receive: events of the tasks (and their
     presence) in the caller's projects, of those projects, and of agents. Never API keys."""
 
-    def __init__(self, log: EventLog, who: Principal):
-        self.log, self.who = log, who
+    def __init__(self, models: ReadModels, who: Principal):
+        self.models, self.who = models, who
         self.allowed: set[str] | None = None
 
     async def prepare(self) -> None:
-        allowed = await visible_projects(self.log, self.who)
+        allowed = await visible_projects(self.models, self.who)
         self.allowed = None if allowed is None else set(allowed)
 
     @property
@@ -108,7 +112,7 @@ class Tenancy:
         if kind in ("task", "presence"):
             project = _task_projects.get(ident)
             if project is None:
-                task = await queries.task(self.log, ident, with_watchers=False)
+                task = await self.models.task(ident, with_watchers=False)
                 if task is None:
                     return False
                 project = task.project_id

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from events import EventLog
-from projections import queries
+from projections.readmodels import ReadModels
 from service.context import principal, settings_of
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -83,9 +83,9 @@ class Metrics:
             route.app = counted
         return routes
 
-    async def refresh(self, log: EventLog, max_concurrent: int) -> None:
+    async def refresh(self, log: EventLog, models: ReadModels, max_concurrent: int) -> None:
         """The gauges read from the log and the read models."""
-        figures = await queries.counters(log)
+        figures = await models.counters()
         head = await log.read_head()
         self.head.set(head)
         self.streams.set(figures.streams)
@@ -101,7 +101,7 @@ async def metrics(request: Request) -> Response:
     if not settings.metrics_public:
         principal(request, "admin")
     figures: Metrics = request.app.state.metrics
-    await figures.refresh(request.app.state.log, settings.max_concurrent)
+    await figures.refresh(request.app.state.log, request.app.state.models, settings.max_concurrent)
     return Response(generate_latest(figures.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -93,7 +93,7 @@ class ApiMiddleware:
         elif path == STREAM_PATH:  # browsers' EventSource cannot send headers
             token = QueryParams(scope.get("query_string", b"")).get("access_token")
         try:
-            principal = await authenticate(self.state.log, token)
+            principal = await authenticate(self.state.models, token)
         except HttpError as rejected:
             return rejected
         if self.limiter is None:

@@ -26,9 +26,8 @@ from projections.lifecycle import STATUSES
 from projections.projects import Project
 from projections.tasks import Task
 from service import schemas
-from service.http import API_PREFIX, Error
 from service.agents.kinds import KINDS
-from service.http import JSON_SAFE_INTEGER, MAX_INT, Error
+from service.http import API_PREFIX, JSON_SAFE_INTEGER, MAX_INT, Error
 
 REF = "#/components/schemas/{name}"
 TITLE = "Mission Control"

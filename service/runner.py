@@ -14,9 +14,9 @@ from pathlib import Path
 import structlog
 
 from events import EventLog, Meta
-from projections import queries
 from projections.agents import Agent
 from projections.lifecycle import ACTIVE
+from projections.readmodels import ReadModels
 from projections.tasks import Task
 from service.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.agents.kinds import KINDS
@@ -97,8 +97,9 @@ class _Output:
 
 
 class Runner:
-    def __init__(self, log_: EventLog, commands: Commands, settings: Settings):
+    def __init__(self, log_: EventLog, models: ReadModels, commands: Commands, settings: Settings):
         self.log = log_
+        self.models = models
         self.commands = commands
         self.settings = settings
         self.runs: dict[str, tuple[str, asyncio.Task, asyncio.Queue]] = {}
@@ -106,7 +107,7 @@ class Runner:
     async def recover(self) -> int:
         """End every run a previous process left in progress, and whatever processes it left
         running: nothing stays running forever."""
-        stuck, _ = await queries.tasks(self.log, statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
+        stuck, _ = await self.models.tasks(statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
         runs_dir = Path(self.settings.data_dir) / "runs"
         await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id], runs_dir)
         for task in stuck:
@@ -149,8 +150,8 @@ class Runner:
             return False
 
     async def _prompt(self, task: Task) -> str:
-        project = await queries.project(self.log, task.project_id)
-        dependencies = [d for d in [await queries.task(self.log, i, with_watchers=False) for i in task.depends_on] if d]
+        project = await self.models.project(task.project_id)
+        dependencies = [d for d in [await self.models.task(i, with_watchers=False) for i in task.depends_on] if d]
         return compose_prompt(project.context if project else None, dependencies, task)
 
     async def _drive(self, task: Task, agent: Agent, messages: asyncio.Queue) -> None:

@@ -32,7 +32,7 @@ import structlog
 
 from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
 from events import types as t
-from projections import queries
+from projections.readmodels import ReadModels
 from service import outbound
 from service.settings import Settings
 
@@ -70,8 +70,9 @@ def signature(secret: str, body: bytes) -> str:
 
 
 class WebhookWorker:
-    def __init__(self, log_: EventLog, settings: Settings):
+    def __init__(self, log_: EventLog, models: ReadModels, settings: Settings):
         self.log = log_
+        self.models = models
         self.settings = settings
         self.pending: dict[str, Delivery] = {}
         self.folded = 0
@@ -127,7 +128,7 @@ class WebhookWorker:
             await self._fold(event)
 
     async def _resume_point(self) -> int:
-        last = await _last_event(self.log, STREAM)
+        last = await self.log.last_event(STREAM)
         return decode(last).checkpoint if last else 0  # type: ignore[attr-defined]
 
     async def _fold(self, event: RecordedEvent) -> None:
@@ -145,7 +146,7 @@ class WebhookWorker:
             elif self.live:
                 self._schedule(delivery)
             return
-        task = await queries.task(self.log, data.task_id, with_watchers=False)  # type: ignore[attr-defined]
+        task = await self.models.task(data.task_id, with_watchers=False)  # type: ignore[attr-defined]
         if task is None or not task.webhook_url:
             return
         delivery = Delivery(
@@ -177,7 +178,7 @@ class WebhookWorker:
 
     async def _send_and_record(self, delivery: Delivery) -> None:
         async with self._slots:
-            task = await queries.task_as_of(self.log, delivery.task_id, delivery.position)
+            task = await self.models.task_as_of(delivery.task_id, delivery.position)
             body = msgspec.json.encode(task)
             headers = {
                 "Content-Type": "application/json", "X-MC-Delivery": delivery.id, "X-MC-Event": delivery.event,
@@ -204,24 +205,6 @@ class WebhookWorker:
         )
         # The fold of this very event schedules the next attempt, if any.
         await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR))
-
-
-async def _last_event(log_: EventLog, stream: str) -> RecordedEvent | None:
-    """The stream's last event, in O(log n) indexed reads: versions run 1..n without gaps."""
-
-    async def at(version: int) -> RecordedEvent | None:
-        found = await log_.read_stream(stream, version - 1, limit=1)
-        return found[0] if found else None
-
-    if await at(1) is None:
-        return None
-    low, high = 1, 2  # version `low` exists; find a `high` that does not
-    while await at(high) is not None:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if await at(middle) is not None else (low, middle)
-    return await at(low)
 
 
 def _epoch(recorded_at: str) -> float:

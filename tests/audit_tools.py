@@ -1,10 +1,10 @@
-"""Helpers the auditor's tests share: a settled task, the read models, the log file as an attacker sees it."""
+"""Helpers the auditor's tests share: a settled task, a filled log, the CLI on a terminal.
+The log file as an attacker sees it is in tests/audit_sqlite.py."""
 
 from __future__ import annotations
 
 import os
 import pty
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,17 +14,10 @@ import httpx
 import msgspec
 
 from events import GENESIS_HASH, RecordedEvent, chain_hash
-from projections.store import MODELS
 from tests.api_helpers import wait_for
 from tests.chain_audit import VERIFY_EXPORT
 
-READ_MODEL_TABLES = ("counters", "checkpoint", *(m.table for m in MODELS))
 SETTLED = {"review", "done", "failed", "cancelled"}
-COLUMNS = "position, stream, version, type, payload, meta, recorded_at, hash"
-
-
-def database(data_dir: Path) -> Path:
-    return data_dir / "mission-control.db"
 
 
 def settled(client: httpx.Client, task_id: str) -> dict:
@@ -37,12 +30,6 @@ def settled(client: httpx.Client, task_id: str) -> dict:
     return wait_for(probe, 20, f"task {task_id} to finish its run")
 
 
-def read_models(db: Path) -> dict[str, list[tuple]]:
-    """Every read-model table, rows sorted: two logs' models are equal when these are."""
-    with sqlite3.connect(db) as conn:
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in READ_MODEL_TABLES}
-
-
 def differences(a: dict[str, list[tuple]], b: dict[str, list[tuple]]) -> dict[str, tuple[list, list]]:
     """Per table, the rows only `a` has and the rows only `b` has; empty when they are equal."""
     found = {}
@@ -51,21 +38,6 @@ def differences(a: dict[str, list[tuple]], b: dict[str, list[tuple]]) -> dict[st
         if rows_a != rows_b:
             found[table] = (sorted(rows_a - rows_b), sorted(rows_b - rows_a))
     return found
-
-
-def recorded(db: Path) -> list[RecordedEvent]:
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(f"SELECT {COLUMNS} FROM events ORDER BY position").fetchall()
-    return [
-        RecordedEvent(position=r[0], stream=r[1], version=r[2], type=r[3], payload=msgspec.Raw(r[4]),
-                      meta=msgspec.Raw(r[5]), recorded_at=r[6], hash=r[7])
-        for r in rows
-    ]
-
-
-def row(event: RecordedEvent) -> tuple:
-    return (event.position, event.stream, event.version, event.type, bytes(event.payload), bytes(event.meta),
-            event.recorded_at, event.hash)
 
 
 def rehashed(events: list[RecordedEvent], previous: str = GENESIS_HASH) -> list[RecordedEvent]:
@@ -77,25 +49,6 @@ def rehashed(events: list[RecordedEvent], previous: str = GENESIS_HASH) -> list[
     return out
 
 
-def tamper(db: Path, *statements: tuple[str, tuple]) -> None:
-    """Change the log file as an attacker with file access would: the triggers go first."""
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'events'")
-        for (name,) in triggers.fetchall():
-            conn.execute(f"DROP TRIGGER {name}")
-        for sql, params in statements:
-            conn.execute(sql, params)
-    finally:
-        conn.close()
-
-
-def replace_events(db: Path, events: list[RecordedEvent], drop_from: int) -> None:
-    """Delete every event from position `drop_from` on and write `events` in their place."""
-    tamper(db, ("DELETE FROM events WHERE position >= ?", (drop_from,)),
-           *((f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", row(e)) for e in events))
-
-
 async def fill(db: Path, count: int, appends_at_once: int = 2000) -> None:
     """About `count` events of every kind the read models fold, appended through the log API
     with its projector, as the service would: ten events a task, in one append each."""
@@ -103,7 +56,7 @@ async def fill(db: Path, count: int, appends_at_once: int = 2000) -> None:
 
     from events import Meta, open_log
     from events import types as t
-    from projections import store
+    from projections.readmodels import read_models
 
     def task_events(n: int) -> list[t.EventData]:
         task, run = f"task{n}", f"run{n}"
@@ -123,10 +76,11 @@ async def fill(db: Path, count: int, appends_at_once: int = 2000) -> None:
         return [*events, t.TaskCompleted(task_id=task, run_id=run, result="ok"),
                 t.TaskArchived(task_id=task), t.TaskUpdated(task_id=task, priority=1 + n % 10)]
 
-    log = open_log(str(db), projector=store.project, durable=False)
+    log = open_log(str(db), durable=False)
+    models = read_models(log)
     await log.open()
     try:
-        await store.prepare(log)
+        await models.prepare()
         await log.append("agent-a1", [t.AgentRegistered(agent_id="a1", name="filler", kind="echo")])
         tasks = range(max(1, (count - 2) // 10))
         marks = max(1, count - 1 - 10 * len(tasks))  # the remainder, so the log holds exactly `count`

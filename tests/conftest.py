@@ -17,7 +17,8 @@ pytest_plugins = ["tests.server", "tests.api_helpers"]
 #
 # `log_factory` runs a test once per backend. A backend is two functions: one that names
 # fresh, empty storage for a test, and one that opens a log on it. To add PostgreSQL, add
-# its pair to LOG_BACKENDS (e.g. a fresh schema per storage, dropped by the opener's log).
+# its pair to LOG_BACKENDS (e.g. a fresh schema per storage, dropped by the opener's log):
+# the log's contract suite and the read models' (read_models(log) picks the backend's) run on it.
 
 
 def _sqlite_storage(tmp_path: Path, n: int) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from events import Meta, open_log
 from events import types as t
-from projections import store
+from projections.readmodels import read_models
 from service.runner import ECHO_AGENT_ID
 from tests.api_helpers import as_json, head, log_unchanged, post_racing, read_log, refused, wait_for
 
@@ -518,7 +518,8 @@ def test_presence_expires_at_read_time(c, api_server):
     assert c.post(f"/tasks/{task['id']}/presence", json={"deviceId": "steady"}).status_code == 204
 
     async def mark_briefly():
-        log = open_log(str(api_server.data_dir / "mission-control.db"), projector=store.project)
+        log = open_log(str(api_server.data_dir / "mission-control.db"))
+        read_models(log)  # the presence mark is projected as the server's own appends are
         await log.open()
         try:
             await log.append(

@@ -17,7 +17,8 @@ import msgspec
 import pytest
 
 from events import RecordedEvent, chain_hash
-from tests.audit_tools import database, recorded, rehashed, replace_events, settled, standalone
+from tests.audit_sqlite import database, recorded, replace_events
+from tests.audit_tools import rehashed, settled, standalone
 from tests.server import Server, cli
 
 K, J = 6, 10  # the positions the cases tamper with

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,18 +16,12 @@ import msgspec
 import pytest
 
 from events import RecordedEvent, chain_hash
-from tests.audit_tools import (
-    database, differences, fill, read_models, settled, standalone, with_terminal_stderr,
-)
+from tests.audit_sqlite import database, read_models, recorded
+from tests.audit_tools import differences, fill, settled, standalone, with_terminal_stderr
 from tests.server import cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-log.ndjson"
 ROUND_TRIP_EVENTS = int(os.environ.get("MC_AUDIT_EVENTS", 100_000))
-
-
-def events_in(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -123,7 +116,7 @@ def test_import_refuses_a_broken_file_at_its_position_and_imports_nothing(case, 
     assert result.returncode == 1, result
     assert result.stderr.startswith(f"mission-control: refused {broken}, nothing imported: broken at position {position}:")
     assert result.stderr.count("\n") == 1
-    assert events_in(database(tmp_path / "replica")) == 0
+    assert len(recorded(database(tmp_path / "replica"))) == 0
 
     checked = standalone(broken)
     assert checked.returncode == 1
@@ -137,7 +130,7 @@ def test_import_needs_an_empty_data_dir(tmp_path):
     assert again.stderr == (
         f"mission-control: {database(tmp_path / 'replica')} already holds 19 events; import needs an empty data dir\n"
     )
-    assert events_in(database(tmp_path / "replica")) == 19
+    assert len(recorded(database(tmp_path / "replica"))) == 19
 
 
 def test_import_of_a_missing_file_is_one_line(tmp_path):

@@ -11,7 +11,8 @@ import httpx
 from events import Meta, open_log
 from events import types as t
 from tests.api_helpers import wait_for
-from tests.audit_tools import database, differences, read_models, recorded, with_terminal_stderr
+from tests.audit_sqlite import database, read_models, recorded
+from tests.audit_tools import differences, with_terminal_stderr
 
 COMMANDS = 600
 

@@ -16,7 +16,8 @@ import pytest
 
 from events import RecordedEvent, decode
 from events import types as t
-from tests.audit_tools import database, differences, read_models, settled
+from tests.audit_sqlite import database, read_models
+from tests.audit_tools import differences, settled
 from tests.server import Server, cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-log.ndjson"

@@ -8,7 +8,7 @@ import pytest
 
 from events import Meta
 from events import types as t
-from projections import store
+from projections.readmodels import read_models
 from service.commands import Commands
 from service.deciders import CreateTask, Refused
 
@@ -20,9 +20,10 @@ def _created(task_id: str, content: str) -> CreateTask:
 
 
 async def test_creating_under_a_taken_id_is_refused_and_changes_nothing(log_factory):
-    log = await log_factory(projector=store.project)
-    await store.prepare(log)
-    commands = Commands(log)
+    log = await log_factory()
+    models = read_models(log)
+    await models.prepare()
+    commands = Commands(log, models)
     task_id = str(uuid.uuid4())
     created, recorded = await commands.task(task_id, _created(task_id, "first"), Meta(actor="tester"))
     assert (created.content, created.version, len(recorded)) == ("first", 1, 1)

@@ -99,6 +99,17 @@ async def test_append_read_all_read_stream_head(log_factory):
     assert await log.read_stream("nobody") == []
 
 
+async def test_last_event_of_a_stream(log_factory):
+    log = await log_factory()
+    assert await log.last_event("task-a") is None
+    first = await log.append("task-a", [created("a"), output(1, "a")])
+    await log.append("task-b", [created("b")])  # a later event of another stream
+    assert await log.last_event("task-a") == first[-1]
+    more = await log.append("task-a", [output(n, "a") for n in range(2, 40)])
+    assert await log.last_event("task-a") == more[-1]
+    assert await log.last_event("task-") is None  # a prefix of a stream's name is another stream
+
+
 async def test_positions_gapless_and_versions_per_stream(log_factory):
     log = await log_factory()
     rng = random.Random(7)
@@ -471,55 +482,44 @@ def test_canonical_json_is_rfc8785_as_json_dumps_and_the_rfc8785_package_write_i
 
 
 # --- projectors ------------------------------------------------------------------------------
+# What a projector writes commits or rolls back with the append: each backend's read models
+# show it (tests/test_readmodels_contract.py), and tests/test_log_<backend>.py with its own handle.
 
 
 class Refused(Exception):
     pass
 
 
-def projector_into_seen(refuse_stream: str | None = None):
-    """A read model kept in the append's own transaction; it refuses one stream's events."""
+class Seen:
+    """A projector that checks what it is handed against its transaction's view of the log, and
+    notes every position it was handed; it refuses one stream's events."""
 
-    def project(tx: events.Transaction, recorded: list[RecordedEvent]) -> None:
-        # The events are in this transaction's view of the log already.
+    def __init__(self, refuse_stream: str | None = None):
+        self.refuse_stream = refuse_stream
+        self.positions: list[int] = []
+
+    def __call__(self, tx: events.Transaction, recorded: list[RecordedEvent]) -> None:
         first, last = recorded[0].position, recorded[-1].position
-        assert tx.read_events(first - 1, last, len(recorded) + 1) == recorded
-        rows = [(e.position, e.stream, e.type) for e in recorded]
-        tx.executemany("INSERT INTO seen VALUES (?, ?, ?)", rows)
-        if any(e.stream == refuse_stream for e in recorded):
-            raise Refused(refuse_stream)
-
-    return project
-
-
-async def _with_seen_table(log: EventLog) -> None:
-    await log.transact(lambda tx: tx.execute(
-        "CREATE TABLE seen (position INTEGER PRIMARY KEY, stream TEXT NOT NULL, type TEXT NOT NULL)"
-    ))
-
-
-async def _read_model_equals_log(log: EventLog) -> None:
-    recorded = await everything(log)
-    assert await log.query("SELECT position, stream, type FROM seen ORDER BY position") == [
-        (e.position, e.stream, e.type) for e in recorded
-    ]
-    assert audit(recorded) == log.head
+        assert tx.read_events(first - 1, last, len(recorded) + 1) == recorded  # in this transaction's view
+        self.positions.extend(e.position for e in recorded)
+        if any(e.stream == self.refuse_stream for e in recorded):
+            raise Refused(self.refuse_stream)
 
 
 async def test_projector_sees_every_appended_event_in_the_transaction(log_factory):
-    log = await log_factory(projector=projector_into_seen())
-    await _with_seen_table(log)
+    seen = Seen()
+    log = await log_factory(projector=seen)
     await log.append("task-a", [created("a"), output(1, "a")])
     await asyncio.gather(*(log.append(f"task-{i}", [created(str(i))] * (1 + i % 3)) for i in range(30)))
     await log.append("task-a", [created("a")], idempotency_key="k")
     await log.append("task-a", [created("a")], idempotency_key="k")  # replayed: nothing new to project
     assert log.head == 2 + 60 + 1
-    await _read_model_equals_log(log)
+    assert seen.positions == [e.position for e in await everything(log)]  # each once, in order
 
 
 async def test_projector_failure_fails_only_its_append(log_factory):
-    log = await log_factory(projector=projector_into_seen(refuse_stream="task-poison"))
-    await _with_seen_table(log)
+    seen = Seen(refuse_stream="task-poison")
+    log = await log_factory(projector=seen)
     appends = [log.append(f"task-{i}", [created(str(i)), output(1, str(i))]) for i in range(20)]
     appends.insert(7, log.append("task-poison", [created("p"), output(1, "p")]))
     outcomes = await asyncio.gather(*appends, return_exceptions=True)
@@ -528,39 +528,16 @@ async def test_projector_failure_fails_only_its_append(log_factory):
     assert all(isinstance(o, list) and len(o) == 2 for o in outcomes)
     assert await log.read_stream("task-poison") == []
     assert log.head == 40
-    await _read_model_equals_log(log)
+    recorded = await everything(log)
+    assert sorted((e for o in outcomes for e in o), key=lambda e: e.position) == recorded
+    assert {e.position for e in recorded} <= set(seen.positions)
+    assert audit(recorded) == 40
 
     with pytest.raises(Refused):  # alone, too
         await log.append("task-poison", [created("p")])
     assert log.head == await log.read_head() == 40
     await log.append("task-after", [created("after")])
-    await _read_model_equals_log(log)
-
-
-# --- transact and query ------------------------------------------------------------------------
-
-
-async def test_transact_and_query_round_trip(log_factory):
-    log = await log_factory()
-    await log.append("task-a", [created("a"), output(1, "a")])
-
-    def setup(tx: events.Transaction) -> int:
-        tx.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-        tx.executemany("INSERT INTO notes (body) VALUES (?)", [("a",), ("é ✓",)])
-        return tx.execute("SELECT count(*) FROM notes")[0][0]
-
-    assert await log.transact(setup) == 2
-    assert await log.query("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "é ✓")]
-    assert await log.query("SELECT body FROM notes WHERE id = ?", (2,)) == [("é ✓",)]
-
-    def half_done(tx: events.Transaction) -> None:
-        tx.execute("INSERT INTO notes (body) VALUES ('lost')")
-        raise Refused("changed my mind")
-
-    with pytest.raises(Refused):
-        await log.transact(half_done)
-    assert await log.query("SELECT count(*) FROM notes") == [(2,)]
-    assert await log.transact(lambda tx: tx.read_events(0, 10, 10)) == await everything(log)
+    assert seen.positions[-1] == log.head == 41
 
 
 # --- closing and reopening -----------------------------------------------------------------------

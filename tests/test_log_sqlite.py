@@ -14,11 +14,12 @@ import msgspec
 import pytest
 
 import events
-from events import Meta, RecordedEvent, UnknownEventType
+from events import Meta, RecordedEvent, StorageError, UnknownEventType
 from events.envelope import chain_hash, now_rfc3339
 from events.sqlite import SqliteLog
 from events.types import TaskCreated, TaskOutput
 from tests.chain_audit import audit
+from tests.server import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,8 +118,101 @@ async def test_the_data_dir_and_the_log_files_are_private_whatever_the_umask(ope
 async def test_query_cannot_write(open_sqlite):
     log = await open_sqlite()
     await log.transact(lambda tx: tx.execute("CREATE TABLE notes (body TEXT)"))
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+    with pytest.raises(StorageError, match="readonly"):
         await log.query("INSERT INTO notes VALUES ('x')")
+
+
+async def test_transact_and_query_round_trip(open_sqlite):
+    log = await open_sqlite()
+    await log.append("task-a", [created("a"), output(1)])
+
+    def setup(tx) -> int:
+        tx.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        tx.executemany("INSERT INTO notes (body) VALUES (?)", [("a",), ("é ✓",)])
+        return tx.execute("SELECT count(*) FROM notes")[0][0]
+
+    assert await log.transact(setup) == 2
+    assert await log.query("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "é ✓")]
+    assert await log.query("SELECT body FROM notes WHERE id = ?", (2,)) == [("é ✓",)]
+
+    def half_done(tx) -> None:
+        tx.execute("INSERT INTO notes (body) VALUES ('lost')")
+        raise Refused("changed my mind")
+
+    with pytest.raises(Refused):
+        await log.transact(half_done)
+    assert await log.query("SELECT count(*) FROM notes") == [(2,)]
+    assert await log.transact(lambda tx: tx.read_events(0, 10, 10)) == await everything(log)
+
+
+async def test_a_file_that_is_not_a_database_is_a_storage_error(open_sqlite, tmp_path):
+    (tmp_path / "garbage.db").write_bytes(b"this is not a database, it is only text " * 200)
+    with pytest.raises(StorageError, match="not a database") as caught:
+        await open_sqlite("garbage.db")
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    (data_dir / "mission-control.db").write_bytes((tmp_path / "garbage.db").read_bytes())
+    done = cli(data_dir, "token", "list", check=False)
+    assert done.returncode == 2 and "the log cannot be read: file is not a database" in done.stderr, done
+
+
+# --- a projector writing through the writer's connection ------------------------------------
+# Its tables are the log's own file: they commit or roll back with the append.
+
+
+class Refused(Exception):
+    pass
+
+
+def projector_into_seen(refuse_stream: str | None = None):
+    """A read model kept in the append's own transaction; it refuses one stream's events."""
+
+    def project(tx, recorded: list[RecordedEvent]) -> None:
+        tx.executemany("INSERT INTO seen VALUES (?, ?, ?)", [(e.position, e.stream, e.type) for e in recorded])
+        if any(e.stream == refuse_stream for e in recorded):
+            raise Refused(refuse_stream)
+
+    return project
+
+
+async def _with_seen_table(log: SqliteLog) -> None:
+    await log.transact(lambda tx: tx.execute(
+        "CREATE TABLE seen (position INTEGER PRIMARY KEY, stream TEXT NOT NULL, type TEXT NOT NULL)"
+    ))
+
+
+async def _read_model_equals_log(log: SqliteLog) -> None:
+    recorded = await everything(log)
+    assert await log.query("SELECT position, stream, type FROM seen ORDER BY position") == [
+        (e.position, e.stream, e.type) for e in recorded
+    ]
+    assert audit(recorded) == log.head
+
+
+async def test_projector_writes_commit_with_each_append(open_sqlite):
+    log = await open_sqlite(projector=projector_into_seen())
+    await _with_seen_table(log)
+    await log.append("task-a", [created("a"), output(1)])
+    await asyncio.gather(*(log.append(f"task-{i}", [created(str(i))] * (1 + i % 3)) for i in range(30)))
+    await log.append("task-a", [created("a")], idempotency_key="k")
+    await log.append("task-a", [created("a")], idempotency_key="k")  # replayed: nothing new to project
+    await _read_model_equals_log(log)
+
+
+async def test_projector_writes_roll_back_with_a_refused_append(open_sqlite):
+    log = await open_sqlite(projector=projector_into_seen(refuse_stream="task-poison"))
+    await _with_seen_table(log)
+    appends = [log.append(f"task-{i}", [created(str(i)), output(1)]) for i in range(20)]
+    appends.insert(7, log.append("task-poison", [created("p"), output(1)]))
+    outcomes = await asyncio.gather(*appends, return_exceptions=True)
+    assert isinstance(outcomes[7], Refused) and log.head == 40
+    await _read_model_equals_log(log)
+    with pytest.raises(Refused):
+        await log.append("task-poison", [created("p")])
+    await log.append("task-after", [created("after")])
+    await _read_model_equals_log(log)
 
 
 async def test_unknown_event_type(open_sqlite):
@@ -274,5 +368,6 @@ async def test_appends_committed_before_a_fallback_failure_are_reported_committe
         return_exceptions=True,
     )
     assert [e.stream for e in first] == ["s1"]  # committed, and told so: a retry would duplicate it
-    assert isinstance(bad, RuntimeError) and isinstance(second, sqlite3.OperationalError)
+    assert isinstance(bad, RuntimeError)  # the projector's own error, as it raised it
+    assert isinstance(second, StorageError) and isinstance(second.__cause__, sqlite3.OperationalError)
     assert [e.stream for e in await everything(log)] == ["s1"]

@@ -20,6 +20,7 @@ import pytest
 
 from events import Meta
 from events.types import WebhookAttempted
+from projections.readmodels import read_models
 from service.settings import Settings, from_env
 from service.webhooks import STREAM, WebhookWorker
 from service import outbound
@@ -186,7 +187,7 @@ async def test_a_worker_resumes_from_the_checkpoint_of_the_last_recorded_attempt
             delivery_id="d", task_id="t", url="http://127.0.0.1:9/", attempt=n, ok=False, checkpoint=100 + n,
         )
         await log.append(STREAM, [attempt], meta=Meta())
-    resume = await WebhookWorker(log, Settings())._resume_point()
+    resume = await WebhookWorker(log, read_models(log), Settings())._resume_point()
     assert resume == (100 + attempts_made if attempts_made else 0)
 
 

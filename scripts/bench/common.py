@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from events import Meta, open_log
-from projections import store
+from projections.readmodels import read_models
 
 COMMANDS: dict[str, tuple[Callable, str, tuple]] = {}
 
@@ -94,10 +94,11 @@ async def fill_log(path: Path, appends: Iterable[tuple[str, list]], round_size: 
     (group commit makes a round a few transactions), with the read models projected in the same
     transactions, exactly as the service keeps them. Bounded by FILL_TIMEOUT."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    log = open_log(str(path), projector=store.project, durable=False)
+    log = open_log(str(path), durable=False)
+    models = read_models(log)
     await log.open()
     try:
-        await store.prepare(log)
+        await models.prepare()
         meta = Meta(actor="bench")
         deadline = time.monotonic() + FILL_TIMEOUT
         appends = iter(appends)

@@ -112,9 +112,9 @@ async def append_one(request):
     return Response(BODY, 201, media_type="application/json")
 
 
-async def read_one(request):  # a row found by its key: the newest event the POSTs above appended
-    rows = await request.app.state.log.query("SELECT payload FROM events ORDER BY position DESC LIMIT 1")
-    return Response(rows[0][0] if rows else BODY, 200, media_type="application/json")
+async def read_one(request):  # a row found by its key: the task stream's newest event
+    last = await request.app.state.log.last_event("task-" + request.path_params["task_id"])
+    return Response(bytes(last.payload) if last else BODY, 200, media_type="application/json")
 
 
 app = Starlette(lifespan=lifespan, routes=[

@@ -2,7 +2,7 @@
 
 verify: events.verify.verify_chain (read_all pages, positions, versions, hash, canonical
 form) against its floor, a raw scan hashing the same canonical bytes.
-rebuild: projections.store.rebuild (drop every read model, refold from the log).
+rebuild: ReadModels.rebuild (drop every read model, refold from the log).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 from events.sqlite import SqliteLog
 from events.verify import verify_chain
-from projections import store
+from projections.readmodels import read_models
 
 from . import raw_sqlite
 from .common import DIR_OPTION, command, events_option, line, mib, rate, ratio, workdir
@@ -30,7 +30,8 @@ async def bench_verify(args: argparse.Namespace) -> None:
         raw_sqlite.fill(str(path), count)
         line("filled (raw executemany)", f"{time.perf_counter() - started:.1f} s", mib(path.stat().st_size))
 
-        log = SqliteLog(path, durable=False, projector=store.project)
+        log = SqliteLog(path, durable=False)
+        models = read_models(log)
         await log.open()
         try:
             started = time.perf_counter()
@@ -39,7 +40,7 @@ async def bench_verify(args: argparse.Namespace) -> None:
             assert report.ok and report.checked == count, report
 
             started = time.perf_counter()
-            folded = await store.rebuild(log)
+            folded = await models.rebuild()
             rebuilt = time.perf_counter() - started
             assert folded == count, f"rebuilt from {folded:,} events, not {count:,}"
         finally:

@@ -6,14 +6,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from projections import queries
 from projections.approvals import APPROVAL_STATUSES, Approval
 from projections.lifecycle import either
 from projections.tasks import Task
 from service import schemas
 from service.auth import visible_projects
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal,
+    can_see_project, commands_of, idempotency, meta, models_of, principal,
 )
 from service.deciders import Refused, Review, resolve_approval
 from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
@@ -37,16 +36,16 @@ async def list_approvals(request: Request) -> Response:
     status = request.query_params.get("status", "pending")
     if status not in (*APPROVAL_STATUSES, "all"):
         raise bad_request(f"Query parameter status must be {either((*APPROVAL_STATUSES, 'all'))}.")
-    log = log_of(request)
-    found = await queries.approvals(log, None if status == "all" else status, await visible_projects(log, who))
+    models = models_of(request)
+    found = await models.approvals(None if status == "all" else status, await visible_projects(models, who))
     return json_response([approval_out(approval, task) for approval, task in found])
 
 
 async def _approval(request: Request, who) -> tuple[Approval, Task]:
     """The approval in the path and its task; 404 outside the caller's projects."""
     approval_id = parse_uuid(request.path_params["approval_id"], "Approval id")
-    approval = await queries.approval(log_of(request), approval_id)
-    task = approval and await queries.task(log_of(request), approval.task_id, with_watchers=False)
+    approval = await models_of(request).approval(approval_id)
+    task = approval and await models_of(request).task(approval.task_id, with_watchers=False)
     if task is None or not await can_see_project(request, who, task.project_id):
         raise Refused("not_found", "Approval not found.")
     return approval, task
@@ -62,15 +61,15 @@ async def resolve(request: Request) -> Response:
     approval, task = await _approval(request, who)
     raw, body = await read_body(request, schemas.ReviewBody)
     idem = idempotency(request, who, raw)
-    log = log_of(request)
+    models = models_of(request)
     command = Review(decision=body.decision, feedback=body.feedback)
 
     async def through_approval(task):
-        resolve_approval(await queries.approval(log, approval.id), task, command)
+        resolve_approval(await models.approval(approval.id), task, command)
         return command
 
     task, _ = await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem, known=task)
-    return json_response(approval_out(await queries.approval(log, approval.id), task))
+    return json_response(approval_out(await models.approval(approval.id), task))
 
 
 def routes() -> list[Route]:

@@ -11,9 +11,8 @@ from starlette.routing import Route
 from events import GENESIS_HASH, TypeFilter
 from events.types import EVENT_TYPES
 from events.verify import verify_chain
-from projections import queries
 from service import schemas
-from service.context import Tenancy, log_of, principal, settings_of
+from service.context import Tenancy, log_of, models_of, principal, settings_of
 from service.http import API_PREFIX, bad_request, json_response, query_int
 
 _encoder = msgspec.json.Encoder()
@@ -46,7 +45,7 @@ async def list_events(request: Request) -> Response:
     stream = request.query_params.get("stream")
     streams = [stream] if stream else None
     types = type_filter(request)
-    tenancy = Tenancy(log, who)  # an auditor's key issued for one project reads that project's events
+    tenancy = Tenancy(models_of(request), who)  # an auditor's key issued for one project reads that project's events
     await tenancy.prepare()
     if "application/x-ndjson" in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(log, after, streams, types, tenancy), media_type="application/x-ndjson")
@@ -88,7 +87,7 @@ async def digest(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     principal(request, "task:read")
     log = log_of(request)
-    figures = await queries.counters(log)
+    figures = await models_of(request).counters()
     memory = psutil.virtual_memory()
     return json_response(schemas.Overview(
         tasks=figures.tasks,

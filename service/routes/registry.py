@@ -12,13 +12,13 @@ from starlette.routing import Route
 from events import typed
 from events import streams
 from events import types as t
-from projections import agents, projects, queries
+from projections import agents, projects
 from projections.agents import AGENT_KINDS, Agent
 from projections.projects import Project
 from service import schemas
 from service.agents.kinds import check_config
 from service.auth import Principal, visible_projects
-from service.context import commands_of, idempotency, log_of, meta, principal
+from service.context import commands_of, idempotency, log_of, meta, models_of, principal
 from service.deciders import Refused
 from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
@@ -57,7 +57,7 @@ def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
 
 async def _agent(request: Request) -> Agent:
     agent_id = parse_uuid(request.path_params["agent_id"], "Agent id")
-    agent = await queries.agent(log_of(request), agent_id)
+    agent = await models_of(request).agent(agent_id)
     if agent is None:
         raise Refused("not_found", "Agent not found.")
     return agent
@@ -65,7 +65,7 @@ async def _agent(request: Request) -> Agent:
 
 async def list_agents(request: Request) -> Response:
     principal(request, "task:read")
-    return json_response(await queries.agents(log_of(request)))
+    return json_response(await models_of(request).agents())
 
 
 async def get_agent(request: Request) -> Response:
@@ -121,8 +121,8 @@ async def _set_status(request: Request, event_type) -> Response:
 
 async def _project(request: Request, who: Principal) -> Project:
     project_id = parse_uuid(request.path_params["project_id"], "Project id")
-    project = await queries.project(log_of(request), project_id)
-    allowed = await visible_projects(log_of(request), who)
+    project = await models_of(request).project(project_id)
+    allowed = await visible_projects(models_of(request), who)
     if project is None or (allowed is not None and project_id not in allowed):
         raise Refused("not_found", "Project not found.")
     return project
@@ -130,8 +130,8 @@ async def _project(request: Request, who: Principal) -> Project:
 
 async def list_projects(request: Request) -> Response:
     who = principal(request, "task:read")
-    allowed = await visible_projects(log_of(request), who)
-    found = [p for p in await queries.projects(log_of(request)) if allowed is None or p.id in allowed]
+    allowed = await visible_projects(models_of(request), who)
+    found = [p for p in await models_of(request).projects() if allowed is None or p.id in allowed]
     return json_response(found)
 
 

@@ -30,8 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from events import RecordedEvent
 from events import streams as stream_names
-from projections import queries
-from service.context import Tenancy, log_of, principal, settings_of
+from service.context import Tenancy, log_of, models_of, principal, settings_of
 from service.http import API_PREFIX, bad_request, parse_uuid, whole_number
 from service.logs import client_dropped
 from service.routes.log import type_filter
@@ -110,7 +109,7 @@ async def activity_stream(request: Request) -> Response:
     streams = stream_filter(request)
     log = log_of(request)
     settings = settings_of(request)
-    tenancy = Tenancy(log, who)
+    tenancy = Tenancy(models_of(request), who)
     await tenancy.prepare()
     checked_at = time.monotonic()
 
@@ -120,7 +119,7 @@ async def activity_stream(request: Request) -> Response:
         if time.monotonic() - checked_at < 1:
             return True
         checked_at = time.monotonic()
-        key = await queries.api_key(log, who.key_id)
+        key = await models_of(request).api_key(who.key_id)
         return key is not None and not key.revoked
 
     async def body():

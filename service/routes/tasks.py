@@ -12,13 +12,12 @@ from starlette.routing import Route
 from events import TypeFilter, decode
 from events import streams
 from events import types as t
-from projections import queries
 from projections.lifecycle import STATUSES
 from projections.tasks import Task
 from service import outbound, schemas
 from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
 from service.context import (
-    can_see_project, commands_of, idempotency, log_of, meta, principal, runner_of,
+    can_see_project, commands_of, idempotency, log_of, meta, models_of, principal, runner_of,
     settings_of, visible_task,
 )
 from service.deciders import (
@@ -58,8 +57,7 @@ async def list_tasks(request: Request) -> Response:
         raise bad_request("Query parameter archived must be true, false or all.")
     projects = await _project_filter(request, who, q.get("projectId"))
     agent_id = q.get("agentId")
-    found, total = await queries.tasks(
-        log_of(request),
+    found, total = await models_of(request).tasks(
         statuses=statuses or None,
         desktop_id=q.get("desktopId"),
         agent_id=parse_uuid(agent_id, "agentId") if agent_id else None,
@@ -73,7 +71,7 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def _project_filter(request: Request, who: Principal, project_id: str | None) -> list[str] | None:
-    allowed = await visible_projects(log_of(request), who)
+    allowed = await visible_projects(models_of(request), who)
     if project_id is None:
         return allowed
     project_id = parse_uuid(project_id, "projectId")
@@ -84,7 +82,7 @@ async def create_task(request: Request) -> Response:
     who = principal(request, "task:write")
     raw, body = await read_body(request, schemas.CreateTask)
     idem = idempotency(request, who, raw)
-    log = log_of(request)
+    models = models_of(request)
 
     async def may_see(task: Task) -> bool:  # not if created by the user's key for another project
         return await can_see_project(request, who, task.project_id)
@@ -99,10 +97,10 @@ async def create_task(request: Request) -> Response:
         except outbound.Refused as refused:
             raise bad_request(f"webhookUrl {refused}.") from None
     project_id = await _target_project(request, who, body.project_id)
-    if body.agent_id is not None and await queries.agent(log, str(body.agent_id)) is None:
+    if body.agent_id is not None and await models.agent(str(body.agent_id)) is None:
         raise Refused("agent_not_found", f"Agent {body.agent_id} not found.")
     for dependency in body.depends_on:
-        dep = await queries.task(log, str(dependency), with_watchers=False)
+        dep = await models.task(str(dependency), with_watchers=False)
         if dep is None or not await can_see_project(request, who, dep.project_id):
             raise Refused("not_found", f"Dependency {dependency} not found.")
     task_id = str(uuid.uuid4())
@@ -120,15 +118,15 @@ async def create_task(request: Request) -> Response:
 
 
 async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
-    log = log_of(request)
+    log, models = log_of(request), models_of(request)
     if requested is None and who.project_id is not None:
         project_id = who.project_id
     elif who.project_id is None and (requested is None or str(requested) == default_project_id(who.user)):
-        project_id = await ensure_default_project(log, who.user, meta(request, who))
+        project_id = await ensure_default_project(log, models, who.user, meta(request, who))
     else:
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
-    if await queries.project(log, project_id) is None or not await can_see_project(request, who, project_id):
+    if await models.project(project_id) is None or not await can_see_project(request, who, project_id):
         raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
@@ -138,7 +136,7 @@ async def get_task(request: Request) -> Response:
     task = await visible_task(request, who)
     if "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
         position = query_int(request, "asOf", 0, 0)
-        past = await queries.task_as_of(log_of(request), task.id, position)
+        past = await models_of(request).task_as_of(task.id, position)
         if past is None:
             raise Refused("not_found", f"Task {task.id} did not exist yet at position {position}.")
         return task_response(past)
@@ -175,7 +173,7 @@ async def run_task(request: Request) -> Response:
     requested = (body.agent_id or body.agent_id_snake) if body else None
     agent_id = str(requested) if requested else task.agent_id or ECHO_AGENT_ID
     idem = idempotency(request, who, raw)
-    log = log_of(request)
+    models = models_of(request)
     settings = settings_of(request)
     commands = commands_of(request)
 
@@ -183,12 +181,12 @@ async def run_task(request: Request) -> Response:
 
     async def start(state: Task | None) -> StartRun:
         nonlocal agent
-        deps = {d: (dep.status if (dep := await queries.task(log, d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
-        agent = await queries.agent(log, agent_id)
+        deps = {d: (dep.status if (dep := await models.task(d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
+        agent = await models.agent(agent_id)
         return StartRun(
             run_id=str(uuid.uuid4()), agent=agent, agent_id=agent_id,
             actor=who.user, actor_is_admin=who.has("admin"),
-            running=await queries.running_count(log), limit=settings.max_concurrent, dependencies=deps,
+            running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
         )
 
     async with commands.admission:
@@ -261,7 +259,7 @@ async def clear_presence(request: Request) -> Response:
         device_id = body.device_id
     if not device_id:
         raise bad_request("deviceId is required, in the body or the query.")
-    present = await queries.watchers(log_of(request), [task.id])
+    present = await models_of(request).watchers([task.id])
     if device_id in present.get(task.id, []):
         await log_of(request).append(
             streams.presence(task.id), [t.PresenceCleared(task_id=task.id, device_id=device_id)], meta=meta(request, who)

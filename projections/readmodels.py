@@ -1,0 +1,227 @@
+"""The read models' interface: what the API asks of them, in its own words.
+
+A backend (projections/<backend>.py, beside events/<backend>.py) stores the models the
+Model table describes and answers these reads. It is paired with a log of its own backend:
+its `project_events` is that log's projector, run inside every append's transaction with the
+log's transaction handle, so a read model never disagrees with the log it came from. Before
+folding new events it catches up on any it has not seen (appended by a process without a
+projector, or not yet refolded by a rebuild), by the checkpoint kept in the same transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from events import EventLog, RecordedEvent, Transaction, streams, typed
+from projections.agents import Agent
+from projections.apikeys import ApiKey
+from projections.approvals import Approval
+from projections.projects import Project
+from projections.store import AGENTS, APIKEYS, APPROVALS, PROJECTS, TASKS, Changes, Model, fold
+from projections.tasks import Task, evolve
+
+T = TypeVar("T")
+
+EVERYTHING = 2**62
+"""A position past any head: `until` for reading every event there is."""
+PAGE = 5000
+"""Events folded at once when catching up or rebuilding."""
+
+
+class Counters(msgspec.Struct):
+    tasks: dict[str, int]
+    active_desktops: int
+    active_agents: int
+    approvals_pending: int
+    streams: int
+    checkpoint: int
+
+
+def read_models(log: EventLog) -> ReadModels:
+    """The read models of `log`'s backend, made its projector. `prepare` them before reading."""
+    return importlib.import_module(f"projections.{log.backend}").read_models(log)
+
+
+class ReadModels(ABC):
+    def __init__(self, log: EventLog):
+        self.log = log
+        log.projector = self.project_events
+
+    # --- keeping them: what a backend does inside a transaction of its log -----------------
+
+    @abstractmethod
+    async def _transact(self, fn: Callable[[Any], T]) -> T:
+        """Run fn(tx) in a write transaction of the log's, serialised with its appends."""
+
+    @abstractmethod
+    def _create(self, tx: Any) -> None:
+        """Create the stores of every model, the counters and the checkpoint, if missing."""
+
+    @abstractmethod
+    def _drop(self, tx: Any) -> None:
+        """Drop every store `_create` makes."""
+
+    @abstractmethod
+    def _checkpoint(self, tx: Any) -> int:
+        """The position of the last event folded."""
+
+    @abstractmethod
+    def _load(self, tx: Any, model: Model, key: str) -> bytes | None:
+        """A model's stored state (JSON), if it has one under `key`."""
+
+    @abstractmethod
+    def _save(self, tx: Any, changes: Changes) -> None:
+        """Write the changes: states kept or removed, counters moved (a counter back at zero
+        keeps no row, so the stores do not depend on how events were batched), the checkpoint."""
+
+    def _apply(self, tx: Any, events: list[RecordedEvent]) -> None:
+        self._save(tx, fold(events, lambda model, key: self._load(tx, model, key)))
+
+    def _catch_up(self, tx: Transaction, until: int) -> int:
+        """Fold at most a page of what lies between the checkpoint and `until`; the new checkpoint."""
+        events = tx.read_events(self._checkpoint(tx), until, PAGE)
+        if events:
+            self._apply(tx, events)
+            return events[-1].position
+        return self._checkpoint(tx)
+
+    def project_events(self, tx: Transaction, events: list[RecordedEvent]) -> None:
+        """The log's projector."""
+        done = self._checkpoint(tx)
+        fresh = [e for e in events if e.position > done]
+        if not fresh:
+            return
+        while done < fresh[0].position - 1:
+            done = self._catch_up(tx, fresh[0].position - 1)
+        self._apply(tx, fresh)
+
+    async def prepare(self) -> None:
+        """Create the stores if missing and fold whatever the log holds that they lack."""
+        await self._transact(self._create)
+        await self.refold()
+
+    async def refold(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Fold what the log holds past the checkpoint; the new checkpoint."""
+        head = await self.log.read_head()
+        done = await self._transact(self._checkpoint)
+        while done < head:
+            done = await self._transact(lambda tx: self._catch_up(tx, head))
+            if progress is not None:
+                progress(done, head)
+        return done
+
+    async def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Drop every read model and refold it from the log, all in one transaction: a server
+        running beside it never reads half-built models (its appends wait for the rebuild)."""
+        head = await self.log.read_head()
+
+        def refold_all(tx: Transaction) -> int:
+            self._drop(tx)
+            self._create(tx)
+            done = 0
+            while events := tx.read_events(done, EVERYTHING, PAGE):  # up to the head, and whatever came since
+                self._apply(tx, events)
+                done = events[-1].position
+                if progress is not None:
+                    progress(done, max(head, done))
+            return done
+
+        return await self._transact(refold_all)
+
+    # --- reads: what the API serves, from the models alone --------------------------------
+
+    @abstractmethod
+    async def _get(self, model: Model, key: str) -> Any:
+        """A model's state under `key`, or None."""
+
+    @abstractmethod
+    async def _task_page(
+        self, statuses: list[str] | None, desktop_id: str | None, agent_id: str | None,
+        project_ids: list[str] | None, search: str | None, archived: bool | None, limit: int, offset: int,
+    ) -> tuple[list[Task], int]:
+        """`tasks` without their watchers."""
+
+    @abstractmethod
+    async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
+        """Devices whose presence has not expired, judged against the clock now."""
+
+    @abstractmethod
+    async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
+        """Approvals, oldest first, each with its task; only those whose task is in `projects`
+        (None: every project)."""
+
+    @abstractmethod
+    async def agents(self) -> list[Agent]:
+        """Oldest first (by created_at, then id)."""
+
+    @abstractmethod
+    async def projects(self) -> list[Project]:
+        """Oldest first (by created_at, then id)."""
+
+    @abstractmethod
+    async def api_key_by_hash(self, token_hash: str) -> ApiKey | None: ...
+
+    @abstractmethod
+    async def api_keys(self) -> list[ApiKey]:
+        """Oldest first (by created_at, then id)."""
+
+    @abstractmethod
+    async def counters(self) -> Counters:
+        """The overview's figures: a handful of reads, whatever the size of the log."""
+
+    @abstractmethod
+    async def running_count(self) -> int:
+        """Tasks holding a run slot (an ACTIVE status)."""
+
+    async def task(self, task_id: str, *, with_watchers: bool = True) -> Task | None:
+        """The task; its `watchers` (one more read) only for answers that show them."""
+        found: Task | None = await self._get(TASKS, task_id)
+        if found is not None and with_watchers:
+            found.watchers = (await self.watchers([task_id])).get(task_id, [])
+        return found
+
+    async def task_as_of(self, task_id: str, position: int) -> Task | None:
+        """The task as it stood at a log position, folded from its own events."""
+        state: Task | None = None
+        for recorded in await self.log.read_stream(streams.task(task_id), until_position=position):
+            state = evolve(state, typed(recorded))
+        return state
+
+    async def tasks(
+        self,
+        *,
+        statuses: list[str] | None = None,
+        desktop_id: str | None = None,
+        agent_id: str | None = None,
+        project_ids: list[str] | None = None,
+        search: str | None = None,
+        archived: bool | None = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Task], int]:
+        """Newest first, and the total that matches. `project_ids` None means every project;
+        `search` matches title or content, literally; `archived` None means either."""
+        found, total = await self._task_page(
+            statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset
+        )
+        live = await self.watchers([t.id for t in found])
+        for t in found:
+            t.watchers = live.get(t.id, [])
+        return found, total
+
+    async def approval(self, approval_id: str) -> Approval | None:
+        return await self._get(APPROVALS, approval_id)
+
+    async def agent(self, agent_id: str) -> Agent | None:
+        return await self._get(AGENTS, agent_id)
+
+    async def project(self, project_id: str) -> Project | None:
+        return await self._get(PROJECTS, project_id)
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        return await self._get(APIKEYS, key_id)

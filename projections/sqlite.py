@@ -1,0 +1,199 @@
+"""The read models in SQLite tables beside the log's own (events/sqlite.py), in the same file.
+
+A table a Model, keyed by id: its columns to query by, and the state as JSON. They are written
+through the log's writer transaction, and read on the log's autocommit reading connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from events import now_rfc3339
+from events.sqlite import SqliteLog
+from projections.agents import Agent
+from projections.apikeys import ApiKey
+from projections.approvals import Approval
+from projections.projects import Project
+from projections.readmodels import Counters, ReadModels
+from projections.store import APIKEYS, COUNTER_TABLES, MODELS, Changes, Model
+from projections.lifecycle import ACTIVE, STATUSES
+from projections.tasks import Task
+
+T = TypeVar("T")
+
+_decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
+_RUNNING = tuple(f"tasks.{s}" for s in sorted(ACTIVE))
+
+
+def _ddl() -> list[str]:
+    statements = [
+        "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), position INTEGER NOT NULL)",
+        "INSERT INTO checkpoint VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    ]
+    for m in MODELS:
+        columns = "".join(f", {c}" for c in m.columns)
+        statements.append(f"CREATE TABLE IF NOT EXISTS {m.table} (id TEXT PRIMARY KEY{columns}, state BLOB NOT NULL)")
+        statements += [
+            f"CREATE INDEX IF NOT EXISTS {m.table}_{i} ON {m.table} ({cols})" for i, cols in enumerate(m.indexes)
+        ]
+    return statements
+
+
+def _upsert(model: Model) -> str:
+    names = ", ".join(model.columns)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in (*model.columns, "state"))
+    marks = ",".join("?" * (len(model.columns) + 2))
+    return f"INSERT INTO {model.table} (id, {names}, state) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+
+
+_UPSERTS = {m.table: _upsert(m) for m in MODELS}
+
+
+def _one_of(column: str, values: list[str]) -> str:
+    """`column IN (?, ...)` for `values`; an empty list matches nothing."""
+    return f"{column} IN ({','.join('?' * len(values)) or 'NULL'})"
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+_RUNNING_SQL = f"SELECT COALESCE(SUM(value), 0) FROM counters WHERE {_one_of('name', list(_RUNNING))}"
+
+
+def read_models(log: SqliteLog) -> SqliteReadModels:
+    return SqliteReadModels(log)
+
+
+class SqliteReadModels(ReadModels):
+    log: SqliteLog
+
+    # --- keeping them -------------------------------------------------------------------
+
+    async def _transact(self, fn: Callable[[Any], T]) -> T:
+        return await self.log.transact(fn)
+
+    def _create(self, tx) -> None:
+        for statement in _ddl():
+            tx.execute(statement)
+
+    def _drop(self, tx) -> None:
+        for name in (*COUNTER_TABLES, *(m.table for m in MODELS)):
+            tx.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def _checkpoint(self, tx) -> int:
+        return tx.execute("SELECT position FROM checkpoint")[0][0]
+
+    def _load(self, tx, model: Model, key: str) -> bytes | None:
+        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def _save(self, tx, changes: Changes) -> None:
+        for model in MODELS:
+            tx.executemany(_UPSERTS[model.table], changes.rows(model))
+            tx.executemany(f"DELETE FROM {model.table} WHERE id = ?", [(key,) for key in changes.removed(model)])
+        moved = changes.moved()
+        tx.executemany(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            moved,
+        )
+        tx.executemany("DELETE FROM counters WHERE name = ? AND value = 0", [(name,) for name, _ in moved])
+        tx.execute("UPDATE checkpoint SET position = ?", (changes.position,))
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def _get(self, model: Model, key: str) -> Any:
+        rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
+        return _decoders[model.table].decode(rows[0][0]) if rows else None
+
+    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
+        where, params = ["1"], []
+        if statuses:
+            where.append(_one_of("status", statuses))
+            params += statuses
+        for column, value in (("desktop_id", desktop_id), ("agent_id", agent_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if project_ids is not None:
+            where.append(_one_of("project_id", project_ids))
+            params += project_ids
+        if search:
+            where.append("(title LIKE ? ESCAPE '\\' OR content LIKE ? ESCAPE '\\')")
+            params += [f"%{_escape_like(search)}%"] * 2
+        if archived is not None:
+            where.append("archived = ?")
+            params.append(int(archived))
+        condition = " AND ".join(where)
+        total = (await self.log.query(f"SELECT COUNT(*) FROM tasks WHERE {condition}", params))[0][0]
+        rows = await self.log.query(
+            f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
+        return [_decoders["tasks"].decode(r[0]) for r in rows], total
+
+    async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
+        if not task_ids:
+            return {}
+        rows = await self.log.query(
+            f"SELECT task_id, state FROM presence WHERE {_one_of('task_id', task_ids)} AND expires_at > ? ORDER BY id",
+            [*task_ids, now_rfc3339()],
+        )
+        found: dict[str, list[str]] = {}
+        for task_id, state in rows:
+            found.setdefault(task_id, []).append(_decoders["presence"].decode(state).device_id)
+        return found
+
+    async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
+        where, params = ["1"], []
+        if status is not None:
+            where.append("a.status = ?")
+            params.append(status)
+        if projects is not None:
+            where.append(_one_of("t.project_id", projects))
+            params.extend(projects)
+        rows = await self.log.query(
+            "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
+            f"WHERE {' AND '.join(where)} ORDER BY a.created_position", params,
+        )
+        return [(_decoders["approvals"].decode(a), _decoders["tasks"].decode(t)) for a, t in rows]
+
+    async def agents(self) -> list[Agent]:
+        rows = await self.log.query("SELECT state FROM agents ORDER BY created_at, id")
+        return [_decoders["agents"].decode(r[0]) for r in rows]
+
+    async def projects(self) -> list[Project]:
+        rows = await self.log.query("SELECT state FROM projects ORDER BY created_at, id")
+        return [_decoders["projects"].decode(r[0]) for r in rows]
+
+    async def api_key_by_hash(self, token_hash: str) -> ApiKey | None:
+        rows = await self.log.query(f"SELECT state FROM {APIKEYS.table} WHERE token_hash = ?", (token_hash,))
+        return _decoders["apikeys"].decode(rows[0][0]) if rows else None
+
+    async def api_keys(self) -> list[ApiKey]:
+        # The apikeys table has no created_at column; keys are few, so they are sorted here.
+        rows = await self.log.query("SELECT state FROM apikeys")
+        return sorted((_decoders["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
+
+    async def counters(self) -> Counters:
+        rows = dict(await self.log.query("SELECT name, value FROM counters WHERE name NOT LIKE 'desktop:%'"))
+        desktops = (await self.log.query(
+            "SELECT COUNT(*) FROM counters WHERE name LIKE 'desktop:%' AND value > 0"
+        ))[0][0]
+        position = (await self.log.query("SELECT position FROM checkpoint"))[0][0]
+        return Counters(
+            tasks={s: rows.get(f"tasks.{s}", 0) for s in STATUSES},
+            active_desktops=desktops,
+            active_agents=rows.get("agents.active", 0),
+            approvals_pending=rows.get("approvals.pending", 0),
+            streams=rows.get("log.streams", 0),
+            checkpoint=position,
+        )
+
+    async def running_count(self) -> int:
+        rows = await self.log.query(_RUNNING_SQL, _RUNNING)
+        return rows[0][0]

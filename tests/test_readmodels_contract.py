@@ -1,0 +1,188 @@
+"""What every read-model backend must answer, tested through the ReadModels interface alone:
+real events appended through the log of the same backend (`log_factory` runs each test once
+per backend, and `read_models` pairs the log with its backend's read models)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from events import Meta
+from events import types as t
+from projections.readmodels import ReadModels, read_models
+
+
+def uid() -> str:
+    return str(uuid.uuid4())
+
+
+def created(task_id: str, project_id: str, **fields) -> t.TaskCreated:
+    return t.TaskCreated(task_id=task_id, type="prompt", content=fields.pop("content", "do it"),
+                         project_id=project_id, created_by="u1", **fields)
+
+
+@pytest.fixture
+async def models(log_factory) -> ReadModels:
+    found = read_models(await log_factory())
+    await found.prepare()
+    return found
+
+
+async def append(models: ReadModels, stream: str, *events: t.EventData):
+    return await models.log.append(stream, list(events), meta=Meta(actor="tester"))
+
+
+async def snapshot(models: ReadModels) -> tuple:
+    """Every read there is, for comparing two states of the models."""
+    tasks, total = await models.tasks(archived=None, limit=1000)
+    return (
+        [(x.id, x.version, x.status, x.watchers) for x in tasks], total, await models.approvals(None, None),
+        await models.agents(), await models.projects(), await models.api_keys(), await models.counters(),
+        await models.running_count(),
+    )
+
+
+async def test_a_task_by_id_with_its_watchers_and_as_it_stood(models):
+    a, p = uid(), uid()
+    first = await append(models, f"task-{a}", created(a, p, title="first"))
+    await append(models, f"task-{a}", t.TaskUpdated(task_id=a, title="second"))
+    await append(models, f"presence-{a}", t.PresenceMarked(task_id=a, device_id="phone"),
+                 t.PresenceMarked(task_id=a, device_id="gone", ttl_seconds=-1))  # already expired
+
+    task = await models.task(a)
+    assert (task.id, task.title, task.version, task.project_id, task.watchers) == (a, "second", 2, p, ["phone"])
+    assert (await models.task(a, with_watchers=False)).watchers == []
+    assert (await models.task_as_of(a, first[-1].position)).title == "first"
+    assert await models.task(uid()) is None
+    assert await models.watchers([a, uid()]) == {a: ["phone"]}
+    assert await models.watchers([]) == {}
+
+
+async def test_tasks_by_filter_newest_first_with_the_total(models):
+    p1, p2 = uid(), uid()
+    ids = [uid() for _ in range(6)]
+    await append(models, f"task-{ids[0]}", created(ids[0], p1, content="100% sure", desktop_id="d1"))
+    await append(models, f"task-{ids[1]}", created(ids[1], p1, content="a_b"),
+                 t.TaskStarted(task_id=ids[1], run_id="r", agent_id="g1"))
+    await append(models, f"task-{ids[2]}", created(ids[2], p2, content="plain", title="Needle in title"))
+    await append(models, f"task-{ids[3]}", created(ids[3], p2, content="archived"), t.TaskArchived(task_id=ids[3]))
+    await append(models, f"task-{ids[4]}", created(ids[4], p2, content="back\\slash"))
+    await append(models, f"task-{ids[5]}", created(ids[5], p1, content="abb"))
+
+    async def found(**filters) -> tuple[list[str], int]:
+        tasks, total = await models.tasks(**filters)
+        return [x.id for x in tasks], total
+
+    live = [ids[5], ids[4], ids[2], ids[1], ids[0]]
+    assert await found() == (live, 5)  # archived ones left out by default
+    assert await found(archived=True) == ([ids[3]], 1)
+    assert await found(archived=None) == ([ids[5], ids[4], ids[3], ids[2], ids[1], ids[0]], 6)
+    assert await found(limit=2, offset=1) == (live[1:3], 5)
+    assert await found(statuses=["running"]) == ([ids[1]], 1)
+    assert await found(statuses=["pending", "running"]) == (live, 5)
+    assert await found(statuses=[]) == (live, 5)  # no status filter
+    assert await found(desktop_id="d1") == ([ids[0]], 1)
+    assert await found(agent_id="g1") == ([ids[1]], 1)
+    assert await found(project_ids=[p2]) == ([ids[4], ids[2]], 2)
+    assert await found(project_ids=[]) == ([], 0)  # no project: nothing
+    # Search is literal (no wildcards) and looks at the title too.
+    assert await found(search="%") == ([ids[0]], 1)
+    assert await found(search="_") == ([ids[1]], 1)
+    assert await found(search="\\") == ([ids[4]], 1)
+    assert await found(search="needle") == ([ids[2]], 1)
+    assert await found(search="a_b") == ([ids[1]], 1)
+
+
+async def test_approvals_with_their_tasks(models):
+    p1, p2 = uid(), uid()
+    a, b = uid(), uid()
+    ap_a, ap_b = uid(), uid()
+    for task_id, project, approval in ((a, p1, ap_a), (b, p2, ap_b)):
+        await append(models, f"task-{task_id}", created(task_id, project, requires_approval=True),
+                     t.TaskStarted(task_id=task_id, run_id="r", agent_id="g"),
+                     t.TaskReview(task_id=task_id, run_id="r", result="draft"),
+                     t.ApprovalCreated(approval_id=approval, task_id=task_id, run_id="r"))
+    await append(models, f"task-{b}", t.ApprovalResolved(approval_id=ap_b, task_id=b, decision="approve"))
+
+    def ids(found):
+        return [(approval.id, task.id) for approval, task in found]
+
+    assert ids(await models.approvals(None, None)) == [(ap_a, a), (ap_b, b)]  # oldest first
+    assert ids(await models.approvals("pending", None)) == [(ap_a, a)]
+    assert ids(await models.approvals("approved", None)) == [(ap_b, b)]
+    assert ids(await models.approvals(None, [p2])) == [(ap_b, b)]
+    assert ids(await models.approvals(None, [])) == []
+    found = await models.approval(ap_a)
+    assert (found.id, found.task_id, found.status) == (ap_a, a, "pending")
+    assert await models.approval(uid()) is None
+
+
+async def test_agents_projects_and_api_keys(models):
+    g1, g2, p1, k1, k2 = uid(), uid(), uid(), uid(), uid()
+    await append(models, f"agent-{g1}", t.AgentRegistered(agent_id=g1, name="one", kind="echo"))
+    await append(models, f"agent-{g2}", t.AgentRegistered(agent_id=g2, name="two", kind="echo"),
+                 t.AgentPaused(agent_id=g2))
+    await append(models, f"project-{p1}", t.ProjectCreated(project_id=p1, name="p", members=["alice"]))
+    await append(models, f"apikey-{k1}", t.ApiKeyIssued(key_id=k1, user="alice", scopes=["admin"], token_hash="h1"))
+    await append(models, f"apikey-{k2}", t.ApiKeyIssued(key_id=k2, user="bob", scopes=["task:read"], token_hash="h2"),
+                 t.ApiKeyRevoked(key_id=k2))
+
+    assert [(x.id, x.status) for x in await models.agents()] == [(g1, "active"), (g2, "paused")]
+    assert (await models.agent(g2)).name == "two" and await models.agent(uid()) is None
+    assert [(x.id, x.members) for x in await models.projects()] == [(p1, ["alice"])]
+    assert (await models.project(p1)).name == "p" and await models.project(uid()) is None
+    assert (await models.api_key_by_hash("h1")).id == k1 and await models.api_key_by_hash("nope") is None
+    assert (await models.api_key(k2)).revoked and await models.api_key(uid()) is None
+    assert [(x.id, x.user) for x in await models.api_keys()] == [(k1, "alice"), (k2, "bob")]
+
+
+async def test_counters_and_running_count(models):
+    p = uid()
+    zero = await models.counters()
+    assert (zero.tasks["pending"], zero.active_desktops, zero.streams, zero.checkpoint) == (0, 0, 0, 0)
+    ids = [uid() for _ in range(4)]
+    for n, task_id in enumerate(ids):
+        await append(models, f"task-{task_id}", created(task_id, p, desktop_id=f"d{n % 2}"))
+    for task_id in ids[:3]:
+        await append(models, f"task-{task_id}", t.TaskStarted(task_id=task_id, run_id="r", agent_id="g"))
+    await append(models, f"task-{ids[2]}", t.TaskInputRequested(task_id=ids[2], run_id="r", prompt="?"))
+    await append(models, f"task-{ids[0]}", t.TaskCompleted(task_id=ids[0], run_id="r", result="ok"))
+    g = uid()
+    await append(models, f"agent-{g}", t.AgentRegistered(agent_id=g, name="g", kind="echo"))
+
+    figures = await models.counters()
+    assert {s: n for s, n in figures.tasks.items() if n} == {"pending": 1, "running": 1, "awaiting_input": 1, "done": 1}
+    assert figures.active_desktops == 1  # d1 runs one task; d0's task is done, its awaiting one is not running
+    assert (figures.active_agents, figures.approvals_pending, figures.streams) == (1, 0, 5)
+    assert figures.checkpoint == models.log.head
+    assert await models.running_count() == 2  # running and awaiting_input hold a run slot
+
+
+async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_factory):
+    p = uid()
+    ids = [uid() for _ in range(30)]
+    await asyncio.gather(*(
+        append(models, f"task-{i}", created(i, p), t.TaskStarted(task_id=i, run_id="r", agent_id="g")) for i in ids
+    ))
+    await append(models, f"presence-{ids[0]}", t.PresenceMarked(task_id=ids[0], device_id="phone"))
+    live = await snapshot(models)
+
+    assert await models.rebuild() == models.log.head
+    assert await snapshot(models) == live
+
+    # Events appended by a log without read models (another process) are folded by refold.
+    other = await log_factory.reopen(models.log)
+    late = uid()
+    await other.append(f"task-{late}", [created(late, p)])
+    assert await models.task(late) is None
+    assert await models.refold() == await other.read_head()
+    assert (await models.task(late)).status == "pending"
+    # ...or by the next append through the projecting log, before its own events.
+    later = uid()
+    await other.append(f"task-{later}", [created(later, p)])
+    await append(models, f"task-{ids[1]}", t.TaskCompleted(task_id=ids[1], run_id="r"))
+    assert (await models.task(later)).status == "pending"
+    assert (await models.task(ids[1])).status == "done"
+    assert (await models.counters()).checkpoint == await models.log.read_head()
