@@ -16,7 +16,8 @@ import pytest
 import rfc8785
 
 from events import GENESIS_HASH, RecordedEvent, canonical_json
-from tests.audit_tools import database, recorded, rehashed, replace_events, standalone
+from tests.audit_sqlite import database, recorded, replace_events
+from tests.audit_tools import rehashed, standalone
 from tests.chain_audit import audit, verify_export
 from tests.server import Server, cli
 
