@@ -20,15 +20,15 @@ from events import (
 from events import streams
 from events import types as t
 from projections.readmodels import ReadModels, read_models
-from service import metrics as metrics_route, openapi
-from service.commands import Commands
-from service.deciders import Refused
-from service.http import HttpError, error_response, refusal_response
-from service.middleware import ApiMiddleware
-from service.routes import approvals, log as log_routes, registry, stream, tasks
-from service.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
+from service.http import metrics as metrics_route, openapi
+from service.commands.handling import Commands
+from service.commands.deciders import Refused
+from service.http.bodies import HttpError, error_response, refusal_response
+from service.http.middleware import ApiMiddleware
+from service.api import agents as registry, approvals, log as log_routes, stream, tasks
+from service.work.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
 from service.settings import Settings
-from service.webhooks import WebhookWorker
+from service.work.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
 STATIC = Path(__file__).parent / "static"

@@ -15,10 +15,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from starlette.routing import Route
 
-from service import openapi
+from service.http import openapi
 from service.app import create_app
-from service.auth import SCOPES
-from service.runner import ECHO_AGENT_ID
+from service.http.auth import SCOPES
+from service.work.runner import ECHO_AGENT_ID
 from service.settings import Settings
 from tests.server import API, Server
 

@@ -18,8 +18,8 @@ import httpx
 from starlette.routing import Mount, Route
 
 from service.app import create_app
-from service.auth import SCOPES
-from service.runner import RUNNER_ACTOR
+from service.http.auth import SCOPES
+from service.work.runner import RUNNER_ACTOR
 from service.settings import Settings
 from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
 from tests.server import API, Server, cli, free_port

@@ -30,10 +30,10 @@ from starlette.types import Receive, Scope, Send
 
 from events import RecordedEvent
 from events import streams as stream_names
-from service.context import Tenancy, log_of, models_of, principal, settings_of
-from service.http import API_PREFIX, bad_request, parse_uuid, whole_number
-from service.logs import client_dropped
-from service.routes.log import type_filter
+from service.api.tenancy import Tenancy, log_of, models_of, principal, settings_of
+from service.http.bodies import API_PREFIX, bad_request, parse_uuid, whole_number
+from service.http.logs import client_dropped
+from service.api.log import type_filter
 
 PATH = f"{API_PREFIX}/activity/stream"
 RETRY_MS = 2000

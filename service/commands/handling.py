@@ -14,7 +14,7 @@ from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams,
 from events.types import EventData
 from projections.readmodels import ReadModels
 from projections.tasks import Task, evolve
-from service.deciders import Command, CreateTask, Refused, decide
+from service.commands.deciders import Command, CreateTask, Refused, decide
 
 ATTEMPTS = 10
 

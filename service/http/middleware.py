@@ -13,10 +13,10 @@ import structlog
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import authenticate
-from service.http import HttpError, body_too_large, error_response, whole_number
-from service.ratelimit import RateLimiter
-from service.routes.stream import PATH as STREAM_PATH
+from service.http.auth import authenticate
+from service.http.bodies import HttpError, body_too_large, error_response, whole_number
+from service.http.ratelimit import RateLimiter
+from service.api.stream import PATH as STREAM_PATH
 
 access_log = structlog.get_logger("mission_control.access")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from events.types import AgentKind
-from service.agents import AgentFunction, parse_config
-from service.agents import echo, shell
-from service.agents import exec as exec_agent
-from service.agents import openai as openai_agent
+from service.work.agents import AgentFunction, parse_config
+from service.work.agents import echo, shell
+from service.work.agents import exec as exec_agent
+from service.work.agents import openai as openai_agent
 
 
 class Kind(NamedTuple):

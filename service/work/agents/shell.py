@@ -7,8 +7,8 @@ tail of stdout as its deliverable, anything else fails it with the exit code.
 
 from __future__ import annotations
 
-from service.agents import RunContext
-from service.agents.process import Output, ProcessConfig, finished, run_process
+from service.work.agents import RunContext
+from service.work.agents.process import Output, ProcessConfig, finished, run_process
 
 
 class ShellConfig(ProcessConfig):

@@ -14,19 +14,20 @@ from events import streams
 from events import types as t
 from projections.lifecycle import STATUSES
 from projections.tasks import Task
-from service import outbound, schemas
-from service.auth import Principal, default_project_id, ensure_default_project, visible_projects
-from service.context import (
+from service.api import schemas
+from service.work import outbound
+from service.http.auth import Principal, default_project_id, ensure_default_project, visible_projects
+from service.api.tenancy import (
     can_see_project, commands_of, idempotency, log_of, meta, models_of, principal, runner_of,
     settings_of, visible_task,
 )
-from service.deciders import (
+from service.commands.deciders import (
     ArchiveTask, CancelTask, CreateTask, Refused, RetryTask, Review, SendMessage, StartRun, UpdateTask,
 )
-from service.http import (
+from service.http.bodies import (
     API_PREFIX, bad_request, json_response, parse_uuid, query_int, read_body, whole_number,
 )
-from service.runner import ECHO_AGENT_ID
+from service.work.runner import ECHO_AGENT_ID
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -25,9 +25,9 @@ from projections import lifecycle
 from projections.lifecycle import STATUSES
 from projections.projects import Project
 from projections.tasks import Task
-from service import schemas
-from service.agents.kinds import KINDS
-from service.http import API_PREFIX, JSON_SAFE_INTEGER, MAX_INT, Error
+from service.api import schemas
+from service.work.agents.kinds import KINDS
+from service.http.bodies import API_PREFIX, JSON_SAFE_INTEGER, MAX_INT, Error
 
 REF = "#/components/schemas/{name}"
 TITLE = "Mission Control"
@@ -455,7 +455,7 @@ JSON_VALUE = {
 
 
 def _as_checked(schema: Any) -> None:
-    """A request body's schema as `service.http.decode_body` enforces it: strings without NUL, integers
+    """A request body's schema as `service.http.bodies.decode_body` enforces it: strings without NUL, integers
     within ±(2^53 − 1), free-form objects of JSON values, numbers without fractions (a config's
     decimal is sent as a string)."""
     if isinstance(schema, list):

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import httpx
 import msgspec
 
-from service.agents import Config, RunContext, RunFailed
+from service.work.agents import Config, RunContext, RunFailed
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 

@@ -24,7 +24,7 @@ Code = Literal[
     "dependency_not_done", "concurrency_limit", "agent_unavailable", "run_over", "precondition_failed",
     "conflict", "idempotency_conflict",
 ]
-"""Why a command was refused. The HTTP layer maps each to a status (service/http.py)."""
+"""Why a command was refused. The HTTP layer maps each to a status (service/http/bodies.py)."""
 
 
 class Refused(Exception):

@@ -11,11 +11,11 @@ from starlette.requests import Request
 from events import EventLog, Meta, RecordedEvent, canonical_json, streams
 from projections.readmodels import ReadModels
 from projections.tasks import Task
-from service.auth import Principal, visible_projects
-from service.commands import Commands, Idempotency
-from service.deciders import Refused
-from service.http import bad_request, parse_uuid
-from service.runner import Runner
+from service.http.auth import Principal, visible_projects
+from service.commands.handling import Commands, Idempotency
+from service.commands.deciders import Refused
+from service.http.bodies import bad_request, parse_uuid
+from service.work.runner import Runner
 from service.settings import Settings
 
 

@@ -11,9 +11,9 @@ from starlette.routing import Route
 from events import GENESIS_HASH, TypeFilter
 from events.types import EVENT_TYPES
 from events.verify import verify_chain
-from service import schemas
-from service.context import Tenancy, log_of, models_of, principal, settings_of
-from service.http import API_PREFIX, bad_request, json_response, query_int
+from service.api import schemas
+from service.api.tenancy import Tenancy, log_of, models_of, principal, settings_of
+from service.http.bodies import API_PREFIX, bad_request, json_response, query_int
 
 _encoder = msgspec.json.Encoder()
 

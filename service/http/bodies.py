@@ -12,7 +12,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.deciders import Code, Refused
+from service.commands.deciders import Code, Refused
 
 T = TypeVar("T")
 

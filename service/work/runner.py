@@ -18,11 +18,11 @@ from projections.agents import Agent
 from projections.lifecycle import ACTIVE
 from projections.readmodels import ReadModels
 from projections.tasks import Task
-from service.agents import RESULT_LIMIT, RunContext, RunFailed
-from service.agents.kinds import KINDS
-from service.agents.process import kill_orphans
-from service.commands import Commands
-from service.deciders import Command, FailRun, FinishRun, RecordOutput, RequestInput, RunOver
+from service.work.agents import RESULT_LIMIT, RunContext, RunFailed
+from service.work.agents.kinds import KINDS
+from service.work.agents.process import kill_orphans
+from service.commands.handling import Commands
+from service.commands.deciders import Command, FailRun, FinishRun, RecordOutput, RequestInput, RunOver
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.runner")

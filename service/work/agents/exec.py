@@ -17,8 +17,8 @@ from typing import Annotated
 
 import msgspec
 
-from service.agents import RunContext
-from service.agents.process import Output, ProcessConfig, finished, run_process
+from service.work.agents import RunContext
+from service.work.agents.process import Output, ProcessConfig, finished, run_process
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 

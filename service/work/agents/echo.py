@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.agents import RunContext, RunFailed
+from service.work.agents import RunContext, RunFailed
 
 
 async def run(ctx: RunContext) -> str | None:

@@ -9,13 +9,13 @@ from starlette.routing import Route
 from projections.approvals import APPROVAL_STATUSES, Approval
 from projections.lifecycle import either
 from projections.tasks import Task
-from service import schemas
-from service.auth import visible_projects
-from service.context import (
+from service.api import schemas
+from service.http.auth import visible_projects
+from service.api.tenancy import (
     can_see_project, commands_of, idempotency, meta, models_of, principal,
 )
-from service.deciders import Refused, Review, resolve_approval
-from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
+from service.commands.deciders import Refused, Review, resolve_approval
+from service.http.bodies import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
 PREFIX = f"{API_PREFIX}/approvals"
 

@@ -15,12 +15,12 @@ from events import types as t
 from projections import agents, projects
 from projections.agents import AGENT_KINDS, Agent
 from projections.projects import Project
-from service import schemas
-from service.agents.kinds import check_config
-from service.auth import Principal, visible_projects
-from service.context import commands_of, idempotency, log_of, meta, models_of, principal
-from service.deciders import Refused
-from service.http import API_PREFIX, bad_request, json_response, parse_uuid, read_body
+from service.api import schemas
+from service.work.agents.kinds import check_config
+from service.http.auth import Principal, visible_projects
+from service.api.tenancy import commands_of, idempotency, log_of, meta, models_of, principal
+from service.commands.deciders import Refused
+from service.http.bodies import API_PREFIX, bad_request, json_response, parse_uuid, read_body
 
 
 def _changes(body: msgspec.Struct) -> dict:

@@ -14,7 +14,7 @@ duplicates by `X-MC-Delivery`, which is stable across attempts and restarts.
 Each request: the body is the task as it stood at the triggering event (the API's task JSON);
 `X-MC-Signature: sha256=<hex HMAC-SHA256 of the body keyed with MC_WEBHOOK_SECRET>` (absent
 when no secret is set), `X-MC-Delivery: <delivery id>`, `X-MC-Event: <the event type>`. Where a
-delivery may go, and how its address is checked at each attempt: `service.outbound`.
+delivery may go, and how its address is checked at each attempt: `service.work.outbound`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import structlog
 from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
 from events import types as t
 from projections.readmodels import ReadModels
-from service import outbound
+from service.work import outbound
 from service.settings import Settings
 
 log = structlog.get_logger("mission_control.webhooks")

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from events import EventLog
 from projections.readmodels import ReadModels
-from service.context import principal, settings_of
+from service.api.tenancy import principal, settings_of
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)

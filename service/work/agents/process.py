@@ -29,7 +29,7 @@ import msgspec
 import psutil
 import structlog
 
-from service.agents import Config, RunContext, RunFailed, Tail
+from service.work.agents import Config, RunContext, RunFailed, Tail
 
 log = structlog.get_logger("mission_control.agents")
 

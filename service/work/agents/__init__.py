@@ -3,7 +3,7 @@
 An agent reports output through `ctx.emit`, asks for input with `ctx.ask` (or
 `ctx.request_input` when it reads `ctx.messages` itself), and fails by raising `RunFailed`.
 The runner records all of it; agents never touch the log. Which function runs which kind
-is in `service.agents.kinds`.
+is in `service.work.agents.kinds`.
 """
 
 from __future__ import annotations
