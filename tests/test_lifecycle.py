@@ -22,7 +22,8 @@ from service.commands.deciders import (
     ArchiveTask, CancelTask, Code, Command, FailRun, FinishRun, RecordOutput, Refused, RequestInput,
     RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
-from service.http.bodies import API_PREFIX, REFUSALS, refusal_response
+from service.api import API_PREFIX
+from service.http.bodies import REFUSALS, refusal_response
 from service.settings import Settings
 
 TASK, RUN, APPROVAL = "task-1", "run-1", "approval-1"

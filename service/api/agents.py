@@ -1,4 +1,4 @@
-"""/agents and /projects: the registry of executors, and the contexts tasks share."""
+"""/agents: the registry of executors."""
 
 from __future__ import annotations
 
@@ -9,36 +9,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from events import typed
 from events import streams
 from events import types as t
-from projections import agents, projects
+from projections import agents
 from projections.agents import AGENT_KINDS, Agent
-from projections.projects import Project
-from service.api import schemas
-from service.work.agents.kinds import check_config
-from service.http.auth import Principal, visible_projects
-from service.api.tenancy import commands_of, idempotency, log_of, meta, models_of, principal
+from service.api import API_PREFIX, schemas
+from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
-from service.http.bodies import API_PREFIX, bad_request, json_response, parse_uuid, read_body
-
-
-def _changes(body: msgspec.Struct) -> dict:
-    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
-
-
-async def _record(request: Request, who: Principal, stream: str, events: list, expected: int, raw: bytes, evolve):
-    """Append and fold the stream to that point. A key used before makes the log return what it
-    appended then (keys are checked before versions), or refuse a different request (409)."""
-    recorded = await commands_of(request).append(stream, events, expected, meta(request, who), idempotency(request, who, raw))
-    state = None
-    # A replayed create recorded into the stream of the id it made then, not the fresh id made now.
-    for event in await log_of(request).read_stream(recorded[-1].stream, until_position=recorded[-1].position):
-        state = evolve(state, typed(event))
-    return state
-
-
-# --- agents ----------------------------------------------------------------------
+from service.commands.requests import record
+from service.http.auth import Principal
+from service.http.bodies import bad_request, json_response, parse_uuid
+from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
+from service.work.agents.kinds import check_config
 
 
 def _admin_only(who: Principal, kind: str) -> None:
@@ -57,119 +39,88 @@ def _check_config(kind: str, config: dict | msgspec.UnsetType) -> None:
 
 async def _agent(request: Request) -> Agent:
     agent_id = parse_uuid(request.path_params["agent_id"], "Agent id")
-    agent = await models_of(request).agent(agent_id)
+    agent = await request.state.models.agent(agent_id)
     if agent is None:
         raise Refused("not_found", "Agent not found.")
     return agent
 
 
-async def list_agents(request: Request) -> Response:
-    principal(request, "task:read")
-    return json_response(await models_of(request).agents())
+@endpoint(
+    summary="Agents.", scope="task:read", answer=list[Agent],
+)
+async def list_agents(request: Request, who: Principal) -> Response:
+    return json_response(await request.state.models.agents())
 
 
-async def get_agent(request: Request) -> Response:
-    principal(request, "task:read")
+@endpoint(
+    summary="An agent.", scope="task:read", answer=Agent,
+)
+async def get_agent(request: Request, who: Principal) -> Response:
     return json_response(await _agent(request))
 
 
 # Agent routes check the scope before reading the path or the body: a key without it learns nothing.
 
 
-async def create_agent(request: Request) -> Response:
-    who = principal(request, "agent:write")
-    raw, body = await read_body(request, schemas.CreateAgent)
+@endpoint(
+    summary="Register an agent (a shell agent: admin only).", scope="agent:write", body=schemas.CreateAgent,
+    status=201, answer=Agent, headers=("Location",), params=(IDEMPOTENCY,), errors=(409,),
+)
+async def create_agent(request: Request, who: Principal) -> Response:
+    raw, body = await declared_body(request)
     _admin_only(who, body.kind)
     _check_config(body.kind, body.config)
     agent_id = str(uuid.uuid4())
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
-    agent = await _record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
+    agent = await record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
     return json_response(agent, 201, {"Location": f"{API_PREFIX}/agents/{agent.id}"})
 
 
-async def update_agent(request: Request) -> Response:
-    who = principal(request, "agent:write")
+@endpoint(
+    summary="Change an agent.", scope="agent:write", body=schemas.UpdateAgent, answer=Agent,
+    params=(IDEMPOTENCY,), errors=(409,),
+)
+async def update_agent(request: Request, who: Principal) -> Response:
     agent = await _agent(request)
     _admin_only(who, agent.kind)
-    raw, body = await read_body(request, schemas.UpdateAgent)
+    raw, body = await declared_body(request)
     _check_config(agent.kind, body.config)
-    return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **_changes(body)), raw)
+    return await _agent_event(request, who, agent, t.AgentUpdated(agent_id=agent.id, **sent_fields(body)), raw)
 
 
 async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Response:
-    return json_response(await _record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve))
+    return json_response(await record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve))
 
 
-async def pause_agent(request: Request) -> Response:
-    return await _set_status(request, t.AgentPaused)
+@endpoint(
+    summary="Pause an agent: runs on it are refused (503).", scope="agent:write", answer=Agent,
+    body=schemas.Body, body_required=False, params=(IDEMPOTENCY,), errors=(409,),
+)
+async def pause_agent(request: Request, who: Principal) -> Response:
+    return await _set_status(request, who, t.AgentPaused)
 
 
-async def resume_agent(request: Request) -> Response:
-    return await _set_status(request, t.AgentResumed)
+@endpoint(
+    summary="Resume a paused agent.", scope="agent:write", answer=Agent, body=schemas.Body,
+    body_required=False, params=(IDEMPOTENCY,), errors=(409,),
+)
+async def resume_agent(request: Request, who: Principal) -> Response:
+    return await _set_status(request, who, t.AgentResumed)
 
 
-async def _set_status(request: Request, event_type) -> Response:
-    who = principal(request, "agent:write")
+async def _set_status(request: Request, who: Principal, event_type) -> Response:
     agent = await _agent(request)
     _admin_only(who, agent.kind)
-    raw, _ = await read_body(request, schemas.Body, required=False)  # none, or `{}`: never ignored garbage
+    raw, _ = await declared_body(request)  # none, or `{}`: never ignored garbage
     return await _agent_event(request, who, agent, event_type(agent_id=agent.id), raw)
 
 
-# --- projects --------------------------------------------------------------------
-
-
-async def _project(request: Request, who: Principal) -> Project:
-    project_id = parse_uuid(request.path_params["project_id"], "Project id")
-    project = await models_of(request).project(project_id)
-    allowed = await visible_projects(models_of(request), who)
-    if project is None or (allowed is not None and project_id not in allowed):
-        raise Refused("not_found", "Project not found.")
-    return project
-
-
-async def list_projects(request: Request) -> Response:
-    who = principal(request, "task:read")
-    allowed = await visible_projects(models_of(request), who)
-    found = [p for p in await models_of(request).projects() if allowed is None or p.id in allowed]
-    return json_response(found)
-
-
-async def get_project(request: Request) -> Response:
-    who = principal(request, "task:read")
-    return json_response(await _project(request, who))
-
-
-async def create_project(request: Request) -> Response:
-    who = principal(request, "admin")
-    raw, body = await read_body(request, schemas.CreateProject)
-    project_id = str(uuid.uuid4())
-    event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
-    project = await _record(request, who, streams.project(project_id), [event], 0, raw, projects.evolve)
-    return json_response(project, 201, {"Location": f"{API_PREFIX}/projects/{project.id}"})
-
-
-async def update_project(request: Request) -> Response:
-    who = principal(request, "admin")
-    project = await _project(request, who)
-    raw, body = await read_body(request, schemas.UpdateProject)
-    event = t.ProjectUpdated(project_id=project.id, **_changes(body))
-    return json_response(
-        await _record(request, who, streams.project(project.id), [event], project.version, raw, projects.evolve)
-    )
-
-
 def routes() -> list[Route]:
-    a, p = f"{API_PREFIX}/agents", f"{API_PREFIX}/projects"
     return [
-        Route(a, list_agents, methods=["GET"]),
-        Route(a, create_agent, methods=["POST"]),
-        Route(a + "/{agent_id}", get_agent, methods=["GET"]),
-        Route(a + "/{agent_id}", update_agent, methods=["PATCH"]),
-        Route(a + "/{agent_id}/pause", pause_agent, methods=["POST"]),
-        Route(a + "/{agent_id}/resume", resume_agent, methods=["POST"]),
-        Route(p, list_projects, methods=["GET"]),
-        Route(p, create_project, methods=["POST"]),
-        Route(p + "/{project_id}", get_project, methods=["GET"]),
-        Route(p + "/{project_id}", update_project, methods=["PATCH"]),
+        Route("/agents", list_agents, methods=["GET"]),
+        Route("/agents", create_agent, methods=["POST"]),
+        Route("/agents/{agent_id}", get_agent, methods=["GET"]),
+        Route("/agents/{agent_id}", update_agent, methods=["PATCH"]),
+        Route("/agents/{agent_id}/pause", pause_agent, methods=["POST"]),
+        Route("/agents/{agent_id}/resume", resume_agent, methods=["POST"]),
     ]

@@ -10,14 +10,12 @@ from projections.approvals import APPROVAL_STATUSES, Approval
 from projections.lifecycle import either
 from projections.tasks import Task
 from service.api import schemas
-from service.http.auth import visible_projects
-from service.api.tenancy import (
-    can_see_project, commands_of, idempotency, meta, models_of, principal,
-)
+from service.http.auth import Principal, visible_projects
+from service.api.tenancy import can_see_project
 from service.commands.deciders import Refused, Review, resolve_approval
-from service.http.bodies import API_PREFIX, bad_request, json_response, parse_uuid, read_body
-
-PREFIX = f"{API_PREFIX}/approvals"
+from service.commands.requests import idempotency, meta
+from service.http.bodies import bad_request, json_response, parse_uuid
+from service.http.endpoints import IDEMPOTENCY, Param, declared_body, endpoint
 
 
 def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
@@ -31,12 +29,15 @@ def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
     )
 
 
-async def list_approvals(request: Request) -> Response:
-    who = principal(request, "task:read")
+@endpoint(
+    summary="Approvals, oldest first.", scope="task:read", answer=list[schemas.ApprovalOut],
+    params=(Param("status", {"enum": [*APPROVAL_STATUSES, "all"], "default": "pending"}, "Which approvals."),),
+)
+async def list_approvals(request: Request, who: Principal) -> Response:
     status = request.query_params.get("status", "pending")
     if status not in (*APPROVAL_STATUSES, "all"):
         raise bad_request(f"Query parameter status must be {either((*APPROVAL_STATUSES, 'all'))}.")
-    models = models_of(request)
+    models = request.state.models
     found = await models.approvals(None if status == "all" else status, await visible_projects(models, who))
     return json_response([approval_out(approval, task) for approval, task in found])
 
@@ -44,37 +45,43 @@ async def list_approvals(request: Request) -> Response:
 async def _approval(request: Request, who) -> tuple[Approval, Task]:
     """The approval in the path and its task; 404 outside the caller's projects."""
     approval_id = parse_uuid(request.path_params["approval_id"], "Approval id")
-    approval = await models_of(request).approval(approval_id)
-    task = approval and await models_of(request).task(approval.task_id, with_watchers=False)
+    approval = await request.state.models.approval(approval_id)
+    task = approval and await request.state.models.task(approval.task_id, with_watchers=False)
     if task is None or not await can_see_project(request, who, task.project_id):
         raise Refused("not_found", "Approval not found.")
     return approval, task
 
 
-async def get_approval(request: Request) -> Response:
-    who = principal(request, "task:read")
+@endpoint(
+    summary="An approval.", scope="task:read", answer=schemas.ApprovalOut,
+)
+async def get_approval(request: Request, who: Principal) -> Response:
     return json_response(approval_out(*await _approval(request, who)))
 
 
-async def resolve(request: Request) -> Response:
-    who = principal(request, "approval:write")
+@endpoint(
+    summary="Approve or reject: the task moves to done or failed in the same append.",
+    scope="approval:write", body=schemas.ReviewBody, answer=schemas.ApprovalOut, params=(IDEMPOTENCY,),
+    needs="review",
+)
+async def resolve(request: Request, who: Principal) -> Response:
     approval, task = await _approval(request, who)
-    raw, body = await read_body(request, schemas.ReviewBody)
+    raw, body = await declared_body(request)
     idem = idempotency(request, who, raw)
-    models = models_of(request)
+    models = request.state.models
     command = Review(decision=body.decision, feedback=body.feedback)
 
     async def through_approval(task):
         resolve_approval(await models.approval(approval.id), task, command)
         return command
 
-    task, _ = await commands_of(request).task(approval.task_id, through_approval, meta(request, who), idem, known=task)
+    task, _ = await request.state.commands.task(approval.task_id, through_approval, meta(request, who), idem, known=task)
     return json_response(approval_out(await models.approval(approval.id), task))
 
 
 def routes() -> list[Route]:
     return [
-        Route(PREFIX, list_approvals, methods=["GET"]),
-        Route(PREFIX + "/{approval_id}", get_approval, methods=["GET"]),
-        Route(PREFIX + "/{approval_id}/resolve", resolve, methods=["POST"]),
+        Route("/approvals", list_approvals, methods=["GET"]),
+        Route("/approvals/{approval_id}", get_approval, methods=["GET"]),
+        Route("/approvals/{approval_id}/resolve", resolve, methods=["POST"]),
     ]

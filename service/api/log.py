@@ -1,19 +1,20 @@
-"""The log as auditors and dashboards read it: /events, /audit/*, /overview."""
+"""The log as auditors read it: /events, /audit/verify, /audit/digest."""
 
 from __future__ import annotations
 
 import msgspec
-import psutil
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from events import GENESIS_HASH, TypeFilter
 from events.types import EVENT_TYPES
-from events.verify import verify_chain
+from events.verify import ChainReport, verify_chain
 from service.api import schemas
-from service.api.tenancy import Tenancy, log_of, models_of, principal, settings_of
-from service.http.bodies import API_PREFIX, bad_request, json_response, query_int
+from service.api.tenancy import Tenancy
+from service.http.auth import Principal
+from service.http.bodies import bad_request, json_response, query_int
+from service.http.endpoints import TEXT, TYPES, Param, endpoint, whole
 
 _encoder = msgspec.json.Encoder()
 
@@ -38,14 +39,21 @@ def _names_types(name: str) -> bool:
     return any(known.startswith(prefix) for known in EVENT_TYPES)
 
 
-async def list_events(request: Request) -> Response:
-    who = principal(request, "audit:read")
-    log = log_of(request)
+@endpoint(
+    summary="A page of the log (or all of it as NDJSON with Accept: application/x-ndjson).",
+    scope="audit:read", answer=schemas.EventsPage,
+    alternative=("application/x-ndjson", "One recorded event a line, every match up to the head."),
+    params=(Param("after", whole(0, default=0), "A log position to start after."),
+            Param("limit", whole(1, 5000, 500), "Page size (JSON only)."),
+            Param("stream", TEXT, "Only this stream (`task-<id>`)."), TYPES),
+)
+async def list_events(request: Request, who: Principal) -> Response:
+    log = request.state.log
     after = query_int(request, "after", 0, 0)
     stream = request.query_params.get("stream")
     streams = [stream] if stream else None
     types = type_filter(request)
-    tenancy = Tenancy(models_of(request), who)  # an auditor's key issued for one project reads that project's events
+    tenancy = Tenancy(request.state.models, who)  # an auditor's key issued for one project reads that project's events
     await tenancy.prepare()
     if "application/x-ndjson" in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(log, after, streams, types, tenancy), media_type="application/x-ndjson")
@@ -69,14 +77,19 @@ async def _ndjson(log, after: int, streams, types, tenancy: Tenancy):
         after = page.next
 
 
-async def verify(request: Request) -> Response:
-    principal(request, "audit:read")
-    return json_response(await verify_chain(log_of(request)))
+@endpoint(
+    summary="Check the hash chain.", scope="audit:read", answer=ChainReport,
+)
+async def verify(request: Request, who: Principal) -> Response:
+    return json_response(await verify_chain(request.state.log))
 
 
-async def digest(request: Request) -> Response:
-    principal(request, "audit:read")
-    log = log_of(request)
+@endpoint(
+    summary="The head's position and hash, to check later that the log still extends it.",
+    scope="audit:read", answer=schemas.Digest,
+)
+async def digest(request: Request, who: Principal) -> Response:
+    log = request.state.log
     head = await log.read_head()
     if head == 0:
         return json_response(schemas.Digest(position=0, hash=GENESIS_HASH))
@@ -84,32 +97,9 @@ async def digest(request: Request) -> Response:
     return json_response(schemas.Digest(position=head, hash=page.events[0].hash))
 
 
-async def overview(request: Request) -> Response:
-    principal(request, "task:read")
-    log = log_of(request)
-    figures = await models_of(request).counters()
-    memory = psutil.virtual_memory()
-    return json_response(schemas.Overview(
-        tasks=figures.tasks,
-        active_desktops=figures.active_desktops,
-        active_agents=figures.active_agents,
-        approvals_pending=figures.approvals_pending,
-        max_concurrent=settings_of(request).max_concurrent,
-        resources=schemas.Resources(
-            cpu=psutil.cpu_percent(interval=None),
-            memory=schemas.Memory(
-                used=(memory.total - memory.available) // 2**20, total=memory.total // 2**20,
-                percent=memory.percent,
-            ),
-        ),
-        log=schemas.LogFigures(head=await log.read_head(), streams=figures.streams),  # the CLI's appends too
-    ))
-
-
 def routes() -> list[Route]:
     return [
-        Route(f"{API_PREFIX}/events", list_events, methods=["GET"]),
-        Route(f"{API_PREFIX}/audit/verify", verify, methods=["GET"]),
-        Route(f"{API_PREFIX}/audit/digest", digest, methods=["GET"]),
-        Route(f"{API_PREFIX}/overview", overview, methods=["GET"]),
+        Route("/events", list_events, methods=["GET"]),
+        Route("/audit/verify", verify, methods=["GET"]),
+        Route("/audit/digest", digest, methods=["GET"]),
     ]

@@ -4,7 +4,7 @@ encode what goes out, and generate the OpenAPI document."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -17,6 +17,11 @@ NonEmpty = Annotated[str, Meta(min_length=1)]
 Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
 Timeout = Annotated[int, Meta(ge=1, le=7 * 24 * 3600)]
 Label = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+def sent_fields(body: Struct) -> dict[str, Any]:
+    """The fields a change body sets: those the client sent (unsent ones are UNSET)."""
+    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
 
 
 class Body(Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
@@ -161,3 +166,22 @@ class EventsPage(Struct):
 class Digest(Struct):
     position: int
     hash: str
+
+
+# The few answers that handlers build as plain dicts.
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    head: int
+    projected: int
+    """The log position the read models have folded up to."""
+
+
+class Accepted(msgspec.Struct, rename="camel"):
+    accepted: bool
+    task_id: str

@@ -30,12 +30,16 @@ from starlette.types import Receive, Scope, Send
 
 from events import RecordedEvent
 from events import streams as stream_names
-from service.api.tenancy import Tenancy, log_of, models_of, principal, settings_of
-from service.http.bodies import API_PREFIX, bad_request, parse_uuid, whole_number
+from service.api.tenancy import Tenancy
+from service.http.auth import Principal
+from service.http.endpoints import TEXT, TYPES, UUID, Param, endpoint, whole
+from service.api import API_PREFIX
+from service.http.bodies import bad_request, parse_uuid, whole_number
 from service.http.logs import client_dropped
 from service.api.log import type_filter
 
 PATH = f"{API_PREFIX}/activity/stream"
+"""The one route whose key may come in the query (the middleware reads it before routing)."""
 RETRY_MS = 2000
 PAGE = 200
 """Log positions a client is handed at a time (the most one client makes the server hold)."""
@@ -102,14 +106,26 @@ class EventStream(EventSourceResponse):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def activity_stream(request: Request) -> Response:
-    who = principal(request, "task:read")
+@endpoint(
+    summary="The log's tail as Server-Sent Events: `id: <position>`, `data: <recorded event>`.",
+    scope="task:read", media="text/event-stream", token_in_query=True,
+    params=(
+        Param("after", whole(0), "A log position to resume after."),
+        Param("Last-Event-ID", {"type": "string", "pattern": "^[0-9]+$"},
+              "Resume after this position (EventSource sends it when it reconnects).", "header"),
+        TYPES,
+        Param("taskId", UUID, "Only this task's events."),
+        Param("stream", TEXT, "Only this stream."),
+        Param("access_token", TEXT, "The API key, for EventSource, which cannot send headers."),
+    ),
+)
+async def activity_stream(request: Request, who: Principal) -> Response:
     after = resume_position(request)
     types = type_filter(request)
     streams = stream_filter(request)
-    log = log_of(request)
-    settings = settings_of(request)
-    tenancy = Tenancy(models_of(request), who)
+    log = request.state.log
+    settings = request.app.state.settings
+    tenancy = Tenancy(request.state.models, who)
     await tenancy.prepare()
     checked_at = time.monotonic()
 
@@ -119,7 +135,7 @@ async def activity_stream(request: Request) -> Response:
         if time.monotonic() - checked_at < 1:
             return True
         checked_at = time.monotonic()
-        key = await models_of(request).api_key(who.key_id)
+        key = await request.state.models.api_key(who.key_id)
         return key is not None and not key.revoked
 
     async def body():
@@ -149,4 +165,4 @@ async def activity_stream(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    return [Route(PATH, activity_stream, methods=["GET"])]
+    return [Route(PATH.removeprefix(API_PREFIX), activity_stream, methods=["GET"])]

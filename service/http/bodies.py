@@ -16,8 +16,6 @@ from service.commands.deciders import Code, Refused
 
 T = TypeVar("T")
 
-API_PREFIX = "/api/mission-control"
-"""Where the API's resources live; /healthz, /readyz, /metrics and /openapi.json are at the root."""
 MAX_INT = 2**63 - 1
 """The largest integer SQLite binds; a larger query parameter would be a 500."""
 

@@ -8,15 +8,12 @@ between scrapes.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.requests import Request
-from starlette.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from events import EventLog
 from projections.readmodels import ReadModels
-from service.api.tenancy import principal, settings_of
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -94,16 +91,3 @@ class Metrics:
             self.tasks.labels(status).set(count)
         self.run_slots.set(max_concurrent)
         self.approvals_pending.set(figures.approvals_pending)
-
-
-async def metrics(request: Request) -> Response:
-    settings = settings_of(request)
-    if not settings.metrics_public:
-        principal(request, "admin")
-    figures: Metrics = request.app.state.metrics
-    await figures.refresh(request.app.state.log, request.app.state.models, settings.max_concurrent)
-    return Response(generate_latest(figures.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def route() -> Route:
-    return Route("/metrics", metrics, methods=["GET"])

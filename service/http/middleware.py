@@ -34,7 +34,7 @@ def request_id_of(headers: Headers) -> str:
 class ApiMiddleware:
     def __init__(self, app: ASGIApp, *, state):
         self.app = app
-        self.state = state  # the app's state: log, settings, metrics
+        self.state = state  # the app's state: settings, metrics (the log and read models are in the lifespan state)
         self.limiter: RateLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,7 +93,7 @@ class ApiMiddleware:
         elif path == STREAM_PATH:  # browsers' EventSource cannot send headers
             token = QueryParams(scope.get("query_string", b"")).get("access_token")
         try:
-            principal = await authenticate(self.state.models, token)
+            principal = await authenticate(scope["state"]["models"], token)  # the lifespan state
         except HttpError as rejected:
             return rejected
         if self.limiter is None:
