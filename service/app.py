@@ -20,7 +20,7 @@ from projections.readmodels import ReadModels, read_models
 from service.api import API_PREFIX, agents, approvals, health, log as log_routes, overview, projects, stream, tasks
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
-from service.http.bodies import HttpError, error_response, refusal_response
+from service.http.errors import HttpError, error_response, refusal_response
 from service.http.endpoints import walk
 from service.http.metrics import Metrics
 from service.http.middleware import ApiMiddleware

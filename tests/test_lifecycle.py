@@ -23,7 +23,7 @@ from service.commands.deciders import (
     RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
 from service.api import API_PREFIX
-from service.http.bodies import REFUSALS, refusal_response
+from service.http.errors import REFUSALS, refusal_response
 from service.settings import Settings
 
 TASK, RUN, APPROVAL = "task-1", "run-1", "approval-1"

@@ -18,7 +18,8 @@ from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
 from service.commands.requests import record
 from service.http.auth import Principal
-from service.http.bodies import bad_request, json_response, parse_uuid
+from service.http.bodies import parse_uuid
+from service.http.errors import bad_request, json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
 from service.work.agents.kinds import check_config
 

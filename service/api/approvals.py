@@ -14,7 +14,8 @@ from service.http.auth import Principal, visible_projects
 from service.api.tenancy import can_see_project
 from service.commands.deciders import Refused, Review, resolve_approval
 from service.commands.requests import idempotency, meta
-from service.http.bodies import bad_request, json_response, parse_uuid
+from service.http.bodies import parse_uuid
+from service.http.errors import bad_request, json_response
 from service.http.endpoints import IDEMPOTENCY, Param, declared_body, endpoint
 
 

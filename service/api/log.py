@@ -13,7 +13,8 @@ from events.verify import ChainReport, verify_chain
 from service.api import schemas
 from service.api.tenancy import Tenancy
 from service.http.auth import Principal
-from service.http.bodies import bad_request, json_response, query_int
+from service.http.bodies import query_int
+from service.http.errors import bad_request, json_response
 from service.http.endpoints import TEXT, TYPES, Param, endpoint, whole
 
 _encoder = msgspec.json.Encoder()

@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from service.api import schemas
 from service.http.auth import Principal
-from service.http.bodies import json_response
+from service.http.errors import json_response
 from service.http.endpoints import endpoint
 
 

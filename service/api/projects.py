@@ -17,7 +17,8 @@ from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
 from service.commands.requests import record
 from service.http.auth import Principal, visible_projects
-from service.http.bodies import json_response, parse_uuid
+from service.http.bodies import parse_uuid
+from service.http.errors import json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
 
 

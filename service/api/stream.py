@@ -34,7 +34,8 @@ from service.api.tenancy import Tenancy
 from service.http.auth import Principal
 from service.http.endpoints import TEXT, TYPES, UUID, Param, endpoint, whole
 from service.api import API_PREFIX
-from service.http.bodies import bad_request, parse_uuid, whole_number
+from service.http.bodies import parse_uuid, whole_number
+from service.http.errors import bad_request
 from service.http.logs import client_dropped
 from service.api.log import type_filter
 

@@ -22,7 +22,8 @@ from service.commands.deciders import (
 )
 from service.commands.requests import idempotency, meta
 from service.http.auth import Principal, default_project_id, ensure_default_project, visible_projects
-from service.http.bodies import bad_request, json_response, parse_uuid, query_int, whole_number
+from service.http.bodies import parse_uuid, query_int, whole_number
+from service.http.errors import bad_request, json_response
 from service.http.endpoints import (
     IDEMPOTENCY, IF_MATCH, TEXT, UUID, Param, declared_body, endpoint, whole,
 )

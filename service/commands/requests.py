@@ -11,7 +11,7 @@ from starlette.requests import Request
 from events import Meta, canonical_json, typed
 from service.commands.handling import Idempotency
 from service.http.auth import Principal
-from service.http.bodies import bad_request
+from service.http.errors import bad_request
 
 
 def meta(request: Request, who: Principal) -> Meta:

@@ -19,7 +19,7 @@ from events import streams
 from events import types as t
 from projections.projects import Project
 from projections.readmodels import ReadModels
-from service.http.bodies import HttpError
+from service.http.errors import HttpError
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
 PROJECT_NAMESPACE = uuid.UUID("6f1c3a52-4f0e-4d0b-9c1e-2d9a7c0b5e11")

@@ -14,7 +14,8 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.auth import authenticate
-from service.http.bodies import HttpError, body_too_large, error_response, whole_number
+from service.http.bodies import whole_number
+from service.http.errors import HttpError, body_too_large, error_response
 from service.http.ratelimit import RateLimiter
 from service.api.stream import PATH as STREAM_PATH
 

@@ -18,7 +18,8 @@ import msgspec
 
 from projections import lifecycle
 from service.api import API_PREFIX, schemas
-from service.http.bodies import JSON_SAFE_INTEGER, Error
+from service.http.bodies import JSON_SAFE_INTEGER
+from service.http.errors import Error
 from service.http.endpoints import TEXT, UUID, Declaration, Param, declaration_of, walk
 from service.work.agents.kinds import KINDS
 
