@@ -26,7 +26,7 @@ AGENT_KINDS: dict[t.AgentKind, KindPolicy] = {
     "openai": KindPolicy(frozenset({"prompt"}), admin_only=False, spawns_processes=False),
     "echo": KindPolicy(frozenset({"prompt", "command"}), admin_only=False, spawns_processes=False),
 }
-"""Every kind of `t.AgentKind`; the function that runs each is in service/agents/kinds.py."""
+"""Every kind of `t.AgentKind`; the function that runs each is in service/work/agents/kinds.py."""
 
 
 class Agent(msgspec.Struct, kw_only=True, rename="camel"):

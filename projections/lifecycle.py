@@ -1,7 +1,7 @@
 """The task's state machine as two tables: which commands each status admits, and which status
 each event leads to.
 
-The decider (service/deciders.py) refuses a command its task's status does not admit; the fold
+The decider (service/commands/deciders.py) refuses a command its task's status does not admit; the fold
 (projections/tasks.py) sets the status an event leads to; the OpenAPI document says which
 statuses an operation needs. None of them restates a status list.
 """

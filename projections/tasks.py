@@ -1,4 +1,4 @@
-"""The task: its state machine's fold. `decide` (service/deciders.py) reads the same state, and
+"""The task: its state machine's fold. `decide` (service/commands/deciders.py) reads the same state, and
 both read the state machine's tables in projections/lifecycle.py."""
 
 from __future__ import annotations

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from pathlib import Path
 
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Match, Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from events import (
     IdempotencyConflict, InvalidEvent, LogClosed, Meta, WrongExpectedVersion, open_log,
@@ -20,18 +17,18 @@ from events import (
 from events import streams
 from events import types as t
 from projections.readmodels import ReadModels, read_models
-from service import metrics as metrics_route, openapi
-from service.commands import Commands
-from service.deciders import Refused
-from service.http import HttpError, error_response, refusal_response
-from service.middleware import ApiMiddleware
-from service.routes import approvals, log as log_routes, registry, stream, tasks
-from service.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
+from service.api import API_PREFIX, agents, approvals, health, log as log_routes, overview, projects, stream, tasks
+from service.commands.deciders import Refused
+from service.commands.handling import Commands
+from service.http.errors import HttpError, error_response, refusal_response
+from service.http.endpoints import walk
+from service.http.metrics import Metrics
+from service.http.middleware import ApiMiddleware
 from service.settings import Settings
-from service.webhooks import WebhookWorker
+from service.work.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
+from service.work.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
-STATIC = Path(__file__).parent / "static"
 
 
 async def ensure_echo_agent(log, models: ReadModels) -> None:
@@ -42,40 +39,6 @@ async def ensure_echo_agent(log, models: ReadModels) -> None:
                 [t.AgentRegistered(agent_id=ECHO_AGENT_ID, name="echo", kind="echo")],
                 expected=0, meta=Meta(actor=RUNNER_ACTOR),
             )
-
-
-async def dashboard(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html")
-
-
-def static_files() -> Mount:
-    files = StaticFiles(directory=STATIC)
-    files.__name__ = "static"  # the access log and metrics label requests by endpoint name
-    return Mount("/static", files)
-
-
-async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
-
-
-async def readyz(request: Request) -> Response:
-    state = request.app.state
-    figures = await state.models.counters()
-    head = await state.log.read_head()
-    ready = state.ready and figures.checkpoint >= head
-    if state.ready and not ready and (state.catching_up is None or state.catching_up.done()):
-        # Events appended by a process without a projector are otherwise folded only by the
-        # next append; an instance taken out of rotation for being unready would get none.
-        state.catching_up = asyncio.create_task(_catch_up(state.models))
-    body = {"ready": ready, "head": head, "projected": figures.checkpoint}
-    return JSONResponse(body, 200 if ready else 503)
-
-
-async def _catch_up(models: ReadModels) -> None:
-    try:
-        await models.refold()
-    except Exception:
-        logger.exception("catching the read models up with the log failed")
 
 
 async def _http_error(request: Request, exc: HttpError) -> Response:
@@ -109,11 +72,13 @@ async def _http(request: Request, exc: HTTPException) -> Response:
 
 
 def _methods_on(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return methods
+    # Matched against the path as the app received it: a Mount's routes by their full paths.
+    scope = {**request.scope, "root_path": request.scope.get("app_root_path", "")}
+    return {
+        method for path, route in walk(request.app.router.routes) if route.methods
+        and Route(path, route.endpoint, methods=list(route.methods)).matches(scope)[0] != Match.NONE
+        for method in route.methods
+    }
 
 
 async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
@@ -132,19 +97,17 @@ def create_app(settings: Settings) -> Starlette:
         log = open_log(str(settings.database), durable=settings.durable)
         models = read_models(log)
         await log.open()
-        app.state.log, app.state.models = log, models
-        app.state.metrics.attach(log)
+        metrics.attach(log)
         await models.prepare()
         await ensure_echo_agent(log, models)
         commands = Commands(log, models)
         runner = Runner(log, models, commands, settings)
-        app.state.commands, app.state.runner = commands, runner
         await runner.recover()
         webhooks = WebhookWorker(log, models, settings)
         webhooks.start()
         app.state.ready = True
         try:
-            yield
+            yield {"log": log, "models": models, "commands": commands, "runner": runner}  # request.state.*
         finally:
             app.state.ready = False
             if app.state.catching_up is not None:
@@ -153,16 +116,13 @@ def create_app(settings: Settings) -> Starlette:
             await webhooks.close()
             await log.close()
 
-    metrics = metrics_route.Metrics()
-    routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        *tasks.routes(), *approvals.routes(), *registry.routes(), *log_routes.routes(),
-        *metrics.counting(stream.routes()),
-        Route("/", dashboard, methods=["GET"]), static_files(), openapi.route(), metrics_route.route(),
+    metrics = Metrics()
+    api = [
+        *tasks.routes(), *approvals.routes(), *agents.routes(), *projects.routes(), *log_routes.routes(),
+        *overview.routes(), *metrics.counting(stream.routes()),
     ]
     app = Starlette(
-        routes=routes,
+        routes=[Mount(API_PREFIX, routes=api), *health.routes()],
         lifespan=lifespan,
         exception_handlers={
             HttpError: _http_error, Refused: _refused, WrongExpectedVersion: _conflict, IdempotencyConflict: _conflict,

@@ -15,7 +15,7 @@ from pathlib import Path
 from events import RecordedEvent, StorageError, open_log
 from events.verify import ChainBroken, Rechain, verify_chain
 from projections.readmodels import read_models
-from service import auth
+from service.http import auth
 from service.settings import Settings, env_name, from_env
 
 ADMIN_TOKEN_FILE = "admin-token"
@@ -92,9 +92,9 @@ async def first_admin_key(settings: Settings) -> str | None:
 
 
 def serve(args) -> int:
-    from service import serving
+    from service.http import serving
     from service.app import create_app
-    from service.logs import configure
+    from service.http.logs import configure
 
     configure()
     settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import msgspec
 
-from service import outbound
+from service.work import outbound
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 

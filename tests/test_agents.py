@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from service.agents.exec import InputLines
+from service.work.agents.exec import InputLines
 from tests.api_helpers import refused, wait_for
 from tests.server import Server
 from tests.test_runner import events, output, register, start, task, until_status

@@ -17,7 +17,7 @@ import pytest
 from events import Meta, open_log
 from events import types as t
 from projections.readmodels import read_models
-from service.runner import ECHO_AGENT_ID
+from service.work.runner import ECHO_AGENT_ID
 from tests.api_helpers import as_json, head, log_unchanged, post_racing, read_log, refused, wait_for
 
 MiB = 1024 * 1024

@@ -9,8 +9,8 @@ import pytest
 from events import Meta
 from events import types as t
 from projections.readmodels import read_models
-from service.commands import Commands
-from service.deciders import CreateTask, Refused
+from service.commands.handling import Commands
+from service.commands.deciders import CreateTask, Refused
 
 
 def _created(task_id: str, content: str) -> CreateTask:

@@ -11,8 +11,9 @@ import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from service import schemas
-from service.http import HttpError, decode_body
+from service.api import schemas
+from service.http.bodies import decode_body
+from service.http.errors import HttpError
 
 from tests.api_helpers import log_unchanged, refused
 from tests.server import API

@@ -15,14 +15,15 @@ from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
 from projections.tasks import Task, evolve
-from service import openapi
-from service.agents.kinds import KINDS
+from service.http import openapi
+from service.work.agents.kinds import KINDS
 from service.app import create_app
-from service.deciders import (
+from service.commands.deciders import (
     ArchiveTask, CancelTask, Code, Command, FailRun, FinishRun, RecordOutput, Refused, RequestInput,
     RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
-from service.http import API_PREFIX, REFUSALS, refusal_response
+from service.api import API_PREFIX
+from service.http.errors import REFUSALS, refusal_response
 from service.settings import Settings
 
 TASK, RUN, APPROVAL = "task-1", "run-1", "approval-1"

@@ -13,12 +13,12 @@ import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from starlette.routing import Route
 
-from service import openapi
+from service.http import openapi
+from service.http.endpoints import declaration_of, walk
 from service.app import create_app
-from service.auth import SCOPES
-from service.runner import ECHO_AGENT_ID
+from service.http.auth import SCOPES
+from service.work.runner import ECHO_AGENT_ID
 from service.settings import Settings
 from tests.server import API, Server
 
@@ -84,10 +84,27 @@ def test_the_document_covers_every_route_of_the_app_and_of_the_contract(document
     documented = {(method, path) for path, method, _ in operations(document)}
     app = create_app(Settings(data_dir=str(tmp_path)))
     assert document == msgspec.json.decode(msgspec.json.encode(openapi.build(app.routes)))
-    served = {(m.lower(), r.path) for r in app.routes if isinstance(r, Route) for m in r.methods - {"HEAD"}}
+    served = {(m.lower(), path) for path, r in walk(app.routes) for m in r.methods - {"HEAD"}}
     assert served <= documented, f"routes missing from the document: {served - documented}"
     expected = {(m, API + p) for m, p in CONTRACT} | set(ROOT)
     assert expected <= documented, f"contract routes missing: {expected - documented}"
+
+
+def test_the_document_states_the_scope_each_route_enforces(document):
+    # One declaration on the handler both refuses the call and writes the document: they cannot differ.
+    for path, route in walk(create_app(Settings()).routes):
+        declared = declaration_of(route)  # every route is declared (the build also refuses one that is not)
+        for method in route.methods - {"HEAD"}:
+            security = document["paths"][path][method.lower()]["security"]
+            assert security == ([] if declared.scope is None else
+                                [{"bearer": [declared.scope]}, *([{"accessToken": [declared.scope]}] if declared.token_in_query else [])]), path
+
+
+def test_field_docstrings_reach_the_schema(document):
+    schemas = document["components"]["schemas"]
+    assert schemas["Readiness"]["properties"]["projected"]["description"] == (
+        "The log position the read models have folded up to.")
+    assert schemas["Task"]["properties"]["watchers"].get("description"), "Task.watchers' docstring is missing"
 
 
 def test_bodies_answers_and_errors_are_the_handlers_types(document):

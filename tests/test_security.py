@@ -18,8 +18,9 @@ import httpx
 from starlette.routing import Mount, Route
 
 from service.app import create_app
-from service.auth import SCOPES
-from service.runner import RUNNER_ACTOR
+from service.http.auth import SCOPES
+from service.http.endpoints import declaration_of, walk
+from service.work.runner import RUNNER_ACTOR
 from service.settings import Settings
 from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
 from tests.server import API, Server, cli, free_port
@@ -49,14 +50,20 @@ PUBLIC: tuple[tuple[frozenset[str], str], ...] = (
 def endpoints() -> list[tuple[str, str]]:
     """(method, path template) of every route the app registers; HEAD is GET's twin."""
     found = []
-    for route in create_app(Settings()).routes:
-        if isinstance(route, Mount):
-            found.append(("GET", route.path + "/{path}"))
-        else:
-            # Any other kind (a WebSocketRoute) would need its own authentication: the middleware
-            # closes every websocket.
-            assert isinstance(route, Route), f"{route!r} is neither an HTTP route nor a mount"
-            found += [(method, route.path) for method in sorted(route.methods)]
+    def under(routes, prefix: str) -> None:
+        for route in routes:
+            if isinstance(route, Mount) and not route.routes:  # files
+                found.append(("GET", prefix + route.path + "/{path}"))
+            elif isinstance(route, Mount):
+                under(route.routes, prefix + route.path)
+            else:
+                # Any other kind (a WebSocketRoute) would need its own authentication: the middleware
+                # closes every websocket.
+                assert isinstance(route, Route), f"{route!r} is neither an HTTP route nor a mount"
+                found.extend((method, prefix + route.path) for method in sorted(route.methods))
+
+    found: list[tuple[str, str]] = []
+    under(create_app(Settings()).routes, "")
     return found
 
 
@@ -125,6 +132,14 @@ def test_every_registered_route_is_in_the_scope_table_and_every_row_has_a_route(
     assert used == {None, *SCOPES}
     for scope, methods, pattern in SCOPE_TABLE:
         assert any(_matches(methods, pattern, m, p) for m, p in routes), f"no route for {scope} {pattern}"
+
+
+def test_the_scope_each_route_declares_is_the_contracts():
+    # The declaration is what the route enforces (service/http/endpoints.py) and what the document states.
+    for path, route in walk(create_app(Settings()).routes):
+        declared = declaration_of(route).scope
+        for method in route.methods:
+            assert declared == needed_scope(method, path), f"{method} {path} declares {declared}"
 
 
 def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared_server):

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from httpx_sse import connect_sse
 
-from service.auth import default_project_id
+from service.http.auth import default_project_id
 from tests.api_helpers import refused, wait_for
 from tests.server import API, Server, cli, free_port
 

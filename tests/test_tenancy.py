@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from service.auth import default_project_id
+from service.http.auth import default_project_id
 from tests.api_helpers import log_unchanged, refused, wait_for
 from tests.server import Server
 from tests.test_security import key_id

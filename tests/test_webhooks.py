@@ -22,8 +22,8 @@ from events import Meta
 from events.types import WebhookAttempted
 from projections.readmodels import read_models
 from service.settings import Settings, from_env
-from service.webhooks import STREAM, WebhookWorker
-from service import outbound
+from service.work.webhooks import STREAM, WebhookWorker
+from service.work import outbound
 from tests.api_helpers import log_unchanged, refused, wait_for
 from tests.server import Server
 from tests.test_runner import start, until_status

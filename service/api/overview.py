@@ -1,0 +1,41 @@
+"""/overview: the dashboard's figures: counts, the machine's resources and the log's head."""
+
+from __future__ import annotations
+
+import psutil
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.api import schemas
+from service.http.auth import Principal
+from service.http.errors import json_response
+from service.http.endpoints import endpoint
+
+
+@endpoint(
+    summary="Counts, resources and the log's head.", scope="task:read", answer=schemas.Overview,
+)
+async def overview(request: Request, who: Principal) -> Response:
+    log = request.state.log
+    figures = await request.state.models.counters()
+    memory = psutil.virtual_memory()
+    return json_response(schemas.Overview(
+        tasks=figures.tasks,
+        active_desktops=figures.active_desktops,
+        active_agents=figures.active_agents,
+        approvals_pending=figures.approvals_pending,
+        max_concurrent=request.app.state.settings.max_concurrent,
+        resources=schemas.Resources(
+            cpu=psutil.cpu_percent(interval=None),
+            memory=schemas.Memory(
+                used=(memory.total - memory.available) // 2**20, total=memory.total // 2**20,
+                percent=memory.percent,
+            ),
+        ),
+        log=schemas.LogFigures(head=await log.read_head(), streams=figures.streams),  # the CLI's appends too
+    ))
+
+
+def routes() -> list[Route]:
+    return [Route("/overview", overview, methods=["GET"])]

@@ -1,0 +1,187 @@
+"""Request and response bodies of the HTTP API: declared once, they validate what comes in,
+encode what goes out, and generate the OpenAPI document."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from events import types as t
+from projections.approvals import ApprovalStatus
+from projections.lifecycle import Status
+
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+Timeout = Annotated[int, Meta(ge=1, le=7 * 24 * 3600)]
+Label = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+def sent_fields(body: Struct) -> dict[str, Any]:
+    """The fields a change body sets: those the client sent (unsent ones are UNSET)."""
+    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not UNSET}
+
+
+class Body(Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
+    pass
+
+
+class CreateTask(Body):
+    type: t.TaskType
+    content: NonEmpty
+    title: str | None = None
+    description: str | None = None
+    desktop_id: Label | None = None
+    agent_id: uuid.UUID | None = None
+    project_id: uuid.UUID | None = None
+    requires_approval: bool | None = None
+    priority: t.Priority = 5
+    timeout_seconds: Timeout | None = None
+    metadata: dict[str, Any] = {}
+    depends_on: Annotated[list[uuid.UUID], Meta(extra_json_schema={"uniqueItems": True})] = []
+    webhook_url: Url | None = None
+
+    def __post_init__(self) -> None:
+        # Refused, not deduplicated: a list that names a task twice is a mistake the client should see.
+        if len(set(self.depends_on)) != len(self.depends_on):
+            seen: set[uuid.UUID] = set()
+            twice = next(d for d in self.depends_on if d in seen or seen.add(d))
+            raise ValueError(f"dependsOn names task {twice} more than once")
+
+
+class UpdateTask(Body):
+    title: str | None | UnsetType = UNSET
+    description: str | None | UnsetType = UNSET
+    content: NonEmpty | UnsetType = UNSET
+    priority: t.Priority | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+    timeout_seconds: Timeout | None | UnsetType = UNSET
+    desktop_id: Label | None | UnsetType = UNSET
+    requires_approval: bool | UnsetType = UNSET
+    archived: bool | UnsetType = UNSET
+
+
+class RunTask(Body):
+    agent_id: uuid.UUID | None = None
+    agent_id_snake: uuid.UUID | None = msgspec.field(default=None, name="agent_id")
+
+
+class CancelTask(Body):
+    reason: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class SendMessage(Body):
+    message: NonEmpty
+
+
+class ReviewBody(Body):
+    decision: t.Decision
+    feedback: Annotated[str, Meta(max_length=20000)] | None = None
+
+
+class PresenceBody(Body):
+    device_id: Label
+
+
+class CreateAgent(Body):
+    name: Label
+    kind: t.AgentKind
+    config: dict[str, Any] = {}
+
+
+class UpdateAgent(Body):
+    name: Label | UnsetType = UNSET
+    config: dict[str, Any] | UnsetType = UNSET
+    status: t.AgentStatus | UnsetType = UNSET
+
+
+class CreateProject(Body):
+    name: Label
+    context: str = ""
+    members: list[Label] = []
+
+
+class UpdateProject(Body):
+    name: Label | UnsetType = UNSET
+    context: str | UnsetType = UNSET
+    members: list[Label] | UnsetType = UNSET
+
+
+# Responses
+
+
+class TaskSummary(Struct, kw_only=True, rename="camel"):
+    id: str
+    type: t.TaskType
+    content: str
+    desktop_id: str | None
+    title: str | None
+
+
+class ApprovalOut(Struct, kw_only=True, rename="camel"):
+    id: str
+    task_id: str
+    status: ApprovalStatus
+    created_at: str
+    resolved_at: str | None
+    resolved_by: str | None
+    feedback: str | None
+    task: TaskSummary | None
+
+
+class Memory(Struct):
+    used: int
+    total: int
+    percent: float
+
+
+class Resources(Struct):
+    cpu: float
+    memory: Memory
+
+
+class LogFigures(Struct):
+    head: int
+    streams: int
+
+
+class Overview(Struct, kw_only=True, rename="camel"):
+    tasks: dict[Status, int]
+    active_desktops: int
+    active_agents: int
+    approvals_pending: int
+    max_concurrent: int
+    resources: Resources
+    log: LogFigures
+
+
+class EventsPage(Struct):
+    events: list[Any]
+    next: int
+    head: int
+
+
+class Digest(Struct):
+    position: int
+    hash: str
+
+
+# The few answers that handlers build as plain dicts.
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    head: int
+    projected: int
+    """The log position the read models have folded up to."""
+
+
+class Accepted(msgspec.Struct, rename="camel"):
+    accepted: bool
+    task_id: str

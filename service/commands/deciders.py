@@ -1,0 +1,298 @@
+"""Pure deciders: `decide(state, command) -> events`, or `Refused` saying why not.
+
+Each reads the state folded by `projections` (the same `evolve` that builds the read
+models), and what each status admits from the state machine's table (projections/lifecycle.py),
+so the task's state machine exists in one place. No I/O here: everything a decision depends on
+(the agent, the running count, the dependencies) is in the command.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from events import types as t
+from projections import lifecycle
+from projections.agents import AGENT_KINDS, Agent
+from projections.approvals import Approval
+from projections.tasks import Task
+
+
+Code = Literal[
+    "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
+    "dependency_not_done", "concurrency_limit", "agent_unavailable", "run_over", "precondition_failed",
+    "conflict", "idempotency_conflict",
+]
+"""Why a command was refused. The HTTP layer maps each to a status (service/http/bodies.py)."""
+
+
+class Refused(Exception):
+    """A command that cannot be carried out: a word saying why, and a sentence. `retry_after`:
+    the seconds after which the same command may succeed, when waiting is what it needs."""
+
+    def __init__(self, code: Code, detail: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.code, self.detail, self.retry_after = code, detail, retry_after
+
+
+class RunOver(Refused):
+    """The runner reported on a run that has ended meanwhile (cancelled): nothing is recorded."""
+
+    def __init__(self, detail: str):
+        super().__init__("run_over", detail)
+
+
+def _admitted(task: Task, command: lifecycle.Command, action: str) -> None:
+    """Refuses `command` unless the task's status admits it; `action` is how a sentence names it."""
+    if not lifecycle.admits(task.status, command):
+        allowed = lifecycle.either(lifecycle.admitting(command))
+        raise Refused("invalid_status", f"Cannot {action} a task that is {task.status}; it must be {allowed}.")
+
+
+# --- commands --------------------------------------------------------------
+
+
+class Command(msgspec.Struct, kw_only=True):
+    pass
+
+
+class CreateTask(Command):
+    event: t.TaskCreated
+
+
+class UpdateTask(Command):
+    changes: dict[str, Any]
+    """Field name (snake_case) to new value; only the fields the client sent."""
+
+
+class ArchiveTask(Command):
+    archived: bool = True
+
+
+class StartRun(Command):
+    run_id: str
+    agent: Agent | None
+    agent_id: str
+    actor: str
+    actor_is_admin: bool
+    running: int
+    limit: int
+    dependencies: dict[str, str | None]
+    """Each dependsOn task id to its status (None if it does not exist)."""
+
+
+class CancelTask(Command):
+    reason: str | None = None
+
+
+class RetryTask(Command):
+    pass
+
+
+class SendMessage(Command):
+    message: str
+
+
+class Review(Command):
+    decision: t.Decision
+    feedback: str | None = None
+
+
+class RecordOutput(Command):
+    run_id: str
+    chunks: list[tuple[int, str, str]]
+    """(seq, stream, chunk) in order."""
+
+
+class RequestInput(Command):
+    run_id: str
+    prompt: str
+
+
+class FinishRun(Command):
+    run_id: str
+    approval_id: str
+    result: str | None
+    output: list[tuple[int, str, str]] = []
+    """The run's last output, as in RecordOutput: recorded in the same append as its end."""
+
+
+class FailRun(Command):
+    run_id: str
+    reason: t.FailureKind
+    error: str
+    exit_code: int | None = None
+    result: str | None = None
+    output: list[tuple[int, str, str]] = []
+    """The run's last output, as in RecordOutput: recorded in the same append as its end."""
+
+
+# --- the task's decider ------------------------------------------------------
+
+PATCHABLE_ANY_TIME = frozenset({"title", "metadata", "archived"})
+"""The fields an `annotate` changes; any other is an `edit` (projections/lifecycle.py)."""
+
+
+def decide(task: Task | None, command: Command) -> list[t.EventData]:
+    if isinstance(command, CreateTask):
+        if task is not None:
+            raise Refused("already_exists", f"Task {task.id} already exists.")
+        return [command.event]
+    if task is None:
+        raise Refused("not_found", "Task not found.")
+    handler = _TASK_DECIDERS[type(command)]
+    return handler(task, command)
+
+
+def _camel(field: str) -> str:
+    head, *rest = field.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
+    changes = {k: v for k, v in c.changes.items() if getattr(task, k) != v}
+    restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
+    if restricted and not lifecycle.admits(task.status, "edit"):
+        named = ", ".join(_camel(f) for f in restricted)  # the fields as the client sent them
+        raise Refused(
+            "invalid_status", f"Cannot change {named} of a task that is {task.status}; only title, metadata "
+            f"and archived change after a task has left {lifecycle.either(lifecycle.admitting('edit'))}.",
+        )
+    if changes:
+        _admitted(task, "annotate", "change")
+    events: list[t.EventData] = []
+    archived = changes.pop("archived", None)
+    if changes:
+        events.append(t.TaskUpdated(task_id=task.id, **changes))
+    if archived is not None:
+        events.append(t.TaskArchived(task_id=task.id, archived=archived))
+    return events
+
+
+def _archive(task: Task, c: ArchiveTask) -> list[t.EventData]:
+    _admitted(task, "archive", "archive")
+    return [] if task.archived == c.archived else [t.TaskArchived(task_id=task.id, archived=c.archived)]
+
+
+def _start(task: Task, c: StartRun) -> list[t.EventData]:
+    _admitted(task, "run", "run")
+    if c.agent is None:
+        raise Refused("agent_not_found", f"Agent {c.agent_id} not found.")
+    kind = AGENT_KINDS[c.agent.kind]
+    if kind.spawns_processes and not c.actor_is_admin:
+        allowed = c.agent.config.get("allowedUsers", [])
+        if "*" not in allowed and c.actor not in allowed:
+            raise Refused(
+                "forbidden", f"Agent {c.agent.name} runs processes as the service itself; only admins and "
+                "the users its allowedUsers config names may run tasks on it.",
+            )
+    if c.agent.status != "active":
+        raise Refused("agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
+    if task.type not in kind.task_types:
+        raise Refused(
+            "agent_mismatch", f"A {task.type} task cannot run on agent {c.agent.name}: its kind, "
+            f"{c.agent.kind}, runs {lifecycle.either(tuple(sorted(kind.task_types)))} tasks.",
+        )
+    waiting = [dep for dep, status in c.dependencies.items() if status != "done"]
+    if waiting:
+        raise Refused("dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
+    if c.running >= c.limit:
+        raise Refused("concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", retry_after=5)
+    return [t.TaskStarted(task_id=task.id, run_id=c.run_id, agent_id=c.agent.id)]
+
+
+def _cancel(task: Task, c: CancelTask) -> list[t.EventData]:
+    if task.status == "cancelled":
+        return []
+    _admitted(task, "cancel", "cancel")
+    run_id = task.run_id if task.status in lifecycle.ACTIVE else None
+    return [t.TaskCancelled(task_id=task.id, run_id=run_id, reason=c.reason)]
+
+
+def _retry(task: Task, c: RetryTask) -> list[t.EventData]:
+    _admitted(task, "retry", "retry")
+    return [t.TaskRetried(task_id=task.id)]
+
+
+def _message(task: Task, c: SendMessage) -> list[t.EventData]:
+    _admitted(task, "message", "send a message to")
+    return [t.TaskMessage(task_id=task.id, run_id=task.run_id or "", message=c.message)]
+
+
+def _review(task: Task, c: Review) -> list[t.EventData]:
+    _admitted(task, "review", "review")
+    if task.approval_id is None:  # recorded with every review, in its append; without one, nothing to resolve
+        raise Refused("invalid_status", "This task's review has no approval to resolve.")
+    resolved = t.ApprovalResolved(
+        approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
+    )
+    if c.decision == "approve":  # carrying the run's deliverable, as a completion without review does
+        return [resolved, t.TaskCompleted(task_id=task.id, run_id=task.run_id or "", result=task.result)]
+    reason = f"rejected: {c.feedback}" if c.feedback else "rejected"
+    return [resolved, t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="rejected", error=reason)]
+
+
+def _current_run(task: Task, run_id: str, command: lifecycle.Command) -> None:
+    """Runner commands apply only to the run that is still going; a late one changes nothing."""
+    if task.run_id != run_id or not lifecycle.admits(task.status, command):
+        raise RunOver(f"Run {run_id} of task {task.id} is no longer active.")
+
+
+def _chunks(task: Task, run_id: str, chunks: list[tuple[int, str, str]]) -> list[t.EventData]:
+    return [
+        t.TaskOutput(task_id=task.id, run_id=run_id, seq=seq, stream=stream, chunk=chunk)  # type: ignore[arg-type]
+        for seq, stream, chunk in chunks
+    ]
+
+
+def _output(task: Task, c: RecordOutput) -> list[t.EventData]:
+    _current_run(task, c.run_id, "output")
+    return _chunks(task, c.run_id, c.chunks)
+
+
+def _request_input(task: Task, c: RequestInput) -> list[t.EventData]:
+    _current_run(task, c.run_id, "ask")
+    return [t.TaskInputRequested(task_id=task.id, run_id=c.run_id, prompt=c.prompt)]
+
+
+def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
+    _current_run(task, c.run_id, "finish")
+    output = _chunks(task, c.run_id, c.output)
+    if task.status == "awaiting_input":  # API.md: awaiting_input leads to running or failed, never done
+        return output + [t.TaskFailed(
+            task_id=task.id, run_id=c.run_id, reason="error", result=c.result,
+            error="The run ended while it waited for input; its question was never answered.",
+        )]
+    if task.requires_approval:
+        return output + [
+            t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result),
+            t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id),
+        ]
+    return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
+
+
+def _fail(task: Task, c: FailRun) -> list[t.EventData]:
+    _current_run(task, c.run_id, "fail")
+    return _chunks(task, c.run_id, c.output) + [
+        t.TaskFailed(
+            task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
+            result=c.result,
+        )
+    ]
+
+
+_TASK_DECIDERS = {
+    UpdateTask: _update, ArchiveTask: _archive, StartRun: _start, CancelTask: _cancel,
+    RetryTask: _retry, SendMessage: _message, Review: _review, RecordOutput: _output,
+    RequestInput: _request_input, FinishRun: _finish, FailRun: _fail,
+}
+
+
+def resolve_approval(approval: Approval | None, task: Task | None, command: Review) -> list[t.EventData]:
+    """The approvals door to the same decision as reviewing the task."""
+    if approval is None or task is None:
+        raise Refused("not_found", "Approval not found.")
+    if approval.status != "pending" or task.approval_id != approval.id:
+        raise Refused("invalid_status", f"Approval {approval.id} is already {approval.status}.")
+    return decide(task, command)

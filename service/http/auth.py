@@ -1,0 +1,148 @@
+"""API keys and who may do what.
+
+A key is `mc_` and 43 random URL-safe characters. Only its SHA-256 is recorded (in
+`apikey.issued`); a presented key is hashed and looked up, then compared in constant time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import secrets
+import uuid
+
+import msgspec
+
+from events import EventLog, Meta, WrongExpectedVersion
+from events import streams
+from events import types as t
+from projections.projects import Project
+from projections.readmodels import ReadModels
+from service.http.errors import HttpError
+
+SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
+PROJECT_NAMESPACE = uuid.UUID("6f1c3a52-4f0e-4d0b-9c1e-2d9a7c0b5e11")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)  # asked on every task created without a projectId
+def default_project_id(user: str) -> str:
+    """Every user's own project: the same id wherever it is computed."""
+    return str(uuid.uuid5(PROJECT_NAMESPACE, f"user:{user}"))
+
+
+class Principal(msgspec.Struct, kw_only=True):
+    user: str
+    key_id: str
+    scopes: frozenset[str]
+    project_id: str | None = None
+    """A key issued for one project acts within that project only."""
+
+    def has(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    def require(self, scope: str) -> None:
+        if not self.has(scope):
+            raise HttpError(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
+
+
+def unauthorized(detail: str) -> HttpError:
+    return HttpError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
+
+
+async def authenticate(models: ReadModels, token: str | None) -> Principal:
+    if not token:
+        raise unauthorized("An API key is required: send Authorization: Bearer <key>.")
+    digest = hash_token(token)
+    key = await models.api_key_by_hash(digest)
+    if key is None or not hmac.compare_digest(key.token_hash, digest):
+        raise unauthorized("The API key is not known.")
+    if key.revoked:
+        raise unauthorized("The API key has been revoked.")
+    return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id)
+
+
+async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:
+    """The projects whose tasks this principal sees, or with `acting` may change; None means all.
+    `audit:read` reads every project but acts only where its user is a member; `admin` does both."""
+    everywhere = principal.has("admin") if acting else principal.has("audit:read")
+    if everywhere:
+        return None if principal.project_id is None else [principal.project_id]
+    member_of = [p.id for p in await models.projects() if principal.user in p.members]
+    if principal.project_id is not None:  # the key's project, while its user is still a member
+        return [principal.project_id] if principal.project_id in member_of else []
+    return member_of
+
+
+async def find_project(models: ReadModels, id_or_name: str) -> Project:
+    """The project with this id, else the one project with this name; ValueError otherwise."""
+    project = await models.project(id_or_name)
+    if project is not None:
+        return project
+    named = [p for p in await models.projects() if p.name == id_or_name]
+    if not named:
+        raise ValueError(f"no project with the id or name {id_or_name!r}")
+    if len(named) > 1:
+        raise ValueError(f"{len(named)} projects are named {id_or_name!r}; give one's id: "
+                         + ", ".join(p.id for p in named))
+    return named[0]
+
+
+async def issue_key(
+    log: EventLog, models: ReadModels, user: str, scopes: list[str], project: str | None = None,
+    actor: str | None = None,
+) -> tuple[str, str]:
+    """Issue a key (and the user's default project, the first time); returns (key id, token).
+    `project` (an id or a name) restricts the key to it and makes the user a member.
+    Everything is checked before the first append: a refused key appends nothing."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
+    if not user:
+        raise ValueError("a key needs a user")
+    restricted_to = None if project is None else await find_project(models, project)
+    project_id = None if restricted_to is None else restricted_to.id
+    meta = Meta(actor=actor or user)
+    await ensure_default_project(log, models, user, meta)
+    if restricted_to is not None and user not in restricted_to.members:
+        await log.append(
+            streams.project(project_id),
+            [t.ProjectUpdated(project_id=project_id, members=[*restricted_to.members, user])],
+            expected=restricted_to.version, meta=meta,
+        )
+    token = "mc_" + secrets.token_urlsafe(32)
+    key_id = str(uuid.uuid4())
+    await log.append(
+        streams.apikey(key_id),
+        [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token))],
+        expected=0, meta=meta,
+    )
+    return key_id, token
+
+
+async def ensure_default_project(log: EventLog, models: ReadModels, user: str, meta: Meta) -> str:
+    project_id = default_project_id(user)
+    if await models.project(project_id) is None:
+        try:
+            await log.append(
+                streams.project(project_id),
+                [t.ProjectCreated(project_id=project_id, name=f"{user} (default)", members=[user])],
+                expected=0, meta=meta,
+            )
+        except WrongExpectedVersion:
+            pass  # created meanwhile by another request: the same project
+    return project_id
+
+
+async def revoke_key(log: EventLog, models: ReadModels, key_id: str, actor: str | None = None) -> None:
+    """Revoke a key; ValueError for an unknown one or one already revoked (nothing is appended)."""
+    key = await models.api_key(key_id)
+    if key is None:
+        raise ValueError(f"no key {key_id}")
+    if key.revoked:
+        raise ValueError(f"key {key_id} was already revoked; nothing changed")
+    await log.append(streams.apikey(key_id), [t.ApiKeyRevoked(key_id=key_id)], meta=Meta(actor=actor))
