@@ -1,0 +1,235 @@
+"""The app in this process, for tests that check requests and answers and need no real server.
+
+`InProcess` runs `create_app(settings)` on an event loop in a thread of its own, through the ASGI
+lifespan as uvicorn runs it (the runner, the webhook worker and the projector all start), with a
+real SQLite file in `data_dir` and its first admin key issued as `serve` issues it. Its clients
+are sync `httpx.Client`s whose requests go to the app through `httpx.ASGITransport`: no port, no
+process start-up. It has the public surface of `tests.server.Server` (`base_url`, `client`,
+`http`, `token`, `admin_token`, `data_dir`, `output`, `stop`), so a fixture switches by one line.
+
+What it cannot do, a real `Server` does: kill -9, signals, streams (ASGITransport answers once
+the app has finished the response), raw sockets, the CLI's `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
+
+import httpx
+import pytest
+
+from service import auth
+from service.app import create_app
+from service.cli import first_admin_key
+from service.logs import configure
+from service.settings import from_env
+from tests.server import API
+
+
+class _LogSink(io.TextIOBase):
+    """Where the structured logs of in-process apps go: every app running at the time gets each
+    line in its `output()` file (the logging configuration is one per process)."""
+
+    def __init__(self) -> None:
+        self.files: list = []
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            for file in self.files:
+                file.write(text)
+                file.flush()
+        return len(text)
+
+
+_sink = _LogSink()
+_configured = False
+
+
+def _log_to_sink() -> None:
+    """The service's own log configuration (JSON lines), written to the sink rather than stderr."""
+    global _configured
+    if not _configured:
+        with mock.patch.object(sys, "stderr", _sink):
+            configure()
+        _configured = True
+
+
+class _Bridge(httpx.BaseTransport):
+    """A sync transport that hands each request to the app's loop (requests from many threads
+    run there at once, as on a server) and waits for the whole answer."""
+
+    def __init__(self, harness: InProcess):
+        self.harness = harness
+        self.asgi = httpx.ASGITransport(harness.asgi, raise_app_exceptions=False, client=("127.0.0.1", 50000))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()  # a sync body, read here, is a stream the async transport can read too
+
+        async def send() -> httpx.Response:
+            response = await self.asgi.handle_async_request(request)
+            return httpx.Response(response.status_code, headers=response.headers, content=await response.aread())
+
+        return self.harness.call(send())
+
+
+class InProcess:
+    """`create_app` on `data_dir` in this process; `env` are MC_* settings, as a server's would be."""
+
+    def __init__(self, data_dir: Path, env: dict[str, object] | None = None):
+        self.data_dir = data_dir
+        self.env = {k: str(v) for k, v in (env or {}).items()}
+        self.base_url = "http://in-process"
+        self.log_path = data_dir.parent / f"{data_dir.name}-in-process.log"
+        self.admin_token = ""
+        self._clients: list[httpx.Client] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, timeout: float = 30) -> InProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with mock.patch.dict(os.environ, self.env):
+            self.settings = from_env(data_dir=str(self.data_dir))
+        _log_to_sink()
+        self._log_file = open(self.log_path, "a")
+        _sink.files.append(self._log_file)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"app-{self.data_dir.name}", daemon=True)
+        self._thread.start()
+        token = self.call(first_admin_key(self.settings), timeout)
+        self.admin_token = token or (self.data_dir / "admin-token").read_text().strip()
+        self.app = create_app(self.settings)
+        self.state: dict = {}
+        self._lifespan = self.call(self._start_lifespan(), timeout)
+        return self
+
+    async def _start_lifespan(self) -> tuple[asyncio.Task, asyncio.Queue]:
+        """The ASGI lifespan protocol, as a server speaks it; the task lives until `stop`."""
+        inbox: asyncio.Queue = asyncio.Queue()
+        started: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def send(message: dict) -> None:
+            kind = message["type"]
+            if kind.endswith(".failed"):
+                raise RuntimeError(f"the app's {kind}: {message.get('message')}")
+            if kind == "lifespan.startup.complete":
+                started.set_result(None)
+
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
+        await inbox.put({"type": "lifespan.startup"})
+        task = asyncio.create_task(self.app(scope, inbox.get, send))
+        done, _ = await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+        if started not in done:
+            task.result()  # raises why the start-up failed
+            raise RuntimeError("the app's lifespan ended before its start-up completed")
+        return task, inbox
+
+    async def asgi(self, scope, receive, send) -> None:
+        # each request gets a copy of the lifespan's state, as uvicorn gives it
+        await self.app({**scope, "state": dict(self.state)}, receive, send)
+
+    def call(self, coroutine, timeout: float = 60):
+        """Run `coroutine` on the app's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def client(self, token: str | None = None, **options) -> httpx.Client:
+        """An HTTP client for the API; `token=None` means the admin key, `token=""` none at all."""
+        token = self.admin_token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.http(base_url=self.base_url + API, headers=headers, **options)
+
+    def http(self, **options) -> httpx.Client:
+        """A client with no key for any path of the app (`/healthz`, `/metrics`, ...)."""
+        client = httpx.Client(**{"base_url": self.base_url, "timeout": 30, **options}, transport=_Bridge(self))
+        self._clients.append(client)
+        return client
+
+    @property
+    def log(self):
+        """The app's own event log. A second log on the same file in this process would break
+        SQLite's locks (POSIX locks are the process's, and closing any descriptor of the file
+        drops them): a test appends through this one, on the app's loop (`call`)."""
+        return self.app.state.log
+
+    @property
+    def models(self):
+        return self.app.state.models
+
+    def token(self, user: str, scopes: str, project: str | None = None) -> str:
+        """A key issued on the app's own log, as `mission-control token create` issues one."""
+
+        async def issue() -> str:
+            scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
+            _, token = await auth.issue_key(self.log, self.models, user, scope_list, project,
+                                            actor="mission-control:cli")
+            return token
+
+        return self.call(issue())
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        task, inbox = self._lifespan
+
+        async def shut_down() -> None:
+            await inbox.put({"type": "lifespan.shutdown"})
+            await task
+
+        try:
+            self.call(shut_down())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            self._loop = None
+            _sink.files.remove(self._log_file)
+            self._log_file.close()
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    """A fresh app in this process with default settings for one test."""
+    with InProcess(tmp_path / "data").start() as started:
+        yield started
+
+
+@pytest.fixture
+def make_app_server(tmp_path):
+    """Start in-process apps with explicit settings: `make_app_server(MC_MAX_CONCURRENT=5)`."""
+    started: list[InProcess] = []
+
+    def make(data_dir: Path | None = None, **env) -> InProcess:
+        s = InProcess(data_dir or tmp_path / f"data-{len(started)}", env).start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_app_server(tmp_path_factory):
+    """One in-process app per test module."""
+    with InProcess(tmp_path_factory.mktemp("shared") / "data").start() as started:
+        yield started
