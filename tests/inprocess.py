@@ -14,8 +14,10 @@ the app has finished the response), raw sockets, the CLI's `serve`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import os
+import queue
 import sys
 import threading
 from pathlib import Path
@@ -66,20 +68,81 @@ def _log_to_sink() -> None:
 
 class _Bridge(httpx.BaseTransport):
     """A sync transport that hands each request to the app's loop (requests from many threads
-    run there at once, as on a server) and waits for the whole answer."""
+    run there at once, as on a server) and streams the answer back as the app sends it, so a
+    stream's events arrive while it is open. Closing a response early is the client leaving:
+    the app's `receive` then says `http.disconnect`, as a server's does."""
 
     def __init__(self, harness: InProcess):
         self.harness = harness
-        self.asgi = httpx.ASGITransport(harness.asgi, raise_app_exceptions=False, client=("127.0.0.1", 50000))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()  # a sync body, read here, is a stream the async transport can read too
+        loop = self.harness._loop
+        messages: queue.Queue = queue.Queue()
+        left = threading.Event()  # set by the client; the app's loop learns of it through `leave`
+        leave: list = []
 
-        async def send() -> httpx.Response:
-            response = await self.asgi.handle_async_request(request)
-            return httpx.Response(response.status_code, headers=response.headers, content=await response.aread())
+        async def app(scope, receive, send) -> None:
+            gone = asyncio.Event()
+            leave.append(lambda: loop.call_soon_threadsafe(gone.set))
+            body_read = False
 
-        return self.harness.call(send())
+            async def receive_then_disconnect() -> dict:
+                nonlocal body_read
+                if not body_read:
+                    message = await receive()
+                    body_read = not message.get("more_body", False)
+                    return message
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send_to_client(message: dict) -> None:
+                if not left.is_set():
+                    messages.put(message)
+                if message["type"] == "http.response.body":  # the transport need not keep the body
+                    message = {**message, "body": b""}
+                await send(message)
+
+            await self.harness.asgi(scope, receive_then_disconnect, send_to_client)
+
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False, client=("127.0.0.1", 50000))
+        exchange = asyncio.run_coroutine_threadsafe(transport.handle_async_request(request), loop)
+        exchange.add_done_callback(lambda _: messages.put(None))
+        timeout = (request.extensions.get("timeout") or {}).get("read") or 60
+        start = _next(messages, timeout)
+        if start is None:  # no answer was started: the transport made one (a 500), or failed
+            answer = exchange.result()
+            return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+        body = _Body(messages, timeout, exchange, left, leave)
+        return httpx.Response(start["status"], headers=[(k, v) for k, v in start.get("headers", [])], stream=body)
+
+
+def _next(messages: queue.Queue, timeout: float) -> dict | None:
+    try:
+        return messages.get(timeout=timeout)
+    except queue.Empty:
+        raise httpx.ReadTimeout(f"the app sent nothing for {timeout}s") from None
+
+
+class _Body(httpx.SyncByteStream):
+    def __init__(self, messages: queue.Queue, timeout: float, exchange, left: threading.Event, leave: list):
+        self.messages, self.timeout, self.exchange, self.left, self.leave = messages, timeout, exchange, left, leave
+
+    def __iter__(self):
+        while (message := _next(self.messages, self.timeout)) is not None:
+            if message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body", False):
+                    return
+        self.exchange.result()  # the app ended mid-answer: why
+
+    def close(self) -> None:
+        if not self.exchange.done():
+            self.left.set()
+            for disconnect in self.leave:
+                disconnect()
+            concurrent.futures.wait([self.exchange], 10)  # the app's end, as it handles the disconnect
 
 
 class InProcess:

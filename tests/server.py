@@ -137,7 +137,11 @@ class Server(Process):
         """An HTTP client for the API; `token=None` means the admin key, `token=""` none at all."""
         token = self.admin_token if token is None else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        client = httpx.Client(base_url=self.base_url + API, headers=headers, timeout=30, **options)
+        return self.http(base_url=self.base_url + API, headers=headers, **options)
+
+    def http(self, **options) -> httpx.Client:
+        """A client with no key for any path of the server (`/healthz`, `/metrics`, ...)."""
+        client = httpx.Client(**{"base_url": self.base_url, "timeout": 30, **options})
         self._clients.append(client)
         return client
 
