@@ -35,11 +35,12 @@ from tests.server import API
 
 
 class _LogSink(io.TextIOBase):
-    """Where the structured logs of in-process apps go: every app running at the time gets each
-    line in its `output()` file (the logging configuration is one per process)."""
+    """Where the structured logs of in-process apps go (the logging configuration is one per
+    process): a line written on an app's loop thread to that app's `output()` file, a line from
+    any other thread to every running app's."""
 
     def __init__(self) -> None:
-        self.files: list = []
+        self.files: dict[int, object] = {}  # loop thread id -> log file
         self.lock = threading.Lock()
 
     def writable(self) -> bool:
@@ -47,7 +48,8 @@ class _LogSink(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self.lock:
-            for file in self.files:
+            mine = self.files.get(threading.get_ident())
+            for file in [mine] if mine else self.files.values():
                 file.write(text)
                 file.flush()
         return len(text)
@@ -162,11 +164,11 @@ class InProcess:
         with mock.patch.dict(os.environ, self.env):
             self.settings = from_env(data_dir=str(self.data_dir))
         _log_to_sink()
-        self._log_file = open(self.log_path, "a")
-        _sink.files.append(self._log_file)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"app-{self.data_dir.name}", daemon=True)
         self._thread.start()
+        with _sink.lock:
+            _sink.files[self._thread.ident] = open(self.log_path, "a")
         token = self.call(first_admin_key(self.settings), timeout)
         self.admin_token = token or (self.data_dir / "admin-token").read_text().strip()
         self.app = create_app(self.settings)
@@ -259,8 +261,8 @@ class InProcess:
             self._thread.join(10)
             self._loop.close()
             self._loop = None
-            _sink.files.remove(self._log_file)
-            self._log_file.close()
+            with _sink.lock:
+                _sink.files.pop(self._thread.ident).close()
 
     def __enter__(self) -> InProcess:
         return self
