@@ -3,12 +3,16 @@
 `InProcess` runs `create_app(settings)` on an event loop in a thread of its own, through the ASGI
 lifespan as uvicorn runs it (the runner, the webhook worker and the projector all start), with a
 real SQLite file in `data_dir` and its first admin key issued as `serve` issues it. Its clients
-are sync `httpx.Client`s whose requests go to the app through `httpx.ASGITransport`: no port, no
-process start-up. It has the public surface of `tests.server.Server` (`base_url`, `client`,
-`http`, `token`, `admin_token`, `data_dir`, `output`, `stop`), so a fixture switches by one line.
+are sync `httpx.Client`s whose requests go to the app through `httpx.ASGITransport`, answers
+streamed as the app sends them (the activity stream works): no port, no process start-up. It has
+the public surface of `tests.server.Server` (`base_url`, `client`, `http`, `token`,
+`admin_token`, `data_dir`, `output`, `stop`), so a fixture switches by one line.
 
-What it cannot do, a real `Server` does: kill -9, signals, streams (ASGITransport answers once
-the app has finished the response), raw sockets, the CLI's `serve`.
+What it cannot do, a real `Server` does: kill -9, signals, uvicorn and the guards `serve` puts
+in front of the app, raw sockets, the CLI's `serve`, memory measured per process. Runs of
+process agents (shell, exec) stay on real servers too: they make the process a child subreaper.
+A second SQLite connection to the app's file from this process must not be opened with
+`events.open_log` (see `InProcess.log`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from service.app import create_app
 from service.cli import first_admin_key
 from service.logs import configure
 from service.settings import from_env
-from tests.server import API
+from tests.server import API, starter
 
 
 class _LogSink(io.TextIOBase):
@@ -281,16 +285,7 @@ def app_server(tmp_path):
 @pytest.fixture
 def make_app_server(tmp_path):
     """Start in-process apps with explicit settings: `make_app_server(MC_MAX_CONCURRENT=5)`."""
-    started: list[InProcess] = []
-
-    def make(data_dir: Path | None = None, **env) -> InProcess:
-        s = InProcess(data_dir or tmp_path / f"data-{len(started)}", env).start()
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
+    yield from starter(InProcess, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -175,10 +175,16 @@ def server(tmp_path):
 @pytest.fixture
 def make_server(tmp_path):
     """Start servers with explicit settings: `make_server(MC_MAX_CONCURRENT=5)`."""
-    started: list[Server] = []
+    yield from starter(Server, tmp_path)
 
-    def make(data_dir: Path | None = None, **env) -> Server:
-        s = Server(data_dir or tmp_path / f"data-{len(started)}", env).start()
+
+def starter(kind, tmp_path: Path):
+    """Yields `make(data_dir=None, **env)`, which starts a `kind` (a `Server`, or an
+    `InProcess`) on a fresh data dir by default; all it started are stopped at the end."""
+    started = []
+
+    def make(data_dir: Path | None = None, **env):
+        s = kind(data_dir or tmp_path / f"data-{len(started)}", env).start()
         started.append(s)
         return s
 
