@@ -173,11 +173,16 @@ class InProcess:
         self._thread.start()
         with _sink.lock:
             _sink.files[self._thread.ident] = open(self.log_path, "a")
-        token = self.call(first_admin_key(self.settings), timeout)
-        self.admin_token = token or (self.data_dir / "admin-token").read_text().strip()
-        self.app = create_app(self.settings)
-        self.state: dict = {}
-        self._lifespan = self.call(self._start_lifespan(), timeout)
+        self._lifespan = None
+        try:
+            token = self.call(first_admin_key(self.settings), timeout)
+            self.admin_token = token or (self.data_dir / "admin-token").read_text().strip()
+            self.app = create_app(self.settings)
+            self.state: dict = {}
+            self._lifespan = self.call(self._start_lifespan(), timeout)
+        except BaseException:
+            self.stop()  # no loop thread left behind by a start that failed
+            raise
         return self
 
     async def _start_lifespan(self) -> tuple[asyncio.Task, asyncio.Queue]:
@@ -252,11 +257,12 @@ class InProcess:
         for client in self._clients:
             client.close()
         self._clients.clear()
-        task, inbox = self._lifespan
 
         async def shut_down() -> None:
-            await inbox.put({"type": "lifespan.shutdown"})
-            await task
+            if self._lifespan is not None:
+                task, inbox = self._lifespan
+                await inbox.put({"type": "lifespan.shutdown"})
+                await task
 
         try:
             self.call(shut_down())
