@@ -219,8 +219,11 @@ class SqliteLog(EventLog):
     async def open(self) -> None:
         # Private whatever the umask: the log holds every task and key hash. SQLite gives the
         # -wal and -shm files the mode of the database file, so creating that one 0600 suffices.
+        # Only a file that does not exist yet is made here: closing a descriptor of a file this
+        # process has open through SQLite would drop SQLite's POSIX locks on it.
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         loop = asyncio.get_running_loop()
         with _translated():
             await loop.run_in_executor(self._writer_thread, self._open_writer)

@@ -17,6 +17,7 @@ from events import RecordedEvent, typed
 from projections import approvals as approval_model
 from projections import presence as presence_model
 from projections import tasks as task_model
+from tests.inprocess import InProcess
 from tests.server import Server
 
 T = TypeVar("T")
@@ -27,7 +28,7 @@ could exceed it: these servers raise it out of the way."""
 
 
 def post_racing(
-    server: Server, path: str, body: dict | None, key: dict[str, str], clients: int
+    server: Server | InProcess, path: str, body: dict | None, key: dict[str, str], clients: int
 ) -> list[httpx.Response]:
     """The same POST (`body` None: none) from `clients` clients at once, each on its own connection."""
     senders = [server.client() for _ in range(clients)]
@@ -37,14 +38,19 @@ def post_racing(
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
-    """One real `mission-control serve` per test module, with the rate limit out of the way.
+    """One app in this process per test module, with the rate limit out of the way.
     Afterwards its log must hold no unhandled error: a 500 is always a bug."""
-    started = Server(tmp_path_factory.mktemp("api") / "data", UNLIMITED).start()
+    started = InProcess(tmp_path_factory.mktemp("api") / "data", UNLIMITED).start()
     try:
         yield started
     finally:
         started.stop()
-    errors = [line for line in started.output().splitlines() if "unhandled error" in line]
+    no_unhandled_errors(started)
+
+
+def no_unhandled_errors(server: Server | InProcess) -> None:
+    """Asserts the server logged no unhandled error: a 500 is always a bug."""
+    errors = [line for line in server.output().splitlines() if "unhandled error" in line]
     assert not errors, f"the server logged {len(errors)} unhandled errors, the first: {errors[0][:3000]}"
 
 

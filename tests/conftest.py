@@ -9,9 +9,10 @@ import pytest
 
 from events import EventLog
 
-# Fixtures for tests that talk HTTP to a real server: `server`, `make_server`, `shared_server`
-# (tests/server.py) and `api_server` (tests/api_helpers.py).
-pytest_plugins = ["tests.server", "tests.api_helpers"]
+# Fixtures for tests that talk HTTP: to a real server, `server`, `make_server`, `shared_server`
+# (tests/server.py); to the app in this process, `app_server`, `make_app_server`,
+# `shared_app_server` (tests/inprocess.py); and `api_server` (tests/api_helpers.py).
+pytest_plugins = ["tests.server", "tests.inprocess", "tests.api_helpers"]
 
 # --- event logs ----------------------------------------------------------------
 #

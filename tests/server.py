@@ -137,7 +137,11 @@ class Server(Process):
         """An HTTP client for the API; `token=None` means the admin key, `token=""` none at all."""
         token = self.admin_token if token is None else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        client = httpx.Client(base_url=self.base_url + API, headers=headers, timeout=30, **options)
+        return self.http(base_url=self.base_url + API, headers=headers, **options)
+
+    def http(self, **options) -> httpx.Client:
+        """A client with no key for any path of the server (`/healthz`, `/metrics`, ...)."""
+        client = httpx.Client(**{"base_url": self.base_url, "timeout": 30, **options})
         self._clients.append(client)
         return client
 
@@ -171,10 +175,16 @@ def server(tmp_path):
 @pytest.fixture
 def make_server(tmp_path):
     """Start servers with explicit settings: `make_server(MC_MAX_CONCURRENT=5)`."""
-    started: list[Server] = []
+    yield from starter(Server, tmp_path)
 
-    def make(data_dir: Path | None = None, **env) -> Server:
-        s = Server(data_dir or tmp_path / f"data-{len(started)}", env).start()
+
+def starter(kind, tmp_path: Path):
+    """Yields `make(data_dir=None, **env)`, which starts a `kind` (a `Server`, or an
+    `InProcess`) on a fresh data dir by default; all it started are stopped at the end."""
+    started = []
+
+    def make(data_dir: Path | None = None, **env):
+        s = kind(data_dir or tmp_path / f"data-{len(started)}", env).start()
         started.append(s)
         return s
 

@@ -12,8 +12,8 @@ LIMIT = 5
 RACERS = 50
 
 
-def test_fifty_simultaneous_runs_admit_exactly_the_limit(make_server):
-    api = make_server(MC_MAX_CONCURRENT=str(LIMIT), **UNLIMITED)
+def test_fifty_simultaneous_runs_admit_exactly_the_limit(make_app_server):
+    api = make_app_server(MC_MAX_CONCURRENT=str(LIMIT), **UNLIMITED)
     c = api.client()
     # Runs that last 10 s: every admitted run still holds its slot when the race is over.
     ids = []
@@ -23,10 +23,10 @@ def test_fifty_simultaneous_runs_admit_exactly_the_limit(make_server):
         assert response.status_code == 201
         ids.append(response.json()["id"])
 
-    # One client (one connection) per racer, connected beforehand, released together.
+    # One client per racer, each warmed up beforehand, released together.
     clients = [api.client() for _ in ids]
     for client in clients:
-        assert client.get("/overview").status_code == 200  # opens the connection
+        assert client.get("/overview").status_code == 200
     gate = threading.Barrier(RACERS)
     answers: dict[str, httpx.Response] = {}
 

@@ -1,4 +1,4 @@
-"""Agents and projects through a real `mission-control serve` on loopback: the registry's routes,
+"""Agents and projects through the app in this process: the registry's routes,
 their refusals (with the log head unchanged), idempotency, and a paused agent taking no runs."""
 
 

@@ -1,10 +1,9 @@
-"""The task lifecycle of API.md through a real `mission-control serve` on loopback: every task,
-approval, presence, overview and log route, every row of the status-code table, and for every
-refused request, the log head unchanged."""
+"""The task lifecycle of API.md through the app in this process (a real server where the client
+is a raw socket): every task, approval, presence, overview and log route, every row of the
+status-code table, and for every refused request, the log head unchanged."""
 
 from tests.server import cli
 
-import asyncio
 import json
 import socket
 import uuid
@@ -14,11 +13,12 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from events import Meta, open_log
+from events import Meta
 from events import types as t
-from projections.readmodels import read_models
 from service.work.runner import ECHO_AGENT_ID
-from tests.api_helpers import as_json, head, log_unchanged, post_racing, read_log, refused, wait_for
+from tests.api_helpers import (
+    as_json, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, wait_for,
+)
 
 MiB = 1024 * 1024
 LONG = {"echo": {"delayMs": 60_000, "chunks": 1}}
@@ -512,24 +512,14 @@ def test_presence_marks_and_clears_watchers(c):
 
 def test_presence_expires_at_read_time(c, api_server):
     """API.md fixes the live time at 60 s; waiting that long is too slow for a test, so a mark
-    with a 3 s lifetime is appended to the same log by this process (the log allows a second
-    writer, as the CLI does). Expiry is then judged at read time, with no event to clear it."""
+    with a 3 s lifetime is appended to the app's log by the test. Expiry is then judged at read
+    time, with no event to clear it."""
     task = create(c)
     assert c.post(f"/tasks/{task['id']}/presence", json={"deviceId": "steady"}).status_code == 204
-
-    async def mark_briefly():
-        log = open_log(str(api_server.data_dir / "mission-control.db"))
-        read_models(log)  # the presence mark is projected as the server's own appends are
-        await log.open()
-        try:
-            await log.append(
-                f"presence-{task['id']}", [t.PresenceMarked(task_id=task["id"], device_id="brief", ttl_seconds=3)],
-                meta=Meta(actor="test"),
-            )
-        finally:
-            await log.close()
-
-    asyncio.run(mark_briefly())
+    api_server.call(api_server.log.append(
+        f"presence-{task['id']}", [t.PresenceMarked(task_id=task["id"], device_id="brief", ttl_seconds=3)],
+        meta=Meta(actor="test"),
+    ))
     assert sorted(get(c, task["id"])["watchers"]) == ["brief", "steady"]
     wait_for(lambda: get(c, task["id"])["watchers"] == ["steady"], what="the brief mark to expire")
     stream = c.get("/events", params={"stream": f"presence-{task['id']}"}).json()["events"]
@@ -867,21 +857,22 @@ def test_approval_routes_refuse_bad_uuids_and_unknown_approvals(c):
         refused(c.post(f"/approvals/{uuid.uuid4()}/resolve", json={"decision": "approve"}), 404, "not_found")
 
 
-def test_a_client_leaving_mid_body_is_no_server_error(c, api_server):
-    with log_unchanged(c):
-        with socket.create_connection(("127.0.0.1", api_server.port)) as raw:
+def test_a_client_leaving_mid_body_is_no_server_error(server):
+    """On a real server: the client is a raw socket that closes half way through its body."""
+    with log_unchanged(server.client()):
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
             raw.sendall(
                 b"POST /api/mission-control/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Authorization: Bearer " + api_server.admin_token.encode() + b"\r\n"
+                b"Authorization: Bearer " + server.admin_token.encode() + b"\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"type": "prompt", '
             )
 
         def answered() -> list[dict]:
-            lines = (json.loads(x) for x in api_server.output().splitlines() if x.startswith("{"))
+            lines = (json.loads(x) for x in server.output().splitlines() if x.startswith("{"))
             return [x for x in lines if x.get("route") == "create_task" and x.get("status") == 499]
 
         wait_for(answered, what="the access log line of the abandoned request")
-    # (api_server asserts at the end of the module that nothing was logged as an unhandled error)
+    no_unhandled_errors(server)
 
 
 def test_unknown_routes_and_methods(c):

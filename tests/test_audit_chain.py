@@ -1,6 +1,6 @@
 """The chain catches tampering with the log file at the exact position, and digests catch rewrites.
 
-Each case edits the SQLite file under a running server as an attacker with file access
+Each case edits the SQLite file under the running app as an attacker with file access
 would (triggers dropped), asks `mission-control verify` and GET /audit/verify, and puts the
 events back as they were.
 """
@@ -19,22 +19,23 @@ import pytest
 from events import RecordedEvent, chain_hash
 from tests.audit_sqlite import database, recorded, replace_events
 from tests.audit_tools import rehashed, settled, standalone
-from tests.server import Server, cli
+from tests.inprocess import InProcess
+from tests.server import cli
 
 K, J = 6, 10  # the positions the cases tamper with
 
 
 @pytest.fixture(scope="module")
-def live(shared_server) -> Server:
+def live(shared_app_server) -> InProcess:
     """A server with a few finished runs in its log, and nothing more going on."""
-    client = shared_server.client()
+    client = shared_app_server.client()
     for n in range(4):
         task = client.post("/tasks", json={"type": "prompt", "title": f"t{n}", "content": f"say {n}"}).json()
         if n % 2:
             client.post(f"/tasks/{task['id']}/run").raise_for_status()
             settled(client, task["id"])
-    assert len(recorded(database(shared_server.data_dir))) > J + 2
-    return shared_server
+    assert len(recorded(database(shared_app_server.data_dir))) > J + 2
+    return shared_app_server
 
 
 def _modified(events: list[RecordedEvent]) -> list[RecordedEvent]:
@@ -123,8 +124,8 @@ def _verify_export(data_dir: Path, tmp_path: Path, *digest: str) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def digested_source(tmp_path_factory) -> tuple[Path, int, str]:
-    """A stopped server's data dir, its log with a digest taken midway and more appended after."""
-    server = Server(tmp_path_factory.mktemp("digested") / "data").start()
+    """A stopped app's data dir, its log with a digest taken midway and more appended after."""
+    server = InProcess(tmp_path_factory.mktemp("digested") / "data").start()
     try:
         client = server.client()
         for n in range(3):

@@ -27,14 +27,14 @@ ROUND_TRIP_EVENTS = int(os.environ.get("MC_AUDIT_EVENTS", 100_000))
 # --- export ----------------------------------------------------------------------------------
 
 
-def test_get_events_as_ndjson_serves_the_export_byte_for_byte(shared_server):
-    client = shared_server.client()
+def test_get_events_as_ndjson_serves_the_export_byte_for_byte(shared_app_server):
+    client = shared_app_server.client()
     for n in range(3):
         task = client.post("/tasks", json={"type": "prompt", "content": f"line {n}\n\u00e9\u2028"}).json()
         client.post(f"/tasks/{task['id']}/run").raise_for_status()
         settled(client, task["id"])
     served = client.get("/events", headers={"Accept": "application/x-ndjson"})
-    exported = cli(shared_server.data_dir, "export")
+    exported = cli(shared_app_server.data_dir, "export")
     assert served.content == exported.stdout.encode()
     head = client.get("/events", params={"limit": 1}).json()["head"]
     assert len(served.content.splitlines()) == head

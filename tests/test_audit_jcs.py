@@ -19,7 +19,8 @@ from events import GENESIS_HASH, RecordedEvent, canonical_json
 from tests.audit_sqlite import database, recorded, replace_events
 from tests.audit_tools import rehashed, standalone
 from tests.chain_audit import audit, verify_export
-from tests.server import Server, cli
+from tests.inprocess import InProcess
+from tests.server import cli
 
 # 😀 and 🚀 sort after U+E000-U+FFFF by code point, before them by UTF-16 code unit.
 MIXED = {
@@ -30,17 +31,17 @@ CODE_POINT_ORDER = "hashed with code-point key order (the pre-RFC 8785 canonical
 
 
 @pytest.fixture(scope="module")
-def mixed(shared_server) -> Server:
+def mixed(shared_app_server) -> InProcess:
     """A log whose task metadata and agent config hold MIXED, created and updated over HTTP."""
-    client = shared_server.client()
+    client = shared_app_server.client()
     task = client.post("/tasks", json={"type": "prompt", "content": "jcs", "metadata": MIXED}).json()
     client.patch(f"/tasks/{task['id']}", json={"metadata": {"\U0001F600": MIXED, "\ue000": [MIXED]}}).raise_for_status()
     agent = client.post("/agents", json={"name": "jcs", "kind": "echo", "config": MIXED}).json()
     client.patch(f"/agents/{agent['id']}", json={"config": {"list": [MIXED], "\ufffd": 0}}).raise_for_status()
-    return shared_server
+    return shared_app_server
 
 
-def export_of(server: Server) -> bytes:
+def export_of(server: InProcess) -> bytes:
     return server.client().get("/events", headers={"Accept": "application/x-ndjson"}).content
 
 

@@ -122,8 +122,8 @@ class Driver:
         wait_for(quiet, 30, "every run to end")
 
 
-def test_rebuilt_read_models_equal_the_live_ones(make_server, tmp_path):
-    server = make_server(MC_RATE_LIMIT_PER_SECOND="0")  # the driver is a busy client, not the subject
+def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
+    server = make_app_server(MC_RATE_LIMIT_PER_SECOND="0")  # the driver is a busy client, not the subject
     driver = Driver(server.client(), seed=7)
     for _ in range(COMMANDS):
         driver.step()

@@ -18,7 +18,8 @@ from events import RecordedEvent, decode
 from events import types as t
 from tests.audit_sqlite import database, read_models
 from tests.audit_tools import differences, settled
-from tests.server import Server, cli
+from tests.inprocess import InProcess
+from tests.server import cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-log.ndjson"
 LINES = FIXTURE.read_bytes().splitlines(keepends=True)
@@ -36,14 +37,13 @@ def imported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def v1_server(imported, tmp_path_factory):
-    """A server on a copy of the imported log, with an admin key of our own (the log's is unknown)."""
+    """The app on a copy of the imported log, with an admin key of our own (the log's is unknown)."""
     data_dir = tmp_path_factory.mktemp("served") / "data"
     shutil.copytree(imported, data_dir)
     token = cli(data_dir, "token", "create", "--user", "auditor", "--scopes", "admin").stdout.splitlines()[-1]
     (data_dir / "admin-token").write_text(token)
-    s = Server(data_dir).start()
-    yield s
-    s.stop()
+    with InProcess(data_dir).start() as s:
+        yield s
 
 
 def test_the_fixture_is_a_v1_log_of_a_type_now_at_v2():

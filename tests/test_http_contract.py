@@ -7,7 +7,6 @@ import uuid
 
 import json
 
-import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -22,8 +21,8 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def c(shared_server):
-    return shared_server.client()
+def c(shared_app_server):
+    return shared_app_server.client()
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +143,13 @@ def test_depends_on_naming_a_task_twice_is_refused(c, task):
     assert other.status_code == 201 and other.json()["dependsOn"] == [task["id"]]
 
 
-def test_a_request_id_over_200_characters_is_replaced_not_cut(shared_server, c):
+def test_a_request_id_over_200_characters_is_replaced_not_cut(shared_app_server, c):
     long_id = "r" * 300
     answer = c.get("/tasks", headers={"X-Request-ID": long_id})
     assert answer.status_code == 200
     uuid.UUID(answer.headers["x-request-id"])  # a fresh id, not the first 200 of the client's
-    kept = httpx.get(shared_server.base_url + API + "/tasks", headers={
-        "X-Request-ID": "r" * 200, "Authorization": f"Bearer {shared_server.admin_token}"})
+    kept = shared_app_server.http().get(API + "/tasks", headers={
+        "X-Request-ID": "r" * 200, "Authorization": f"Bearer {shared_app_server.admin_token}"})
     assert kept.headers["x-request-id"] == "r" * 200
 
 
@@ -169,8 +168,8 @@ def test_a_types_filter_naming_no_event_type_is_refused(c):
     assert c.get("/events", params={"types": "task.completed,presence.,agent*"}).status_code == 200
 
 
-def test_the_openapi_document_states_the_limits_the_server_enforces(shared_server):
-    document = httpx.get(shared_server.base_url + "/openapi.json").json()
+def test_the_openapi_document_states_the_limits_the_server_enforces(shared_app_server):
+    document = shared_app_server.http().get("/openapi.json").json()
     components = document["components"]["schemas"]
 
     def parameter(path: str, method: str, name: str) -> dict:

@@ -15,7 +15,7 @@ from tests.server import API
 
 def scrape(server, token: str | None = None) -> dict[tuple[str, frozenset], float]:
     """The server's samples, keyed by name and labels."""
-    answer = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {token or server.admin_token}"})
+    answer = server.http().get("/metrics", headers={"Authorization": f"Bearer {token or server.admin_token}"})
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("text/plain")
     return {
@@ -38,22 +38,23 @@ def wait_for(condition, what: str, timeout: float = 15):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_metrics_need_the_admin_scope(shared_server):
-    url = shared_server.base_url + "/metrics"
-    assert httpx.get(url).status_code == 401
-    reader = shared_server.token("reader", "task:read,audit:read")
-    assert httpx.get(url, headers={"Authorization": f"Bearer {reader}"}).status_code == 403
-    assert httpx.get(url, headers={"Authorization": f"Bearer {shared_server.admin_token}"}).status_code == 200
+def test_metrics_need_the_admin_scope(app_server):
+    http, url = app_server.http(), "/metrics"
+    assert http.get(url).status_code == 401
+    reader = app_server.token("reader", "task:read,audit:read")
+    assert http.get(url, headers={"Authorization": f"Bearer {reader}"}).status_code == 403
+    assert http.get(url, headers={"Authorization": f"Bearer {app_server.admin_token}"}).status_code == 200
 
 
-def test_metrics_can_be_made_public(make_server):
-    public = make_server(MC_METRICS_PUBLIC="1")
-    answer = httpx.get(public.base_url + "/metrics")
+def test_metrics_can_be_made_public(make_app_server):
+    public = make_app_server(MC_METRICS_PUBLIC="1")
+    answer = public.http().get("/metrics")
     assert answer.status_code == 200
     assert "mc_log_head" in answer.text
 
 
-def test_metrics_follow_requests_appends_runs_and_subscribers(server):
+def test_metrics_follow_requests_appends_runs_and_subscribers(app_server):
+    server = app_server
     client = server.client()
     before = scrape(server)
     task = client.post("/tasks", json={"type": "prompt", "content": "count me"}).json()
@@ -82,14 +83,15 @@ def test_metrics_follow_requests_appends_runs_and_subscribers(server):
     assert value(after, "mc_run_slots") == 5
 
 
-def test_stream_subscribers_are_counted_while_connected(server):
+def test_stream_subscribers_are_counted_while_connected(app_server):
+    server = app_server
     assert value(scrape(server), "mc_stream_subscribers") == 0
     connected = threading.Event()
     stop = threading.Event()
 
     def listen():
         headers = {"Authorization": f"Bearer {server.admin_token}"}
-        with httpx.stream("GET", server.base_url + API + "/activity/stream", headers=headers, timeout=30) as answer:
+        with server.http().stream("GET", API + "/activity/stream", headers=headers, timeout=30) as answer:
             connected.set()
             for _ in answer.iter_lines():
                 if stop.is_set():

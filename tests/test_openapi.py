@@ -20,6 +20,7 @@ from service.app import create_app
 from service.http.auth import SCOPES
 from service.work.runner import ECHO_AGENT_ID
 from service.settings import Settings
+from tests.inprocess import InProcess
 from tests.server import API, Server
 
 # Every route of /work/shared/API.md: the document must describe each one.
@@ -60,14 +61,22 @@ CHECKS = {"enabled": False, **{name: {"enabled": True} for name in (
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
+    """A real server: schemathesis sends its requests to an address."""
     s = Server(tmp_path_factory.mktemp("openapi") / "data", FUZZ_ENV).start()
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def document(fuzzed) -> dict:
-    answer = httpx.get(fuzzed.base_url + "/openapi.json")  # no key: the document is public
+def app(tmp_path_factory):
+    """The app in this process, for the checks that go route by route."""
+    with InProcess(tmp_path_factory.mktemp("openapi-in-process") / "data", FUZZ_ENV).start() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def document(app) -> dict:
+    answer = app.http().get("/openapi.json")  # no key: the document is public
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("application/json")
     return answer.json()
@@ -137,7 +146,7 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
         "status", "desktopId", "agentId", "projectId", "search", "archived", "limit", "offset"}
 
 
-def _scoped_keys(target: Server) -> dict[str, tuple[str, str]]:
+def _scoped_keys(target: InProcess) -> dict[str, tuple[str, str]]:
     """Per scope: a key with that scope alone, and one with every other scope but admin; all as `admin`
     so that they see the same tasks."""
     others = [s for s in SCOPES if s != "admin"]
@@ -160,17 +169,17 @@ def _pending_approval(client: httpx.Client) -> str:
     raise AssertionError("the echo run never reached review")
 
 
-def test_every_route_needs_the_scope_the_document_names(fuzzed, document):
-    admin = fuzzed.client()
+def test_every_route_needs_the_scope_the_document_names(app, document):
+    admin = app.client()
     ids = {
         "task_id": admin.post("/tasks", json={"type": "prompt", "content": "scoped"}).json()["id"],
         "agent_id": ECHO_AGENT_ID,
         "project_id": admin.post("/projects", json={"name": "scoped"}).json()["id"],
         "approval_id": _pending_approval(admin),
     }
-    keys = _scoped_keys(fuzzed)
+    keys = _scoped_keys(app)
     checked = 0
-    with httpx.Client(base_url=fuzzed.base_url, timeout=30) as http:
+    with app.http() as http:
         for path, method, operation in operations(document):
             if not operation["security"]:
                 continue
@@ -187,10 +196,10 @@ def test_every_route_needs_the_scope_the_document_names(fuzzed, document):
     assert checked == sum(1 for *_, op in operations(document) if op["security"])
 
 
-def test_the_public_routes_need_no_key(fuzzed, document):
+def test_the_public_routes_need_no_key(app, document):
     for path, method, operation in operations(document):
         if not operation["security"]:
-            assert httpx.request(method, fuzzed.base_url + path).status_code == 200, path
+            assert app.http().request(method, path).status_code == 200, path
 
 
 def _config(target: Server | None = None) -> schemathesis.Config:

@@ -1,9 +1,9 @@
-"""Random command sequences against a real server; after every step the read models equal a
+"""Random command sequences against the service; after every step the read models equal a
 fresh fold of the log, and the overview equals counting the tasks.
 
-It drives a real `mission-control serve` (module-scoped) rather than the ASGI app in process:
-the runner, the projector in the append transaction and the HTTP layer are then exactly what a
-user runs, and one server for all examples keeps the test quick. Examples need no fresh server:
+It drives the whole app in this process (`api_server`, module-scoped), under its lifespan: the
+runner, the projector in the append transaction and the HTTP layer from the middleware on are
+what a user runs, and one app for all examples keeps the test quick. Examples need no fresh one:
 each checks its own tasks and approvals, and the overview's change since it began, so a failure
 shrinks to the steps of one example; the whole log is checked once more at the end.
 Besides the invariant, each command's answer is checked against the state machine of API.md.

@@ -142,8 +142,8 @@ def test_the_scope_each_route_declares_is_the_contracts():
             assert declared == needed_scope(method, path), f"{method} {path} declares {declared}"
 
 
-def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared_server):
-    s = shared_server
+def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared_app_server):
+    s = shared_app_server
     lacking = {scope: ",".join(x for x in SCOPES if x not in (scope, "admin")) for scope in SCOPES}
     wanted = {f"without-{scope}": scopes for scope, scopes in lacking.items()} | {f"only-{x}": x for x in SCOPES}
     keys = {name: s.client(token) for name, token in tokens(s, wanted).items()}
@@ -177,8 +177,8 @@ def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared
         assert response.status_code not in (401, 403), f"{method} {template} with {scope}: {response.status_code}"
 
 
-def test_only_admin_registers_or_changes_a_shell_agent(shared_server):
-    s = shared_server
+def test_only_admin_registers_or_changes_a_shell_agent(shared_app_server):
+    s = shared_app_server
     operator = s.client(s.token("operator", "agent:write"))
     refused(operator.post("/agents", json={"name": "sh", "kind": "shell"}), 403, "forbidden", ("admin",))
     assert operator.post("/agents", json={"name": "echo-2", "kind": "echo"}).status_code == 201
@@ -211,9 +211,9 @@ def test_only_admins_and_allowed_users_run_tasks_on_a_shell_agent(shared_server)
     assert trent.post(f"/tasks/{task.json()['id']}/run").status_code == 200
 
 
-def test_metrics_are_public_only_when_configured(make_server):
-    s = make_server(MC_METRICS_PUBLIC="1")
-    assert httpx.get(s.base_url + "/metrics").status_code == 200
+def test_metrics_are_public_only_when_configured(make_app_server):
+    s = make_app_server(MC_METRICS_PUBLIC="1")
+    assert s.http().get("/metrics").status_code == 200
 
 
 # --- keys are shown once and stored as hashes ----------------------------------------------
@@ -268,8 +268,8 @@ def _answers(url: str) -> bool:
 # --- what every append records -----------------------------------------------------------
 
 
-def test_every_appended_event_records_the_actor_and_the_request_id(shared_server):
-    s = shared_server
+def test_every_appended_event_records_the_actor_and_the_request_id(shared_app_server):
+    s = shared_app_server
     admin = s.client()
     token = s.token("alice-meta", "task:read,task:write")
     key_id(s, token)  # the server has seen what the CLI appended: it is before `before`
@@ -322,8 +322,8 @@ def test_every_appended_event_records_the_actor_and_the_request_id(shared_server
 # --- the rate limit ------------------------------------------------------------------------
 
 
-def test_each_key_has_its_own_token_bucket(make_server):
-    s = make_server(MC_RATE_LIMIT_BURST="5", MC_RATE_LIMIT_PER_SECOND="1")
+def test_each_key_has_its_own_token_bucket(make_app_server):
+    s = make_app_server(MC_RATE_LIMIT_BURST="5", MC_RATE_LIMIT_PER_SECOND="1")
     admin, bob = s.client(), s.client(s.token("bob-rate", "task:read"))
     for _ in range(5):
         assert admin.get("/tasks").status_code == 200
@@ -331,7 +331,7 @@ def test_each_key_has_its_own_token_bucket(make_server):
     refused(limited, 429, "rate_limited")
     assert limited.headers["retry-after"] == "1"
     assert bob.get("/tasks").status_code == 200, "another key's bucket is its own"
-    assert httpx.get(s.base_url + "/healthz").status_code == 200, "public routes are not limited"
+    assert s.http().get("/healthz").status_code == 200, "public routes are not limited"
     time.sleep(int(limited.headers["retry-after"]))  # the wait the server asked for, not synchronisation
     assert admin.get("/tasks").status_code == 200
 
@@ -339,9 +339,9 @@ def test_each_key_has_its_own_token_bucket(make_server):
 # --- request limits ---------------------------------------------------------------------
 
 
-def test_nesting_and_string_limits_and_the_content_type(shared_server):
+def test_nesting_and_string_limits_and_the_content_type(shared_app_server):
     """The bounds themselves (test_security_input throws the grossly oversized at every route)."""
-    admin = shared_server.client()
+    admin = shared_app_server.client()
     task = {"type": "prompt", "content": "x"}
     nested = {"type": "prompt", "content": "x", "metadata": {"a": json.loads("[" * 40 + "]" * 40)}}
     with log_unchanged(admin):
@@ -351,8 +351,8 @@ def test_nesting_and_string_limits_and_the_content_type(shared_server):
     assert admin.post("/tasks", json={**task, "metadata": {"a": [[[1]]]}, "title": "t" * 1000}).status_code == 201
 
 
-def test_access_token_in_the_query_is_for_the_stream_only_and_never_logged(shared_server):
-    s = shared_server
+def test_access_token_in_the_query_is_for_the_stream_only_and_never_logged(shared_app_server):
+    s = shared_app_server
     token = s.token("dana", "task:read,audit:read")
     anonymous = s.client("")
     ids = []

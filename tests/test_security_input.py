@@ -52,9 +52,9 @@ HOSTILE_BODIES = {
 
 
 @pytest.fixture(scope="module")
-def ids(shared_server):
+def ids(shared_app_server):
     """A real thing of each kind, so that hostile requests reach the body and query parsing."""
-    admin = shared_server.client()
+    admin = shared_app_server.client()
     task = admin.post("/tasks", json={"type": "prompt", "content": "target"}).json()["id"]
     review = admin.post("/tasks", json={"type": "prompt", "content": "r", "requiresApproval": True}).json()["id"]
     admin.post(f"/tasks/{review}/run")
@@ -81,17 +81,17 @@ def api_endpoints(methods: set[str]) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def admin(shared_server) -> httpx.Client:
+def admin(shared_app_server) -> httpx.Client:
     """An admin key of the test's own: hundreds of requests a second would drain a shared one's bucket."""
-    token = shared_server.token("hostile-admin", "admin")
-    key_id(shared_server, token)  # the server has seen the CLI's appends before a test takes the head
-    return shared_server.client(token)
+    token = shared_app_server.token("hostile-admin", "admin")
+    key_id(shared_app_server, token)  # the server has seen the CLI's appends before a test takes the head
+    return shared_app_server.client(token)
 
 
-def test_hostile_bodies_on_every_route_that_changes_something(shared_server, ids, admin):
+def test_hostile_bodies_on_every_route_that_changes_something(shared_app_server, ids, admin):
     with log_unchanged(admin):
         for method, template in api_endpoints({"POST", "PATCH", "DELETE"}):
-            url = url_of(shared_server, template, ids)
+            url = url_of(shared_app_server, template, ids)
             for what, options in HOSTILE_BODIES.items():
                 content = options["content"]
                 response = admin.request(method, url, content=content() if callable(content) else content,
@@ -103,22 +103,22 @@ def test_hostile_bodies_on_every_route_that_changes_something(shared_server, ids
                     refused(response, 415, "unsupported_media_type")
                 else:
                     refused(response, 400)
-    assert httpx.get(shared_server.base_url + "/healthz").status_code == 200
+    assert shared_app_server.http().get("/healthz").status_code == 200
 
 
-def test_invalid_uuids_in_every_path_parameter(shared_server, ids, admin):
+def test_invalid_uuids_in_every_path_parameter(shared_app_server, ids, admin):
     with log_unchanged(admin):
         for method, template in api_endpoints({"GET", "POST", "PATCH", "DELETE"}):
             for name in re.findall(r"\{(\w+_id)\}", template):
                 for bad in BAD_IDS:
-                    response = status_of(admin, method, url_of(shared_server, template, ids, **{name: bad}))
+                    response = status_of(admin, method, url_of(shared_app_server, template, ids, **{name: bad}))
                     what = f"{method} {template} with {name}={bad[:20]!r}"
                     assert response.status_code == 400, f"{what}: {response.status_code}"
                     assert response.json()["code"] == "invalid_uuid", what
-    assert httpx.get(shared_server.base_url + "/healthz").status_code == 200
+    assert shared_app_server.http().get("/healthz").status_code == 200
 
 
-def test_sql_metacharacters_and_nul_in_query_parameters(shared_server, ids, admin):
+def test_sql_metacharacters_and_nul_in_query_parameters(shared_app_server, ids, admin):
     for text in SQL:  # data first: each payload as a title and a desktop label
         response = admin.post("/tasks", json={"type": "command", "content": "c", "title": f"x{text}y",
                                               "desktopId": text})
@@ -149,10 +149,10 @@ def test_sql_metacharacters_and_nul_in_query_parameters(shared_server, ids, admi
             # a `types` value that names no event type is refused, not matched against nothing
             assert admin.get("/events", params={"types": text}).status_code == 400
             assert status_of(admin, "GET", "/activity/stream", params={"types": text}).status_code == 400
-    assert httpx.get(shared_server.base_url + "/healthz").status_code == 200
+    assert shared_app_server.http().get("/healthz").status_code == 200
 
 
-def test_sql_metacharacters_and_unicode_in_every_string_field_are_stored_verbatim(shared_server, ids, admin):
+def test_sql_metacharacters_and_unicode_in_every_string_field_are_stored_verbatim(shared_app_server, ids, admin):
     for text in SQL + UNICODE:
         metadata = {text: text, "nested": [text, {"k": text}]}
         created = admin.post("/tasks", json={
@@ -186,7 +186,7 @@ def test_sql_metacharacters_and_unicode_in_every_string_field_are_stored_verbati
     assert audit(events) == log_head
 
 
-def test_nul_characters_in_body_strings_are_refused(shared_server, ids, admin):
+def test_nul_characters_in_body_strings_are_refused(shared_app_server, ids, admin):
     nul = "a\u0000b"
     attempts = [
         ("POST", "/tasks", {"type": "prompt", "content": nul}),

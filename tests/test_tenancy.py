@@ -13,7 +13,6 @@ import pytest
 
 from service.http.auth import default_project_id
 from tests.api_helpers import log_unchanged, refused, wait_for
-from tests.server import Server
 from tests.test_security import key_id
 
 TASK_READ_WRITE = "task:read,task:write,approval:write"
@@ -37,10 +36,10 @@ def approval_of(client: httpx.Client, task_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(shared_server):
+def world(shared_app_server):
     """Alice in project one, Bob in project two, each with a task in review and Bob with a
     pending one he watches; an auditor, and an auditor whose key is for project one."""
-    s: Server = shared_server
+    s = shared_app_server
     admin = s.client()
     one = admin.post("/projects", json={"name": "one", "members": ["alice"]}).json()["id"]
     two = admin.post("/projects", json={"name": "two", "members": ["bob"]}).json()["id"]
