@@ -26,9 +26,13 @@ def _env(name: str, default=None):
 
 
 def _data_dir(args, *, create: bool = False, **overrides) -> Settings:
-    """The command's settings, once its data dir is fit to use. Only `serve` and `import` create
-    one (`create`): any other command on a mistyped path must fail, not leave an empty log there."""
-    settings = from_env(data_dir=args.data_dir, **overrides)
+    """The command's settings, once its data dir is fit to use."""
+    return _fit_data_dir(from_env(data_dir=args.data_dir, **overrides), create)
+
+
+def _fit_data_dir(settings: Settings, create: bool) -> Settings:
+    """`settings` once its data dir is fit to use. Only `serve` and `import` create one
+    (`create`): any other command on a mistyped path must fail, not leave an empty log there."""
     path = Path(settings.data_dir)
     if path.exists() and not path.is_dir():
         raise _Failed(f"the data dir {path} is not a directory")
@@ -102,7 +106,7 @@ def serve(args) -> int:
         sock = serving.listen(settings.host, settings.port)
     except serving.AddressInUse as exc:
         return _fail(str(exc))
-    settings = _data_dir(args, create=True, host=args.host, port=args.port)
+    _fit_data_dir(settings, create=True)
     token = asyncio.run(first_admin_key(settings))
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
