@@ -31,9 +31,13 @@ def apikey(key_id: str) -> str:
     return f"apikey-{key_id}"
 
 
+def desktop(desktop_id: str) -> str:
+    return f"desktop-{desktop_id}"
+
+
 class Name(NamedTuple):
     kind: str
-    """task, presence, agent, project or apikey for a stream built here."""
+    """task, presence, agent, project, apikey or desktop for a stream built here."""
     id: str
 
 

@@ -15,7 +15,8 @@ import msgspec
 TaskType = Literal["prompt", "command"]
 OutputStream = Literal["stdout", "stderr", "text"]
 Decision = Literal["approve", "reject"]
-FailureKind = Literal["error", "exit", "timeout", "interrupted", "rejected"]
+FailureKind = Literal["error", "exit", "timeout", "interrupted", "rejected", "lost"]
+"""`lost`: the run's lease lapsed (its desktop stopped reporting, restarted, or its key was revoked)."""
 AgentKind = Literal["shell", "exec", "openai", "echo"]
 AgentStatus = Literal["active", "paused", "stopped", "error"]
 Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
@@ -74,10 +75,16 @@ class TaskArchived(EventData):
 
 
 class TaskStarted(EventData):
+    """The run is placed on a desktop: its lease starts here. Runs recorded before desktops existed
+    read as placed on an unnamed node desktop (`desktop_id` None, epoch 0)."""
+
     event_type: ClassVar[str] = "task.started"
     task_id: str
     run_id: str
     agent_id: str
+    desktop_id: str | None = None
+    lease_epoch: int = 0
+    """The desktop's epoch (its worker session) the run was placed under: the lease's fence."""
 
 
 class TaskOutput(EventData):
@@ -237,11 +244,66 @@ class ApiKeyIssued(EventData):
     scopes: list[str]
     token_hash: str
     project_id: str | None = None
+    desktop_id: str | None = None
+    """A `worker` key's desktop: the one desktop it may act as."""
 
 
 class ApiKeyRevoked(EventData):
     event_type: ClassVar[str] = "apikey.revoked"
     key_id: str
+
+
+# Desktops (stream `desktop-<name>`): a machine running a worker, or a node's own desktop
+
+DesktopOfflineReason = Literal["silent", "left", "revoked", "stopped"]
+"""silent: not heard from within a lease; left: its worker said goodbye; revoked: its key was
+revoked; stopped: its node shut down."""
+DrainedBy = Literal["admin", "worker"]
+
+
+class DesktopRegistered(EventData):
+    """A new worker session: the epoch moves on, and runs placed under an older one are lost."""
+
+    event_type: ClassVar[str] = "desktop.registered"
+    desktop_id: str
+    session_id: str
+    epoch: int
+    agents: list[AgentKind]
+    capacity: int
+    version: str = ""
+    hostname: str = ""
+    key_id: str | None = None
+    """The worker key the session registered with; None for a node's own desktop."""
+    node: bool = False
+    """A node's own desktop, run in a `serve` process."""
+
+
+class DesktopOnline(EventData):
+    """Heard from again after going offline (the same session), or resumed from a drain."""
+
+    event_type: ClassVar[str] = "desktop.online"
+    desktop_id: str
+    epoch: int
+
+
+class DesktopOffline(EventData):
+    event_type: ClassVar[str] = "desktop.offline"
+    desktop_id: str
+    epoch: int
+    reason: DesktopOfflineReason
+
+
+class DesktopDraining(EventData):
+    """It takes no new runs and finishes those it has."""
+
+    event_type: ClassVar[str] = "desktop.draining"
+    desktop_id: str
+    by: DrainedBy
+
+
+class DesktopRemoved(EventData):
+    event_type: ClassVar[str] = "desktop.removed"
+    desktop_id: str
 
 
 # Webhook deliveries: each attempt's outcome is on the record
@@ -285,6 +347,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ApprovalCreated, ApprovalResolved, PresenceMarked, PresenceCleared,
         AgentRegistered, AgentUpdated, AgentPaused, AgentResumed,
         ProjectCreated, ProjectUpdated, ApiKeyIssued, ApiKeyRevoked, WebhookAttempted,
+        DesktopRegistered, DesktopOnline, DesktopOffline, DesktopDraining, DesktopRemoved,
         LogRechained,
     )
 }

@@ -22,7 +22,8 @@ from projections.tasks import Task
 Code = Literal[
     "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
     "dependency_not_done", "concurrency_limit", "agent_unavailable", "run_over", "precondition_failed",
-    "conflict", "idempotency_conflict",
+    "conflict", "idempotency_conflict", "desktop_unavailable", "desktop_full", "lease_lost", "output_gap",
+    "not_registered",
 ]
 """Why a command was refused. The HTTP layer maps each to a status (service/http/bodies.py)."""
 
@@ -70,6 +71,25 @@ class ArchiveTask(Command):
     archived: bool = True
 
 
+class Placement(msgspec.Struct, kw_only=True):
+    """A desktop as placement sees it, under the admission lock."""
+
+    id: str
+    status: str
+    agents: list[str]
+    capacity: int
+    busy: int
+    epoch: int
+
+
+class Fence(msgspec.Struct, kw_only=True):
+    """Who reports on a run: the desktop and the epoch of the lease it holds. A report is accepted
+    only from the run's own desktop under the epoch it was placed with."""
+
+    desktop_id: str | None
+    epoch: int
+
+
 class StartRun(Command):
     run_id: str
     agent: Agent | None
@@ -80,6 +100,8 @@ class StartRun(Command):
     limit: int
     dependencies: dict[str, str | None]
     """Each dependsOn task id to its status (None if it does not exist)."""
+    desktops: list[Placement] = []
+    """Every desktop that is not removed, with how many runs it has."""
 
 
 class CancelTask(Command):
@@ -103,17 +125,26 @@ class RecordOutput(Command):
     run_id: str
     chunks: list[tuple[int, str, str]]
     """(seq, stream, chunk) in order."""
+    fence: Fence | None = None
 
 
 class RequestInput(Command):
     run_id: str
     prompt: str
+    fence: Fence | None = None
+    number: int = 1
+    """The run's questions counted from 1: a resend of one already recorded records nothing."""
+    after_seq: int | None = None
+    """The last output seq before the question (None: not checked)."""
 
 
 class FinishRun(Command):
     run_id: str
     approval_id: str
     result: str | None
+    fence: Fence | None = None
+    last_seq: int | None = None
+    """The run's last output seq once `output` is recorded (None: not checked)."""
     output: list[tuple[int, str, str]] = []
     """The run's last output, as in RecordOutput: recorded in the same append as its end."""
 
@@ -122,10 +153,20 @@ class FailRun(Command):
     run_id: str
     reason: t.FailureKind
     error: str
+    fence: Fence | None = None
+    last_seq: int | None = None
     exit_code: int | None = None
     result: str | None = None
     output: list[tuple[int, str, str]] = []
     """The run's last output, as in RecordOutput: recorded in the same append as its end."""
+
+
+class LoseRun(Command):
+    """The lease keeper's ending: the run's desktop stopped reporting, restarted, or lost its key."""
+
+    run_id: str
+    epoch: int
+    error: str
 
 
 # --- the task's decider ------------------------------------------------------
