@@ -181,17 +181,15 @@ class LocalDesktop:
         )
         self._freed.clear()
         polling = asyncio.ensure_future(self.reports.poll(self.who, body))
+        polling.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, if left
         freed = asyncio.ensure_future(self._freed.wait())
         try:
             await asyncio.wait([polling, freed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             freed.cancel()
-        if not polling.done():  # a slot came free while the poll was held: ask again with it
-            polling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await polling
-            return wire.PollAnswer()
-        return polling.result()
+            if not polling.done():  # a slot came free while the poll was held (or we stop): ask again
+                polling.cancel()
+        return polling.result() if polling.done() and not polling.cancelled() else wire.PollAnswer()
 
     def _execute(self, assignment: wire.Assignment) -> None:
         held = _Held(assignment)
