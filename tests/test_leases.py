@@ -54,6 +54,11 @@ async def _failures(log, task_id: str) -> list[t.TaskFailed]:
     return [decode(e) for e in await log.read_stream(streams.task(task_id), types=TypeFilter(["task.failed"]))]
 
 
+async def _offline_reasons(log, desktop_id: str) -> list[str]:
+    offline = await log.read_stream(streams.desktop(desktop_id), types=TypeFilter(["desktop.offline"]))
+    return [decode(e).reason for e in offline]
+
+
 async def test_a_lapse_is_recorded_between_one_and_a_quarter_leases_after_the_last_renewal(log_factory):
     log, models, commands = await _setup(log_factory)
     await _register(commands, "d1")
@@ -123,8 +128,7 @@ async def test_a_desktop_silent_past_a_lease_goes_offline_and_its_runs_are_lost(
         await keeper.sweep()
     quiet, chatty = await models.desktop("quiet"), await models.desktop("chatty")
     assert (quiet.status, chatty.status) == ("offline", "online")
-    offline = [decode(e) for e in await log.read_stream(streams.desktop("quiet"), types=TypeFilter(["desktop.offline"]))]
-    assert [o.reason for o in offline] == ["silent"]
+    assert await _offline_reasons(log, "quiet") == ["silent"]
     assert [(f.run_id, f.reason) for f in await _failures(log, task_id)] == [(run_id, "lost")]
     await keeper.sweep()
     assert len(await log.read_stream(streams.desktop("quiet"))) == 2  # registered, offline: once
@@ -148,5 +152,4 @@ async def test_a_revoked_worker_key_ends_its_desktops_runs_at_once(log_factory):
         await keeper.close()
     [failed] = await _failures(log, task_id)
     assert failed.reason == "lost" and "its worker key was revoked" in failed.error
-    offline = [decode(e) for e in await log.read_stream(streams.desktop("w1"), types=TypeFilter(["desktop.offline"]))]
-    assert [o.reason for o in offline] == ["revoked"]
+    assert await _offline_reasons(log, "w1") == ["revoked"]

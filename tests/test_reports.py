@@ -38,7 +38,8 @@ class Worker:
 
     def output(self, run: wire.Assignment, *seqs: int) -> int:
         chunks = [wire.Chunk(seq=seq, stream="stdout", chunk=f"line {seq}\n") for seq in seqs]
-        return self.app.call(self.reports.output(WORKER, run.run_id, run.lease, wire.OutputBatch(chunks=chunks))).acked_seq
+        batch = wire.OutputBatch(chunks=chunks)
+        return self.app.call(self.reports.output(WORKER, run.run_id, run.lease, batch)).acked_seq
 
     def finish(self, run: wire.Assignment, last_seq: int) -> str:
         ending = wire.Ending(outcome="done", result="fine", last_seq=last_seq)

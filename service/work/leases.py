@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
+from events import EventLog, Meta, RecordedEvent, TypeFilter, decode
 from events import types as t
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels

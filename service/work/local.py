@@ -28,7 +28,7 @@ from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans
 from service.work.executor import Executor, LeaseLost
-from service.work.reports import Reports, WorkerIdentity, worker_actor
+from service.work.reports import Reports, WorkerIdentity
 
 log = structlog.get_logger("mission_control.local")
 

@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import msgspec
-import structlog
 
 from events import EventLog, Meta, RecordedEvent, TypeFilter, canonical_json, decode, streams, typed
 from events import types as t
@@ -33,8 +32,6 @@ from service.commands.handling import Commands, Idempotency
 from service.settings import Settings
 from service.work import wire
 from service.work.leases import ENDINGS, LeaseStore, lapsed, lose
-
-logger = structlog.get_logger("mission_control.reports")
 
 CHUNK_BYTES = 16 * 1024
 FLUSH_MILLISECONDS = 50
@@ -165,11 +162,18 @@ class Reports:
         )
 
     async def _registered(self, who: WorkerIdentity, epoch: int) -> Desktop:
-        desktop = await self.models.desktop(who.desktop_id)
+        desktop = await self._desktop(who)
         if desktop is None or desktop.status == "offline" or desktop.epoch != epoch:
             state = "not registered" if desktop is None else (
                 "offline" if desktop.status == "offline" else f"at epoch {desktop.epoch}, not {epoch}")
             raise Refused("not_registered", f"Desktop {who.desktop_id} is {state}; register again.")
+        return desktop
+
+    async def _desktop(self, who: WorkerIdentity) -> Desktop | None:
+        """The caller's desktop; a worker key never acts as a node's own (whose epoch is no secret)."""
+        desktop = await self.models.desktop(who.desktop_id)
+        if desktop is not None and desktop.node and who.key_id is not None:
+            raise Refused("invalid_status", f"Desktop {desktop.id} is a node's own desktop; a worker cannot act as it.")
         return desktop
 
     # --- the poll ---------------------------------------------------------------------------------
@@ -344,7 +348,7 @@ class Reports:
             raise Refused("lease_lost", f"{lease[:80]!r} is not the lease of run {run_id}.")
         epoch = parsed[1]
         task = await self._task_of(who.desktop_id, run_id)
-        desktop = await self.models.desktop(who.desktop_id)
+        desktop = await self._desktop(who)
         if desktop is None or desktop.epoch != epoch:
             current = "no session" if desktop is None else f"epoch {desktop.epoch}"
             raise Refused(
