@@ -161,3 +161,21 @@ def test_a_cancel_reaches_the_worker_as_an_ended_run(app):
     with pytest.raises(Refused) as refused:
         worker.output(run, 1)
     assert refused.value.code == "lease_lost" and "cancelled" in refused.value.detail
+
+
+def test_a_report_past_its_deadline_ends_the_run_lost_first_and_is_refused(app):
+    worker = Worker(app)
+    worker.register()
+    run = _placed(app, app.client(), worker)
+    worker.output(run, 1)
+    reports = worker.reports
+    reports.leases.renew(run.run_id, reports.clock() - 1)  # its deadline passed; the keeper not there yet
+    with pytest.raises(Refused) as refused:
+        worker.output(run, 2)
+    assert refused.value.code == "lease_lost" and "lease lapsed" in refused.value.detail
+    [failed] = [decode(e) for e in _events(app, run.task_id, "task.failed")]
+    assert failed.reason == "lost" and failed.error.startswith("Desktop w1 stopped reporting on this run")
+    assert [decode(e).seq for e in _events(app, run.task_id, "task.output")] == [1]
+    with pytest.raises(Refused):  # and again: recorded once
+        worker.finish(run, last_seq=1)
+    assert len(_events(app, run.task_id, "task.failed")) == 1
