@@ -144,7 +144,7 @@ def test_a_held_poll_is_answered_when_a_run_is_placed(app):
     held = asyncio.run_coroutine_threadsafe(
         reports.poll(WORKER, wire.Poll(epoch=worker.epoch, free=1)), app._loop,
     )
-    wait_for(lambda: len(reports._waiters) == 1, what="the poll to be held")
+    wait_for(lambda: [w.desktop_id for w in reports._waiters].count("w1") == 1, what="the poll to be held")
     task = client.post("/tasks", json={"type": "prompt", "content": "hi", "desktopId": "w1"}).json()
     client.post(f"/tasks/{task['id']}/run")
     answer = held.result(timeout=10)  # well before its 20 s expiry
