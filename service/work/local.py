@@ -27,7 +27,7 @@ from service.commands.handling import Commands
 from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans
-from service.work.executor import Executor, LeaseLost
+from service.work.executor import Executor, LeaseLost, Pacing
 from service.work.reports import Reports, WorkerIdentity
 
 log = structlog.get_logger("mission_control.local")
@@ -124,6 +124,7 @@ class LocalDesktop:
         self.session_id = str(uuid.uuid4())
         self.workdir = Path(settings.data_dir)
         self.epoch = 0
+        self.pacing = Pacing()
         self.runs: dict[str, _Held] = {}
         self._freed = asyncio.Event()
         """Set when a run leaves: a poll held with fewer free slots is asked again."""
@@ -140,7 +141,7 @@ class LocalDesktop:
             session_id=self.session_id, agents=list(AGENT_KINDS), capacity=self.settings.max_concurrent,
             version=version("mission-control"), hostname=socket.gethostname(),
         ), node=True)
-        self.epoch = registered.epoch
+        self.epoch, self.pacing = registered.epoch, Pacing.told(registered)
 
     async def _polling(self) -> None:
         while True:
@@ -193,7 +194,7 @@ class LocalDesktop:
 
     def _execute(self, assignment: wire.Assignment) -> None:
         held = _Held(assignment)
-        held.executor = Executor(assignment, self.workdir, DirectReporter(self.reports, self.who, held), self.settings)
+        held.executor = Executor(assignment, self.workdir, DirectReporter(self.reports, self.who, held), self.pacing)
         self.runs[assignment.run_id] = held
         held.job = asyncio.create_task(self._run(held), name=f"run-{assignment.task_id}")
 
