@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from projections.lifecycle import ACTIVE
-from projections.tasks import served
+from projections.tasks import served as as_served
 from tests.api_helpers import Fold, as_json, wait_for
 
 MAX_CONCURRENT = 5  # the server's default
@@ -190,7 +190,7 @@ def check(c: httpx.Client, fold: Fold, mine: set[str] | None = None, baseline: d
     assert [t["id"] for t in listed] == [t.id for t in expected_tasks]  # newest first
     for served, folded in zip(listed, expected_tasks):
         watchers = _live_watchers(fold, folded.id, now)
-        expected = as_json(served(folded))
+        expected = as_json(as_served(folded))
         expected["watchers"] = watchers if watchers is not None else sorted(served["watchers"])
         assert {**served, "watchers": sorted(served["watchers"])} == expected
 

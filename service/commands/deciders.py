@@ -3,7 +3,7 @@
 Each reads the state folded by `projections` (the same `evolve` that builds the read
 models), and what each status admits from the state machine's table (projections/lifecycle.py),
 so the task's state machine exists in one place. No I/O here: everything a decision depends on
-(the agent, the running count, the dependencies) is in the command.
+(the agent, the running count, the dependencies, the desktops) is in the command.
 """
 
 from __future__ import annotations
@@ -352,11 +352,15 @@ def _chunks(task: TaskState, run_id: str, chunks: list[tuple[int, str, str]]) ->
                 f"sent is seq {seq}; send from seq {task.output_seq + 1}.",
             )
         last = seq
-        fresh.append(t.TaskOutput(task_id=task.id, run_id=run_id, seq=seq, stream=stream, chunk=chunk))  # type: ignore[arg-type]
+        fresh.append(
+            t.TaskOutput(task_id=task.id, run_id=run_id, seq=seq, stream=stream, chunk=chunk)  # type: ignore[arg-type]
+        )
     return fresh
 
 
-def _ending_output(task: TaskState, run_id: str, output: list[tuple[int, str, str]], last_seq: int | None) -> list[t.EventData]:
+def _ending_output(
+    task: TaskState, run_id: str, output: list[tuple[int, str, str]], last_seq: int | None
+) -> list[t.EventData]:
     """An ending's output; with `last_seq`, the run's output must then be complete up to it."""
     fresh = _chunks(task, run_id, output)
     recorded = task.output_seq + len(fresh)
