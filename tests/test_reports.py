@@ -179,3 +179,21 @@ def test_a_report_past_its_deadline_ends_the_run_lost_first_and_is_refused(app):
     with pytest.raises(Refused):  # and again: recorded once
         worker.finish(run, last_seq=1)
     assert len(_events(app, run.task_id, "task.failed")) == 1
+
+
+def test_a_restart_interrupts_the_nodes_own_runs_and_leaves_a_workers_to_its_lease(make_app_server):
+    first = make_app_server(MC_LEASE_SECONDS="60")
+    worker, client = Worker(first), first.client()
+    worker.register()
+    run = _placed(first, client, worker)
+    worker.output(run, 1)
+    first.stop()
+
+    second = make_app_server(first.data_dir, MC_LEASE_SECONDS="60")
+    worker.app, worker.reports = second, second.state["reports"]
+    assert worker.register().epoch == 1  # the same session: the same epoch, its leases valid
+    assert worker.output(run, 1, 2) == 2  # a resend across the restart records only what is new
+    assert worker.finish(run, last_seq=2) == "done"
+    assert [decode(e).seq for e in _events(second, run.task_id, "task.output")] == [1, 2]
+    local = second.models
+    assert second.call(local.desktop("local")).epoch == 2  # the node's own desktop: a new session
