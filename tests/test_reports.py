@@ -181,7 +181,7 @@ def test_a_report_past_its_deadline_ends_the_run_lost_first_and_is_refused(app):
     assert len(_events(app, run.task_id, "task.failed")) == 1
 
 
-def test_a_restart_interrupts_the_nodes_own_runs_and_leaves_a_workers_to_its_lease(make_app_server):
+def test_a_restart_leaves_a_workers_run_to_its_lease_and_gives_the_nodes_desktop_a_new_session(make_app_server):
     first = make_app_server(MC_LEASE_SECONDS="60")
     worker, client = Worker(first), first.client()
     worker.register()
@@ -195,5 +195,4 @@ def test_a_restart_interrupts_the_nodes_own_runs_and_leaves_a_workers_to_its_lea
     assert worker.output(run, 1, 2) == 2  # a resend across the restart records only what is new
     assert worker.finish(run, last_seq=2) == "done"
     assert [decode(e).seq for e in _events(second, run.task_id, "task.output")] == [1, 2]
-    local = second.models
-    assert second.call(local.desktop("local")).epoch == 2  # the node's own desktop: a new session
+    assert second.call(second.models.desktop("local")).epoch == 2  # the node's own desktop: a new session
