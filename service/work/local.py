@@ -146,15 +146,16 @@ class LocalDesktop:
     async def _polling(self) -> None:
         while True:
             try:
-                answer = await self._poll()
-            except Refused as refused:
-                if refused.code != "not_registered":
-                    raise
-                await self._register()  # silent for a lease (a hung loop): the same session comes back
-                continue
+                try:
+                    answer = await self._poll()
+                except Refused as refused:
+                    if refused.code != "not_registered":
+                        raise
+                    await self._register()  # silent for a lease (a hung loop): the same session comes back
+                    continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the log closing, a bad moment: never a busy loop
+            except Exception:  # the log closing, a bad moment: never a busy loop, never the loop's end
                 log.exception("local desktop poll failed", desktop=self.name)
                 await asyncio.sleep(1)
                 continue
