@@ -204,8 +204,8 @@ class WebhookWorker:
             attempt=delivery.attempts + 1, ok=error is None, status_code=status, error=error,
             checkpoint=self.checkpoint,
         )
-        # The fold of this very event schedules the next attempt, if any.
-        await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR))
+        # The fold of this very event schedules the next attempt, if any. Its cause is the triggering event.
+        await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR, causation_id=str(delivery.position)))
 
 
 def _epoch(recorded_at: str) -> float:
