@@ -101,7 +101,10 @@ def serve(args) -> int:
     from service.http.logs import configure
 
     configure()
-    settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
+    settings = from_env(
+        data_dir=args.data_dir, host=args.host, port=args.port, local_desktop=args.local_desktop,
+        no_local_desktop=args.no_local_desktop,
+    )
     try:  # the address first: a busy port must not cost an admin key or an admin-token file
         sock = serving.listen(settings.host, settings.port)
     except serving.AddressInUse as exc:
@@ -316,6 +319,10 @@ def parser() -> argparse.ArgumentParser:
                   "mission-control serve --host 127.0.0.1 --port 8000 --data-dir ./var")
     sub.add_argument("--host", default=_env("host"), help="address to listen on (default 127.0.0.1; env MC_HOST)")
     sub.add_argument("--port", type=int, default=_env("port"), help="port (default 8000; env MC_PORT)")
+    sub.add_argument("--local-desktop", default=None,
+                     help="the name of this node's own desktop (default local; env MC_LOCAL_DESKTOP)")
+    sub.add_argument("--no-local-desktop", action="store_true", default=None,
+                     help="run nothing in this process: every run goes to a worker (env MC_NO_LOCAL_DESKTOP)")
     data_dir(sub)
 
     token = command("token", None, "Issue, list and revoke API keys.",

@@ -18,7 +18,7 @@ from service.http import openapi
 from service.http.endpoints import declaration_of, walk
 from service.app import create_app
 from service.http.auth import SCOPES
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 from service.settings import Settings
 from tests.inprocess import InProcess
 from tests.server import API, Server

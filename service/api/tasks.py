@@ -28,7 +28,7 @@ from service.http.endpoints import (
     IDEMPOTENCY, IF_MATCH, TEXT, UUID, Param, declared_body, endpoint, whole,
 )
 from service.work import outbound
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 
 PREFIX = f"{API_PREFIX}/tasks"
 _TASK = ("ETag",)
@@ -211,10 +211,7 @@ async def run_task(request: Request, who: Principal) -> Response:
     settings = request.app.state.settings
     commands = request.state.commands
 
-    agent = None
-
     async def start(state: Task | None) -> StartRun:
-        nonlocal agent
         deps = {d: (dep.status if (dep := await models.task(d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
         agent = await models.agent(agent_id)
         return StartRun(
@@ -224,10 +221,8 @@ async def run_task(request: Request, who: Principal) -> Response:
             desktops=await models.placements(),
         )
 
-    async with commands.admission:
-        started, recorded = await commands.task(task.id, start, meta(request, who), idem, known=task)
-    if recorded:  # not a replay of a run already launched; `agent` is the one the run was decided on
-        request.state.runner.launch(started, agent)
+    async with commands.admission:  # the run reaches its desktop by that desktop's poll
+        started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
     return task_response(started)
 
 
@@ -243,8 +238,13 @@ async def cancel_task(request: Request, who: Principal) -> Response:
         task.id, command, meta(request, who), idempotency(request, who, raw), known=task
     )
     ended = decode(recorded[-1]).run_id if recorded else None  # a replay or a no-op ends no run
-    if ended:
-        await request.state.runner.stop(task.id, ended)
+    desktop = request.state.local
+    if ended and desktop is not None and task.run_desktop_id == desktop.name:
+        # The run's desktop stops it on its next poll, which the cancel wakes; on this node's own,
+        # the answer waits for that, so a cancelled local run's processes are gone when it returns.
+        agent = await request.state.models.agent(task.agent_id or "")
+        grace = float((agent.config if agent else {}).get("killGraceSeconds", 1.0))
+        await desktop.stopped(ended, grace + 1)
     return task_response(cancelled)
 
 
@@ -267,9 +267,7 @@ async def send_message(request: Request, who: Principal) -> Response:
     raw, body = await declared_body(request)
     idem = idempotency(request, who, raw)
     command = SendMessage(message=body.message)
-    _, recorded = await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)
-    if recorded:  # not a replay of a message already delivered
-        request.state.runner.deliver(task.id, body.message)
+    await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)  # delivered by poll
     return json_response({"accepted": True, "taskId": task.id}, 202)
 
 
