@@ -148,13 +148,14 @@ def token_create(args) -> int:
 def token_list(args) -> int:
     settings = _data_dir(args)
     keys = asyncio.run(_with_log(settings, lambda _, models: models.api_keys()))
-    rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT")] + [
-        (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "")
+    rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT", "DESKTOP")] + [
+        (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "",
+         key.desktop_id or "")
         for key in keys
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[4]]).rstrip())
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[5]]).rstrip())
     return 0
 
 
