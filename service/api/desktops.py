@@ -20,10 +20,14 @@ from service.http.errors import bad_request, json_response
 from service.http.endpoints import declared_body, endpoint
 
 
+_WALL_AT_ZERO = time.time() - time.monotonic()
+"""The wall clock at monotonic 0, read once: every answer converts an instant to the same time."""
+
+
 def _wall_time(monotonic: float) -> str:
     """A monotonic instant (the LeaseStore's clock) as RFC 3339 UTC."""
-    at = datetime.fromtimestamp(time.time() - (time.monotonic() - monotonic), UTC)
-    return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(_WALL_AT_ZERO + monotonic, UTC).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
 
 
 async def desktop_view(request: Request, desktop: Desktop, allowed: list[str] | None) -> schemas.DesktopOut:

@@ -104,7 +104,7 @@ async def finish(request: Request, who: Principal) -> Response:
 
 @endpoint(
     summary="The worker drains its desktop (its SIGTERM): it takes nothing new and finishes what it has.",
-    scope=WORKER, body=schemas.Body, body_required=False, answer=schemas.DesktopAnswer, errors=(409,),
+    scope=WORKER, body=schemas.Body, body_required=False, answer=schemas.DesktopAnswer, errors=(404, 409),
 )
 async def drain(request: Request, who: Principal) -> Response:
     await declared_body(request)  # none, or `{}`: never ignored garbage
@@ -114,7 +114,7 @@ async def drain(request: Request, who: Principal) -> Response:
 
 @endpoint(
     summary="The worker leaves: its desktop goes offline.", scope=WORKER, body=schemas.Body, body_required=False,
-    status=204, errors=(409,),
+    status=204, errors=(404, 409),
 )
 async def leave(request: Request, who: Principal) -> Response:
     await declared_body(request)

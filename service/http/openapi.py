@@ -65,7 +65,8 @@ _ERROR_WORDS = {
 
 _WORKER_WORDS = {
     403: "The key is not a worker key issued for a desktop (an admin key names none).",
-    404: "The run is not placed on the key's desktop, or the body names a desktop that is not the key's.",
+    404: "The run is not placed on the key's desktop, the body names a desktop that is not the key's, or the "
+         "desktop has not registered.",
     409: "The run's lease is lost (`lease_lost`, the sentence says why), output before this is missing "
          "(`output_gap`, resend from the body's `expectedSeq`), the desktop must register again "
          "(`not_registered`), or it is a node's own (`invalid_status`).",
