@@ -119,6 +119,28 @@ def test_a_tasks_runs_name_their_desktop_exit_code_and_reason(api_server):
     refused(outsider.get(f"/tasks/{task['id']}/runs"), 404)
 
 
+def test_reports_answer_what_a_worker_needs_to_go_on(api_server):
+    worker, registered = register(api_server, "box-reports")
+    admin = api_server.client()
+    task = placed(admin, "box-reports")
+    run_id = task["runId"]
+    lease = {"MC-Lease": f"{run_id}:{registered['epoch']}"}
+    head = api_server.call(api_server.log.read_head())
+    gap = worker.post(f"/worker/runs/{run_id}/output", headers=lease,
+                      json={"chunks": [{"seq": 2, "stream": "stdout", "chunk": "two\n"}]})
+    assert refused(gap, 409, "output_gap")["expectedSeq"] == 1
+    assert api_server.call(api_server.log.read_head()) == head
+    ending = {"outcome": "done", "result": "ok", "lastSeq": 1,
+              "output": [{"seq": 1, "stream": "stdout", "chunk": "one\n"}]}
+    first = worker.post(f"/worker/runs/{run_id}/finish", headers=lease, json=ending)
+    assert first.status_code == 200, first.text
+    head = api_server.call(api_server.log.read_head())
+    again = worker.post(f"/worker/runs/{run_id}/finish", headers=lease, json=ending)  # its answer was lost
+    assert again.json() == first.json() == {"status": "done"}
+    assert api_server.call(api_server.log.read_head()) == head
+    assert admin.get(f"/tasks/{task['id']}/output").text == "one\n"
+
+
 def test_overview_counts_the_desktops_online(api_server):
     admin = api_server.client()
 

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from service.api import API_PREFIX
+from service.http import auth
 from tests.api_helpers import UNLIMITED, refused
 from tests.inprocess import InProcess
 from tests.test_cli import data_dir, events_in, one_sentence, run  # noqa: F401 (data_dir: a fixture)
@@ -70,6 +71,22 @@ def test_register_naming_another_desktop_is_not_found_and_records_nothing(app):
             mentions=("box-2",))
     assert app.call(app.log.read_head()) == head
     assert app.client().get("/desktops/box-3").status_code == 404
+
+
+def test_a_worker_key_cannot_take_over_the_nodes_own_desktop(app):
+    worker = app.client(app.token("ci", "worker", desktop="local"))
+    head = app.call(app.log.read_head())
+    refused(worker.post("/worker/register", json=REGISTER), 409, "invalid_status")
+    assert app.call(app.log.read_head()) == head
+
+
+def test_a_revoked_worker_key_is_unauthorized(app):
+    token = app.token("ci", "worker", desktop="box-revoked")
+    worker = app.client(token)
+    assert worker.post("/worker/register", json=REGISTER).status_code == 200
+    key = app.call(app.models.api_key_by_hash(auth.hash_token(token)))
+    app.call(auth.revoke_key(app.log, app.models, key.id))
+    refused(worker.post("/worker/poll", json={"epoch": 1, "free": 1}), 401, "unauthorized")
 
 
 def test_a_report_on_another_desktops_run_is_not_found(app):
