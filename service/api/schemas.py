@@ -147,7 +147,7 @@ class DesktopOut(Struct, kw_only=True, rename="camel"):
     running: list[str]
     """The run ids of those of its runs the caller may see."""
     last_seen_at: str
-    """When its worker was last heard from (until it is, since this node started: its last change)."""
+    """When its worker was last heard from; until this node has heard from it, when the desktop last changed."""
     version: str
     """Its worker's version."""
 

@@ -374,7 +374,7 @@ _RUN_EVENTS = TypeFilter(runs.OUTPUT_FREE)
 
 
 @endpoint(
-    summary="The task's runs, first first: the agent and desktop of each, and how it ended.", scope="task:read",
+    summary="The task's runs, oldest first: the agent and desktop of each, and how it ended.", scope="task:read",
     answer=list[runs.Run],
 )
 async def task_runs(request: Request, who: Principal) -> Response:

@@ -17,9 +17,8 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from events.types import EVENT_TYPES
 from projections import lifecycle
-from service.http.auth import Principal
+from service.http.auth import DESKTOP_NAME, Principal
 from service.http.bodies import MAX_INT, read_body
-from service.work.wire import DesktopName
 
 
 class Param(msgspec.Struct, frozen=True):
@@ -40,7 +39,7 @@ def whole(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> d
 
 UUID = {"type": "string", "format": "uuid"}
 TEXT = {"type": "string"}
-DESKTOP = {"type": "string", "pattern": DesktopName.__metadata__[0].pattern}
+DESKTOP = {"type": "string", "pattern": DESKTOP_NAME.pattern}
 PATH_PARAMS = {"desktop_id": DESKTOP}
 """A path parameter's schema when it is not a UUID."""
 LEASE = Param("MC-Lease", {"type": "string", "pattern": r"^[^:]+:[0-9]{1,18}$"},
