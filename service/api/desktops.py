@@ -34,7 +34,7 @@ async def desktop_view(request: Request, desktop: Desktop, allowed: list[str] | 
     """The desktop as served: `busy` counts every run placed on it, `running` lists the runs of
     the projects in `allowed` (None: every project)."""
     runs = await request.state.models.active_runs(desktop.id)
-    heard = request.state.leases.last_heard(desktop.id)
+    heard = request.state.reports.leases.last_heard(desktop.id)
     return schemas.DesktopOut(
         id=desktop.id, status=desktop.status, agents=desktop.agents, capacity=desktop.capacity, busy=len(runs),
         running=[task.run_id for task in runs if allowed is None or task.project_id in allowed],
