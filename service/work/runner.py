@@ -165,9 +165,13 @@ class Runner:
 
         output = _Output(lambda chunks: record(RecordOutput(run_id=run_id, chunks=chunks)))
 
+        asked = 0
+
         async def request_input(prompt: str) -> None:
+            nonlocal asked
+            asked += 1  # each question numbered, as a desktop numbers them: a resend is recognised
             await output.flush()
-            await record(RequestInput(run_id=run_id, prompt=prompt))
+            await record(RequestInput(run_id=run_id, prompt=prompt, number=asked))
 
         ctx = RunContext(
             task=task, run_id=run_id, agent=agent, prompt=await self._prompt(task),
