@@ -13,7 +13,9 @@ from starlette.routing import Match, Mount, Route
 
 from events import IdempotencyConflict, InvalidEvent, LogClosed, WrongExpectedVersion, open_log
 from projections.readmodels import read_models
-from service.api import API_PREFIX, agents, approvals, health, log as log_routes, overview, projects, stream, tasks
+from service.api import (
+    API_PREFIX, agents, approvals, desktops, health, log as log_routes, overview, projects, stream, tasks, worker,
+)
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
 from service.http.errors import HttpError, error_response, refusal_response
@@ -120,7 +122,7 @@ def create_app(settings: Settings) -> Starlette:
     metrics = Metrics()
     api = [
         *tasks.routes(), *approvals.routes(), *agents.routes(), *projects.routes(), *log_routes.routes(),
-        *overview.routes(), *metrics.counting(stream.routes()),
+        *overview.routes(), *desktops.routes(), *worker.routes(), *metrics.counting(stream.routes()),
     ]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=api), *health.routes()],

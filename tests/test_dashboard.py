@@ -267,3 +267,16 @@ def test_it_shows_a_lost_connection_and_resumes_by_itself(server, open_page):
 
     task = server.client().post("/tasks", json={"type": "prompt", "content": "after the restart"}).json()
     expect(page.card(task["id"], "pending")).to_be_visible()
+
+
+def test_the_desktops_panel_lists_each_desktop_with_its_status_and_load(shared_server, open_page):
+    page = open_page(shared_server.base_url)
+    page.sign_in(shared_server.admin_token)
+    shown = page.tab.get_by_test_id("desktops").get_by_test_id("desktop")
+    desktops = shared_server.client().get("/desktops").json()
+    assert desktops, "a node runs a desktop of its own"
+    expect(shown).to_have_count(len(desktops))
+    for item, desktop in zip(shown.all(), desktops):
+        expect(item).to_have_attribute("data-status", desktop["status"])
+        expect(item.locator(".desktop-name")).to_have_text(desktop["id"])
+        expect(item).to_contain_text(f"/{desktop['capacity']}")

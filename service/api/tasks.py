@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from events import RecordedEvent, TypeFilter, decode
+from events import RecordedEvent, TypeFilter, decode, typed
 from events import streams
 from events import types as t
+from projections import runs
 from projections.lifecycle import STATUSES
 from projections.tasks import Task, served
 from service.api import API_PREFIX, schemas
@@ -368,6 +369,19 @@ async def task_output(request: Request, who: Principal) -> Response:
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
 
+_RUN_EVENTS = TypeFilter(runs.OUTPUT_FREE)
+
+
+@endpoint(
+    summary="The task's runs, oldest first: the agent and desktop of each, and how it ended.", scope="task:read",
+    answer=list[runs.Run],
+)
+async def task_runs(request: Request, who: Principal) -> Response:
+    task = await visible_task(request, who)
+    events = await request.state.log.read_stream(streams.task(task.id), types=_RUN_EVENTS)
+    return json_response(runs.runs(typed(e) for e in events))
+
+
 def routes() -> list[Route]:
     return [
         Route("/tasks", list_tasks, methods=["GET"]),
@@ -384,4 +398,5 @@ def routes() -> list[Route]:
         Route("/tasks/{task_id}/presence", clear_presence, methods=["DELETE"]),
         Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
         Route("/tasks/{task_id}/output", task_output, methods=["GET"]),
+        Route("/tasks/{task_id}/runs", task_runs, methods=["GET"]),
     ]

@@ -238,7 +238,7 @@ async function start() {
     state.snapshotHead = overview.log.head;
     // The stream starts a little in the past: the feed opens with recent history, not empty.
     state.lastPosition = Math.max(0, overview.log.head - FEED_HISTORY);
-    await Promise.all([loadTasks(), loadApprovals(), loadAgents(), probeAudit()]);
+    await Promise.all([loadTasks(), loadApprovals(), loadAgents(), loadDesktops(), probeAudit()]);
     renderApprovals();
   } catch (error) {
     if (error.status === 401) signOut("The key was refused; sign in again.");
@@ -328,6 +328,7 @@ function renderConnection() {
 async function refreshOverview() {
   try {
     renderOverview(await api("GET", "/overview"));
+    await loadDesktops(); // desktop events reach only keys that see everything: polled with the figures
   } catch { /* the next poll tries again */ }
 }
 refreshOverview.soon = throttled(refreshOverview, 800);
@@ -460,6 +461,25 @@ async function loadAgents() {
   renderBoard();
 }
 const refreshAgents = debounced(() => loadAgents().catch(() => {}), 300);
+
+// --- desktops ------------------------------------------------------------------------------
+
+async function loadDesktops() {
+  const desktops = await api("GET", "/desktops");
+  $("[data-count=desktops]").textContent = desktops.filter((d) => d.status === "online").length;
+  const list = $(".desktop-list");
+  if (!desktops.length) {
+    list.replaceChildren(h("li", { class: "empty" }, "No desktop: nothing can run."));
+    return;
+  }
+  list.replaceChildren(...desktops.map((d) =>
+    h("li", { class: "desktop", "data-testid": "desktop", dataset: { desktopId: d.id, status: d.status }, title: d.status },
+      h("span", { class: "dot", "aria-hidden": "true" }),
+      h("span", { class: "desktop-name" }, d.id),
+      h("span", { class: "muted" }, `${d.busy}/${d.capacity}`),
+      h("span", { class: "desktop-kinds" }, d.status === "online" ? d.agents.join(", ") : d.status),
+      h("time", { class: "ago", datetime: d.lastSeenAt }, ago(d.lastSeenAt)))));
+}
 
 // --- approvals -----------------------------------------------------------------------------
 
