@@ -167,6 +167,11 @@ def test_a_task_from_creation_to_done(shared_server, open_page):
     expect(page.column("done").locator("[data-count=done]")).to_have_text(str(done_before + 1))
     expect(approval).to_have_count(0)
     expect(panel.locator("[data-field=status]")).to_have_text("Done")
+    # Its one run, and the desktop it ran on.
+    run = panel.get_by_test_id("task-run")
+    expect(run).to_have_count(1)
+    expect(run).to_have_attribute("data-status", "done")
+    expect(run.locator("[data-field=desktop]")).to_have_text("on local")
 
     # The timeline shows every event of the task, each with who did it and when.
     events = shared_server.client().get(f"/tasks/{task_id}/events").json()

@@ -297,6 +297,7 @@ function onEvent(event) {
   if (kind === "task" || kind === "presence") refreshTask(id);
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
+  if (state.panel && state.panel.taskId === id && (event.type === "task.started" || ENDINGS.has(event.type))) refreshRuns();
   if (state.panel && state.panel.taskId === id && kind === "task") panelEvent(event);
   refreshOverview.soon();
   if (state.overview && event.position > state.overview.log.head) $("[data-stat=head]").textContent = `#${event.position}`;
@@ -478,7 +479,10 @@ async function loadDesktops() {
       h("span", { class: "desktop-name" }, d.id),
       h("span", { class: "muted" }, `${d.busy}/${d.capacity}`),
       h("span", { class: "desktop-kinds" }, d.status === "online" ? d.agents.join(", ") : d.status),
-      h("time", { class: "ago", datetime: d.lastSeenAt }, ago(d.lastSeenAt)))));
+      h("time", { class: "ago", datetime: d.lastSeenAt }, ago(d.lastSeenAt)),
+      d.running.length ? h("span", { class: "desktop-running" }, ...d.running.map((taskId) =>
+        h("button", { type: "button", class: "link", onclick: () => openPanel(taskId) },
+          state.tasks.has(taskId) ? taskName(state.tasks.get(taskId)) : shortId(taskId)))) : null)));
 }
 
 // --- approvals -----------------------------------------------------------------------------
@@ -626,9 +630,28 @@ async function openPanel(taskId) {
   }
   panel.loading = false;
   renderOutput();
+  refreshRuns();
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
+
+const ENDINGS = new Set(["task.review", "task.completed", "task.failed", "task.cancelled"]);
+
+/** Each run of the open task: where it ran, how it ended. */
+async function loadRuns() {
+  const panel = state.panel;
+  if (!panel) return;
+  const runs = await api("GET", `/tasks/${panel.taskId}/runs`);
+  if (state.panel !== panel) return;
+  $("[data-testid=task-runs]").replaceChildren(...runs.map((run) =>
+    h("li", { class: "run", "data-testid": "task-run", dataset: { runId: run.runId, status: run.status } },
+      h("span", { class: "mono" }, `#${run.number}`),
+      h("span", { class: "badge", dataset: { status: run.status } }, statusLabel(run.status)),
+      h("span", { "data-field": "desktop" }, run.desktopId ? `on ${run.desktopId}` : "on an unnamed desktop"),
+      run.exitCode !== null && run.exitCode !== undefined ? h("span", { class: "muted small" }, `exit ${run.exitCode}`) : null,
+      run.reason ? h("span", { class: "muted small" }, run.reason) : null)));
+}
+const refreshRuns = debounced(() => loadRuns().catch(() => {}), 200);
 
 function closePanel() {
   const panel = state.panel;
