@@ -34,6 +34,8 @@ from service.work.local import ECHO_AGENT_ID
 PREFIX = f"{API_PREFIX}/tasks"
 _TASK = ("ETag",)
 _WRONG_STATUS = (409,)  # the task is not in the status the operation needs
+MESSAGE_DELIVERY_SECONDS = 2.0
+"""How long a message to a run on this node's own desktop waits for its agent to have it."""
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -268,7 +270,12 @@ async def send_message(request: Request, who: Principal) -> Response:
     raw, body = await declared_body(request)
     idem = idempotency(request, who, raw)
     command = SendMessage(message=body.message)
-    await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)  # delivered by poll
+    sent, recorded = await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)
+    desktop = request.state.local
+    if recorded and desktop is not None and sent.run_desktop_id == desktop.name:
+        # Every desktop takes its messages by poll, which the append wakes; this node's own is
+        # waited for, so the agent has the message before the answer (its turn may be ending).
+        await desktop.delivered(sent.run_id or "", sent.messages, MESSAGE_DELIVERY_SECONDS)
     return json_response({"accepted": True, "taskId": task.id}, 202)
 
 

@@ -111,6 +111,8 @@ class _Held:
         self.executor: Executor | None = None
         self.job: asyncio.Task | None = None
         self.messages_seen = 0
+        self.delivered = asyncio.Condition()
+        """Notified as messages reach the executor: a message route may wait for its own."""
         self.finishing = False
         self.gone = asyncio.Event()
         """Set once its executor has returned: its processes are stopped."""
@@ -170,6 +172,8 @@ class LocalDesktop:
                 if held is not None and held.executor is not None and delivered.index > held.messages_seen:
                     held.messages_seen = delivered.index
                     held.executor.deliver(delivered.message)
+                    async with held.delivered:
+                        held.delivered.notify_all()
             for assignment in answer.assignments:
                 if assignment.run_id not in self.runs:  # handed out twice: already running
                     self._execute(assignment)
@@ -222,6 +226,15 @@ class LocalDesktop:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await held.gone.wait()
+
+    async def delivered(self, run_id: str, index: int, timeout: float) -> None:
+        """Returns once the run's message `index` is on its agent's queue (at most `timeout` s): a
+        message route's 202 then means the agent has it, even if its turn is ending right now."""
+        held = self.runs.get(run_id)
+        if held is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout), held.delivered:
+                    await held.delivered.wait_for(lambda: held.messages_seen >= index or held.gone.is_set())
 
     async def close(self) -> None:
         """At shutdown: stop every run (their process groups at once) and record each interrupted,
