@@ -120,7 +120,8 @@ async def test_a_desktop_silent_past_a_lease_goes_offline_and_its_runs_are_lost(
     task_id, run_id, _ = await _placed(log, "quiet")
     clock, leases = Clock(), MemoryLeases()
     keeper = Keeper(log, models, commands, leases, LEASE, None, clock)
-    await keeper.prepare()  # a restart: every desktop not offline counts as heard now
+    await keeper.prepare()  # a restart: every desktop not offline has a lease from now to be heard from
+    assert leases.last_heard("quiet") is None  # a restart is no time it was heard from (lastSeenAt stays its own)
     leases.renew(run_id, clock.now + 10 * LEASE)  # the run's own lease would hold: the silence ends it
     for _ in range(5):
         clock.now += TICK

@@ -108,6 +108,9 @@ class Keeper:
         self.node_desktop = node_desktop
         """This node's own desktop: its runs were ended by recovery and it is heard by polling."""
         self.clock = clock
+        self.counted_from: dict[str, float] = {}
+        """Each desktop's silence is counted from here at the earliest (this node's start, or when
+        the node first saw it): never shown as a time it was heard from."""
         self.runs: dict[str, str] = {}
         """Each run holding a lease, to its task."""
         self._jobs: list[asyncio.Task] = []
@@ -121,7 +124,7 @@ class Keeper:
 
     async def prepare(self) -> int:
         """After a restart: every active run not on this node's desktop gets one fresh lease, every
-        desktop not offline counts as heard now: both get one period to be heard from. Returns the
+        desktop not offline has its silence counted from now: both get one period to be heard from. Returns the
         log position the tail is to follow from (taken before the snapshot: it replays anything newer)."""
         after = self.log.head
         now = self.clock()
@@ -131,7 +134,7 @@ class Keeper:
                 self.leases.renew(task.run_id, now + self.lease_seconds)
         for desktop in await self.models.desktops():
             if desktop.status != "offline":
-                self.leases.heard(desktop.id, now)
+                self.counted_from[desktop.id] = now
         return after
 
     async def close(self) -> None:
@@ -205,10 +208,9 @@ class Keeper:
             if desktop.status == "offline" or await self._anothers_node(desktop.id):
                 continue
             heard = self.leases.last_heard(desktop.id)
-            if heard is None:  # registered since the start, by another node: from now on
-                self.leases.heard(desktop.id, now)
-            elif heard + self.lease_seconds < now:
-                await self.silent(desktop, heard + self.lease_seconds, now)
+            since = max(heard or 0.0, self.counted_from.setdefault(desktop.id, now))
+            if since + self.lease_seconds < now:
+                await self.silent(desktop, since + self.lease_seconds, now)
 
     async def silent(self, desktop: Desktop, since: float, now: float) -> None:
         _, recorded = await self.commands.desktop(
