@@ -302,8 +302,7 @@ def worker(args) -> int:
         return _fail(f"--capacity must be at least 1, not {args.capacity}")
     options = remote.Options(server=args.server, token=args.token, desktop=args.desktop or None, agents=agents,
                              capacity=args.capacity, workdir=Path(args.workdir))
-    # The runs' settings (their default timeout aside, which the assignment carries) are this machine's.
-    return remote.main(options, from_env(data_dir=args.workdir))
+    return remote.main(options)
 
 
 class _Failed(Exception):

@@ -29,17 +29,14 @@ import msgspec
 import structlog
 
 from events.types import AgentKind
-from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans, records
-from service.work.executor import Executor, LeaseLost
+from service.work.executor import Executor, LeaseLost, Pacing, runs_dir
 
 log = structlog.get_logger("mission_control.worker")
 
 API = "/api/mission-control"
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 5.0
-BATCH_BYTES = 256 * 1024
-"""A batch's chunks carry at most this much text, so its body stays well below a server's body limit."""
 SHUTDOWN_ATTEMPTS = 8
 """Tries (about 20 s of backoff) at what a stopping worker still says: it must not hang its exit."""
 STOPPED = "The worker on desktop {desktop} was stopped while this run was in progress."
@@ -54,7 +51,7 @@ class Options(msgspec.Struct, kw_only=True):
     server: str
     token: str
     desktop: str | None = None
-    agents: list[str] = ["echo", "openai"]
+    agents: list[str] = msgspec.field(default_factory=lambda: ["echo", "openai"])
     capacity: int = 1
     workdir: Path = Path("mission-control-worker")
 
@@ -127,121 +124,79 @@ class Api:
         await self.client.aclose()
 
 
-class _Outbox:
-    """A run's output that the server has not acknowledged, in seq order."""
-
-    def __init__(self) -> None:
-        self.unacked: list[wire.Chunk] = []
-        self.acked = 0
-        self.last = 0
-        """The highest seq handed over: an ending carries it as `lastSeq`."""
-        self.lock = asyncio.Lock()  # one request in flight per run: the server sees the seqs in order
-
-    def add(self, chunks: list[wire.Chunk]) -> None:
-        for chunk in chunks:
-            if chunk.seq > max(self.acked, self.last):
-                self.unacked.append(chunk)
-                self.last = chunk.seq
-
-    def batch(self, limit: int) -> list[wire.Chunk]:
-        batch, size = [], 0
-        for chunk in self.unacked[:limit]:
-            size += len(chunk.chunk)
-            if batch and size > BATCH_BYTES:
-                break
-            batch.append(chunk)
-        return batch
-
-    def ack(self, seq: int) -> None:
-        self.acked = max(self.acked, seq)
-        self.unacked = [c for c in self.unacked if c.seq > self.acked]
-
-
 class HttpReporter:
-    """The Executor's `Reporter` over HTTP. Every report carries its run's lease (`MC-Lease`); a
-    refusal of it (409 `lease_lost`, or 404: the run is not this desktop's) is `LeaseLost`, and
-    so is a refused key, which also tells the worker to exit (`on_fatal`)."""
+    """The Executor's `Reporter` over HTTP. The executor sends one report at a time per run (so the
+    server sees its seqs in order); each is resent as it was until the server answers, or from
+    `expectedSeq` after a 409 `output_gap`. Every report carries the run's lease (`MC-Lease`); a
+    refusal of it (409 `lease_lost`, or 404: the run is not this desktop's) is `LeaseLost`, and so
+    is a refused key, which also tells the worker to exit (`on_fatal`)."""
 
-    def __init__(self, api: Api, max_batch_chunks: int, on_fatal: Callable[[str], None]):
-        self.api, self.max_batch_chunks, self.on_fatal = api, max_batch_chunks, on_fatal
+    def __init__(self, api: Api, on_fatal: Callable[[str], None]):
+        self.api, self.on_fatal = api, on_fatal
         self.attempts: int | None = None
         """None: resend until the server answers. A stopping worker bounds it."""
-        self._boxes: dict[str, _Outbox] = {}
-
-    def _box(self, run: wire.Assignment) -> _Outbox:
-        return self._boxes.setdefault(run.run_id, _Outbox())
+        self.acked: dict[str, int] = {}
+        """Per run, the last seq the server acknowledged."""
 
     def forget(self, run_id: str) -> None:
-        self._boxes.pop(run_id, None)
+        self.acked.pop(run_id, None)
 
     async def output(self, run: wire.Assignment, chunks: list[wire.Chunk]) -> int:
-        box = self._box(run)
-        box.add(chunks)
-        async with box.lock:
-            await self._send_output(run, box, keep=0)
-        return box.acked
+        while chunks:
+            answer = await self._post(run, "output", wire.OutputBatch(chunks=chunks))
+            if answer.status_code == 200:
+                acked = msgspec.json.decode(answer.content, type=wire.OutputAck).acked_seq
+                self.acked[run.run_id] = max(self.acked.get(run.run_id, 0), acked)
+                return acked
+            expected = self._expected(run, answer)  # the server has all before it
+            chunks = [c for c in chunks if c.seq >= expected]
+            if chunks and chunks[0].seq != expected:
+                raise RuntimeError(f"the server wants run {run.run_id}'s output from seq {expected}, "
+                                   f"which it had acknowledged")
+        return self.acked.get(run.run_id, 0)
 
     async def ask(self, run: wire.Assignment, question: wire.Ask) -> None:
-        box = self._box(run)
-        async with box.lock:
-            await self._send_output(run, box, keep=0)  # a question never overtakes the output before it
-            while True:
-                answer = await self._post(run, "ask", question)
-                if answer.status_code == 200:
-                    return
-                self._gap(box, answer)
+        answer = await self._post(run, "ask", question)
+        if answer.status_code != 200:  # the executor sent the output first: the server lost some
+            raise RuntimeError(f"the server wants run {run.run_id}'s output from seq {self._expected(run, answer)} "
+                               "before its question")
 
     async def finish(self, run: wire.Assignment, ending: wire.Ending) -> str:
-        box = self._box(run)
-        box.add(ending.output)
-        async with box.lock:
-            # What fits one batch rides in the ending's own append; anything before it goes first.
-            await self._send_output(run, box, keep=self.max_batch_chunks)
-            while True:
-                body = msgspec.structs.replace(ending, output=box.batch(self.max_batch_chunks),
-                                               last_seq=max(ending.last_seq, box.last))
-                answer = await self._post(run, "finish", body, {"Idempotency-Key": f"end-{run.run_id}"})
-                if answer.status_code == 200:
-                    self.forget(run.run_id)
-                    return msgspec.json.decode(answer.content, type=wire.RunStatus).status
-                self._gap(box, answer)
-
-    async def _send_output(self, run: wire.Assignment, box: _Outbox, keep: int) -> None:
-        """Send batches until at most `keep` chunks are left unacknowledged."""
-        while len(box.unacked) > keep:
-            answer = await self._post(run, "output", wire.OutputBatch(chunks=box.batch(self.max_batch_chunks)))
+        key = {"Idempotency-Key": f"end-{run.run_id}"}  # a resend answers what the first did
+        while True:
+            answer = await self._post(run, "finish", ending, key)
             if answer.status_code == 200:
-                box.ack(msgspec.json.decode(answer.content, type=wire.OutputAck).acked_seq)
-            else:
-                self._gap(box, answer)
+                self.forget(run.run_id)
+                return msgspec.json.decode(answer.content, type=wire.RunStatus).status
+            expected = self._expected(run, answer)
+            if ending.output or expected <= ending.last_seq:
+                raise RuntimeError(f"the server wants run {run.run_id}'s output from seq {expected} before "
+                                   f"its ending, which carries from {ending.output[0].seq if ending.output else '-'}")
+            # An ending without output (a stop's) that names less than the server has: a batch
+            # whose answer was lost on the way was recorded. The ending names it too.
+            ending = msgspec.structs.replace(ending, last_seq=expected - 1)
 
-    def _gap(self, box: _Outbox, answer: httpx.Response) -> None:
-        """A 409 `output_gap`: the server has everything before `expectedSeq`; resend from there.
-        Anything else was handled in `_post`, so it is a refusal no resend can mend."""
-        if answer.status_code == 409 and _code(answer) == "output_gap":
-            expected = int(answer.json()["expectedSeq"])
-            box.ack(expected - 1)
-            if expected <= box.last and (not box.unacked or box.unacked[0].seq != expected):
-                raise RuntimeError(f"the server wants output from seq {expected}, which it had acknowledged")
-            if expected > box.last + 1:
-                raise RuntimeError(f"the server wants output from seq {expected}, beyond the last ({box.last})")
-            return
-        raise RuntimeError(f"the server refused a report: {_detail(answer)}")
+    def _expected(self, run: wire.Assignment, answer: httpx.Response) -> int:
+        """The `expectedSeq` of a 409 `output_gap` (`_post` lets nothing else through)."""
+        expected = int(answer.json()["expectedSeq"])
+        self.acked[run.run_id] = max(self.acked.get(run.run_id, 0), expected - 1)
+        return expected
 
     async def _post(self, run: wire.Assignment, action: str, body: msgspec.Struct,
                     headers: dict[str, str] | None = None) -> httpx.Response:
+        """200, or a 409 `output_gap`; LeaseLost when the run is no longer this desktop's."""
         try:
             answer = await self.api.post(f"/worker/runs/{run.run_id}/{action}", body,
                                          {"MC-Lease": run.lease, **(headers or {})}, attempts=self.attempts)
         except Fatal as fatal:
             self.on_fatal(str(fatal))
             raise LeaseLost(str(fatal)) from None
-        if answer.status_code == 404 or (answer.status_code == 409 and _code(answer) != "output_gap"):
+        if answer.status_code == 200 or (answer.status_code == 409 and _code(answer) == "output_gap"):
+            return answer
+        if answer.status_code in (404, 409):  # lease_lost: cancelled, lapsed, superseded, revoked
             self.forget(run.run_id)
-            raise LeaseLost(_detail(answer))  # lease_lost: cancelled, lapsed, superseded, revoked
-        if answer.status_code not in (200, 409):
-            raise RuntimeError(f"the server refused a report on run {run.run_id}: {_detail(answer)}")
-        return answer
+            raise LeaseLost(_detail(answer))
+        raise RuntimeError(f"the server refused a report on run {run.run_id}: {_detail(answer)}")
 
 
 class _Held:
@@ -257,15 +212,16 @@ class _Held:
 
 
 class Worker:
-    def __init__(self, options: Options, settings: Settings, api: Api | None = None):
-        self.options, self.settings = options, settings
+    def __init__(self, options: Options, api: Api | None = None):
+        self.options = options
         self.api = api or Api(options.server, options.token)
         self.workdir = options.workdir.resolve()
         self.session_id = str(uuid.uuid4())
         self.desktop = options.desktop or ""
         self.epoch = 0
         self.intervals: wire.Registered | None = None
-        self.reporter = HttpReporter(self.api, 64, self._fatal)
+        self.reporter = HttpReporter(self.api, self._fatal)
+        self.pacing = Pacing()
         self.runs: dict[str, _Held] = {}
         self.draining = False
         """Our own drain (a first signal): take nothing new, leave once every run is reported."""
@@ -307,7 +263,7 @@ class Worker:
     def _take_workdir(self) -> None:
         """Own the workdir (one worker at a time), then kill what a previous worker on it left
         running: a worker killed mid-run leaves its runs' processes, recorded under runs/."""
-        runs = self.workdir / "runs"
+        runs = runs_dir(self.workdir)
         runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = open(self.workdir / "worker.lock", "a")  # noqa: SIM115 - held for the worker's life
         try:
@@ -330,7 +286,7 @@ class Worker:
         registered = msgspec.json.decode(answer.content, type=wire.Registered)
         self.intervals, self.epoch = registered, registered.epoch
         self.desktop = str(registered.desktop.get("id", self.desktop))
-        self.reporter.max_batch_chunks = registered.max_batch_chunks
+        self.pacing = Pacing.told(registered)  # the server's intervals, not this release's
         log.info("registered", desktop=self.desktop, epoch=self.epoch, session=self.session_id,
                  agents=self.options.agents, capacity=self.options.capacity, poll_seconds=registered.poll_seconds,
                  lease_seconds=registered.lease_seconds)
@@ -457,8 +413,8 @@ class Worker:
             held.job = self._spawn(self._refuse(held), f"refuse-{assignment.run_id}")
             return
         # Recorded before the agent starts, so a worker killed mid-run leaves its run findable here.
-        records(self.workdir / "runs", assignment.run_id).touch()
-        held.executor = Executor(assignment, self.workdir, self.reporter, self.settings)
+        records(runs_dir(self.workdir), assignment.run_id).touch()
+        held.executor = Executor(assignment, self.workdir, self.reporter, self.pacing)
         held.job = self._spawn(self._run(held), f"run-{assignment.task_id}")
 
     async def _run(self, held: _Held) -> None:
@@ -486,10 +442,11 @@ class Worker:
             self._release(run.run_id)
 
     def _release(self, run_id: str, keep_output: bool = False) -> None:
+        """The run is no longer this worker's; `keep_output`: its acknowledged seq is kept for its ending."""
         self.runs.pop(run_id, None)
         if not keep_output:
             self.reporter.forget(run_id)
-        records(self.workdir / "runs", run_id).unlink(missing_ok=True)
+        records(runs_dir(self.workdir), run_id).unlink(missing_ok=True)
         log.info("run over", run_id=run_id, running=len(self.runs))
         if self.draining:
             self._interrupt.set()  # perhaps the last: leave now rather than after the poll
@@ -515,14 +472,15 @@ class Worker:
             with contextlib.suppress(Exception):
                 await held.executor.cancel()
         if held.job is not None and not held.job.done():
-            held.job.cancel()  # whatever it was still sending goes with the interruption's ending
+            held.job.cancel()  # whatever it was still sending: the interruption is its last word
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await held.job
         self._release(run.run_id, keep_output=report)
         if not report:
             return
-        # The output it handed over and the server has not acknowledged rides in the ending.
-        ending = wire.Ending(outcome="failed", reason="interrupted", error=STOPPED.format(desktop=self.desktop))
+        # Its output ends with what the server acknowledged; what the agent wrote since goes with it.
+        ending = wire.Ending(outcome="failed", reason="interrupted", error=STOPPED.format(desktop=self.desktop),
+                             last_seq=self.reporter.acked.get(run.run_id, 0))
         try:
             await self.reporter.finish(run, ending)
             log.info("run interrupted", run_id=run.run_id)
@@ -530,8 +488,8 @@ class Worker:
             log.warning("could not report a run interrupted", run_id=run.run_id, reason=str(exc))
 
 
-def main(options: Options, settings: Settings) -> int:
+def main(options: Options) -> int:
     from service.http.logs import configure
 
     configure()
-    return asyncio.run(Worker(options, settings).main())
+    return asyncio.run(Worker(options).main())

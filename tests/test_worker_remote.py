@@ -1,0 +1,37 @@
+"""A run placed on a remote desktop runs in its worker's process, with its worker's environment."""
+
+from __future__ import annotations
+
+from tests.api_helpers import UNLIMITED
+from tests.worker import Worker, output, shell_agent, start_task, wait_status, worker_key
+
+
+def test_a_run_on_a_remote_desktop_runs_under_its_worker_with_its_environment(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    with Worker(server, "box", tmp_path / "box", agents="shell", env={"WORKER_ONLY": "yes"}).start() as worker:
+        agent = shell_agent(client, "remote-shell", env=["WORKER_ONLY"])
+        task_id = start_task(client, agent, "echo $WORKER_ONLY; echo parent=$PPID >&2", desktop="box")
+
+        done = wait_status(client, task_id, "done", "failed")
+        assert done["status"] == "done", done
+        assert done["result"] == "yes\n"  # the variable is in the worker's environment only
+        # The shell's parent is the worker: the server's process tree never held the run.
+        assert f"parent={worker.pid}\n" in output(client, task_id)
+        assert (tmp_path / "box" / "runs" / task_id).is_dir()
+
+
+def test_a_worker_refused_by_the_server_exits_2_with_its_sentence(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    _, token = worker_key(server, "box")
+    named_another = Worker(server, "other", tmp_path / "other", token=token)
+    for worker, says in ((named_another, "box"), (Worker(server, "box", tmp_path / "bad", token="mc_nonsense"), "")):
+        try:
+            worker.start(timeout=20)
+        except RuntimeError as exc:  # it exits before it is ready
+            assert "exited with 2" in str(exc), exc
+            assert "mission-control: " in worker.output()
+            assert says in worker.output().rpartition("mission-control: ")[2]
+        else:
+            worker.stop()
+            raise AssertionError(f"the worker on {worker.desktop} ran: {worker.output()[-2000:]}")
