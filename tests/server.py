@@ -61,11 +61,19 @@ class Process:
         return self.log_dir / f"{self.name}-{self.port}.log"
 
     def start(self, timeout: float = 30) -> Process:
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> Process:
+        """Start the process without waiting for it (`wait_ready`): many start at once that way."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.argv(), env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> Process:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -8,6 +8,7 @@ the worker tests all need: a shell agent, a task placed on a desktop, waits on a
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import subprocess
 import sys
@@ -20,6 +21,12 @@ from tests.api_helpers import wait_for
 from tests.server import Process, Server, cli
 
 REGISTERED = b'"event":"registered"'
+
+
+def worker_keys(server: Server, desktops: list[str]) -> dict[str, tuple[str, str]]:
+    """A worker key for each desktop, issued at once (`token create` processes side by side)."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return dict(zip(desktops, pool.map(lambda name: worker_key(server, name), desktops)))
 
 
 def worker_key(server: Server, desktop: str) -> tuple[str, str]:
@@ -49,8 +56,12 @@ class Worker(Process):
                 "--desktop", self.desktop, "--agents", self.agents, "--capacity", str(self.capacity),
                 "--workdir", str(self.workdir)]
 
+    def spawn(self) -> Worker:
+        self._from = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart's own lines
+        super().spawn()
+        return self
+
     def start(self, timeout: float = 30) -> Worker:
-        self._from = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start(timeout)
         return self
 
