@@ -8,7 +8,7 @@ the worker tests all need: a shell agent, a task placed on a desktop, waits on a
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import signal
 import subprocess
 import sys
@@ -24,9 +24,17 @@ REGISTERED = b'"event":"registered"'
 
 
 def worker_keys(server: Server, desktops: list[str]) -> dict[str, tuple[str, str]]:
-    """A worker key for each desktop, issued at once (`token create` processes side by side)."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return dict(zip(desktops, pool.map(lambda name: worker_key(server, name), desktops)))
+    """A worker key for each desktop, (key id, token), issued as `token create` issues one, in one
+    process beside the server (a process per key costs seconds on a busy machine)."""
+    from service.cli import _with_log
+    from service.http import auth
+    from service.settings import from_env
+
+    async def issue(log, models) -> dict[str, tuple[str, str]]:
+        return {name: await auth.issue_key(log, models, f"worker-{name}", ["worker"], actor="mission-control:cli",
+                                           desktop=name) for name in desktops}
+
+    return asyncio.run(_with_log(from_env(data_dir=str(server.data_dir)), issue))
 
 
 def worker_key(server: Server, desktop: str) -> tuple[str, str]:
