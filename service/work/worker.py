@@ -137,6 +137,8 @@ class HttpReporter:
         """None: resend until the server answers. A stopping worker bounds it."""
         self.acked: dict[str, int] = {}
         """Per run, the last seq the server acknowledged."""
+        self.finishing: set[str] = set()
+        """Runs whose ending is on its way: a poll that listed them would be answered at once."""
 
     def forget(self, run_id: str) -> None:
         self.acked.pop(run_id, None)
@@ -163,18 +165,22 @@ class HttpReporter:
 
     async def finish(self, run: wire.Assignment, ending: wire.Ending) -> str:
         key = {"Idempotency-Key": f"end-{run.run_id}"}  # a resend answers what the first did
-        while True:
-            answer = await self._post(run, "finish", ending, key)
-            if answer.status_code == 200:
-                self.forget(run.run_id)
-                return msgspec.json.decode(answer.content, type=wire.RunStatus).status
-            expected = self._expected(run, answer)
-            if ending.output or expected <= ending.last_seq:
-                raise RuntimeError(f"the server wants run {run.run_id}'s output from seq {expected} before "
-                                   f"its ending, which carries from {ending.output[0].seq if ending.output else '-'}")
-            # An ending without output (a stop's) that names less than the server has: a batch
-            # whose answer was lost on the way was recorded. The ending names it too.
-            ending = msgspec.structs.replace(ending, last_seq=expected - 1)
+        self.finishing.add(run.run_id)
+        try:
+            while True:
+                answer = await self._post(run, "finish", ending, key)
+                if answer.status_code == 200:
+                    self.forget(run.run_id)
+                    return msgspec.json.decode(answer.content, type=wire.RunStatus).status
+                expected = self._expected(run, answer)
+                if ending.output or expected <= ending.last_seq:
+                    raise RuntimeError(f"the server wants run {run.run_id}'s output from seq {expected} before its "
+                                       f"ending, which carries from {ending.output[0].seq if ending.output else '-'}")
+                # An ending without output (a stop's) that names less than the server has: a batch
+                # whose answer was lost on the way was recorded. The ending names it too.
+                ending = msgspec.structs.replace(ending, last_seq=expected - 1)
+        finally:
+            self.finishing.discard(run.run_id)
 
     def _expected(self, run: wire.Assignment, answer: httpx.Response) -> int:
         """The `expectedSeq` of a 409 `output_gap` (`_post` lets nothing else through)."""
@@ -207,6 +213,8 @@ class _Held:
         self.executor: Executor | None = None
         self.job: asyncio.Task | None = None
         self.messages_seen = 0
+        self.cancelling = False
+        """Told by the server that it is over, and being stopped: no longer listed in polls."""
         self.stopping = False
         """Being stopped by the worker, which then reports it interrupted with its unsent output."""
 
@@ -352,7 +360,7 @@ class Worker:
         free = 0 if self.draining or self.drained_by_admin else max(0, self.options.capacity - len(self.runs))
         body = wire.Poll(epoch=self.epoch, free=free, runs=[
             wire.HeldRun(run_id=run_id, lease=held.assignment.lease, messages_seen=held.messages_seen)
-            for run_id, held in self.runs.items()
+            for run_id, held in self.runs.items() if not held.cancelling and run_id not in self.reporter.finishing
         ])
         polled = await self._unless_interrupted(
             self.api.post("/worker/poll", body, timeout=self.intervals.poll_seconds + 30))
@@ -390,8 +398,10 @@ class Worker:
             self.drained_by_admin = answer.drain
         for ended in answer.ended:
             held = self.runs.get(ended.run_id)
-            if held is not None and ended.reason != "finished":  # finished: its ending is on its way
+            # `finished`: its ending is recorded, and the answer to it on its way.
+            if held is not None and not held.cancelling and ended.reason != "finished":
                 log.info("run ended by the server", run_id=ended.run_id, reason=ended.reason)
+                held.cancelling = True
                 self._spawn(self._cancel(held), f"cancel-{ended.run_id}")
         for delivered in sorted(answer.messages, key=lambda m: (m.run_id, m.index)):
             held = self.runs.get(delivered.run_id)
