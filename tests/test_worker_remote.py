@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from tests.api_helpers import UNLIMITED
-from tests.worker import Worker, output, shell_agent, start_task, wait_status, worker_key
+import sys
+
+from tests.api_helpers import UNLIMITED, wait_for
+from tests.worker import Worker, output, shell_agent, start_task, task, wait_status, worker_key
 
 
 def test_a_run_on_a_remote_desktop_runs_under_its_worker_with_its_environment(make_server, tmp_path):
@@ -35,3 +37,31 @@ def test_a_worker_refused_by_the_server_exits_2_with_its_sentence(make_server, t
         else:
             worker.stop()
             raise AssertionError(f"the worker on {worker.desktop} ran: {worker.output()[-2000:]}")
+
+
+ASKS = """
+import sys
+sys.stdin.readline()  # the prompt
+print("@@mc:input who?", flush=True)
+print("hello", sys.stdin.readline().strip(), flush=True)
+print("@@mc:input and?", flush=True)
+print("then", sys.stdin.readline().strip(), flush=True)
+"""
+
+
+def test_an_agent_on_a_worker_asks_and_is_answered_in_order(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    with Worker(server, "box", tmp_path / "box", agents="exec").start():
+        created = client.post("/agents", json={"name": "asker", "kind": "exec",
+                                               "config": {"argv": [sys.executable, "-c", ASKS]}})
+        assert created.status_code == 201, created.text
+        task_id = start_task(client, created.json()["id"], "go", desktop="box", kind="prompt")
+        for question, answer in (("who?", "world"), ("and?", "more")):
+            wait_for(lambda: (found := task(client, task_id))["status"] == "awaiting_input"
+                     and found["inputPrompt"] == question, what=f"the question {question!r}")
+            sent = client.post(f"/tasks/{task_id}/messages", json={"message": answer})
+            assert sent.status_code in (200, 201, 202), sent.text
+        done = wait_status(client, task_id, "done", "failed")
+        assert done["status"] == "done", done
+        assert output(client, task_id) == "hello world\nthen more\n"
