@@ -101,7 +101,8 @@ async def _drive(server: Server, count: int, limit: int) -> float:
         async def keep_one_in_flight() -> None:
             while queue:
                 task_id = queue.pop()
-                while (answer := await client.post(f"/tasks/{task_id}/run", json={"agentId": agent})).status_code == 429:
+                run = f"/tasks/{task_id}/run"
+                while (answer := await client.post(run, json={"agentId": agent})).status_code == 429:
                     await asyncio.sleep(0.005)  # a slot frees when the log says so: again
                 assert answer.status_code == 200, answer.text
                 assert await ended[task_id] == "task.completed", task_id
@@ -145,7 +146,8 @@ async def _measure(server: Server, lines: int, desktop: str) -> list[int]:
     headers = {"Authorization": f"Bearer {server.admin_token}"}
     argv = [sys.executable, "-c", PRINTER.format(lines=lines, pause=0.002)]
     async with httpx.AsyncClient(base_url=server.base_url + API, headers=headers, timeout=60) as client:
-        agent = (await client.post("/agents", json={"name": "printer", "kind": "exec", "config": {"argv": argv}})).json()
+        printer = {"name": "printer", "kind": "exec", "config": {"argv": argv}}
+        agent = (await client.post("/agents", json=printer)).json()
         task = (await client.post("/tasks", json={"type": "prompt", "content": "print", "desktopId": desktop})).json()
         head = (await client.get("/events", params={"limit": 1})).json()["head"]
         latencies: list[int] = []

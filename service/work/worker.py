@@ -90,7 +90,8 @@ class Api:
     def __init__(self, server: str, token: str, client: httpx.AsyncClient | None = None):
         self.client = client or httpx.AsyncClient(
             base_url=server.rstrip("/") + API, timeout=httpx.Timeout(30, connect=5),
-            headers={"Authorization": f"Bearer {token}", "User-Agent": f"mission-control-worker/{version('mission-control')}"},
+            headers={"Authorization": f"Bearer {token}",
+                     "User-Agent": f"mission-control-worker/{version('mission-control')}"},
         )
 
     async def post(
@@ -285,7 +286,8 @@ class Worker:
 
     async def _register(self) -> None:
         body = wire.Register(
-            session_id=self.session_id, desktop_id=self.options.desktop, agents=self.options.agents,  # type: ignore[arg-type]
+            session_id=self.session_id, desktop_id=self.options.desktop,
+            agents=self.options.agents,  # type: ignore[arg-type]  # kinds, checked by parse_agents
             capacity=self.options.capacity, version=version("mission-control"), hostname=socket.gethostname(),
         )
         answer = await self.api.post("/worker/register", body)
