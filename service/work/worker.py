@@ -85,7 +85,8 @@ def _code(answer: httpx.Response) -> str | None:
 
 class Api:
     """POSTs to the worker routes, each resent after a backoff while the server is unreachable,
-    answers 5xx or 503 (it is restarting). A 401 or 403 is `Fatal`: no resend can succeed."""
+    answers 5xx or 503 (it is restarting), or 429 (the key's rate limit). A 401 or 403 is `Fatal`:
+    no resend can succeed."""
 
     def __init__(self, server: str, token: str, client: httpx.AsyncClient | None = None):
         self.client = client or httpx.AsyncClient(
@@ -107,9 +108,9 @@ class Api:
                                                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
                 if answer.status_code in (401, 403):
                     raise Fatal(_detail(answer))
-                if answer.status_code < 500:
+                if answer.status_code < 500 and answer.status_code != 429:
                     return answer
-                problem = f"HTTP {answer.status_code}: {_detail(answer)}"
+                problem = f"HTTP {answer.status_code}: {_detail(answer)}"  # 429: the key's rate limit
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             attempt += 1
