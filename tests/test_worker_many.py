@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import signal
 import time
 
 import msgspec
@@ -26,6 +27,7 @@ def test_twenty_workers_share_the_runs_within_the_limit_and_their_capacities(mak
         workers = [Worker(server, name, tmp_path / name, token=keys[name][1]).spawn() for name in names]
         for worker in workers:
             stack.callback(worker.stop)
+        stack.callback(lambda: [worker.send(signal.SIGTERM) for worker in workers])  # all drain at once, first
         for worker in workers:  # they register at once
             worker.wait_ready(60)
         agent = echo_agent(client, "echo-many")
