@@ -21,6 +21,9 @@ class Meta(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=False):
     actor: str | None = None
     request_id: str | None = None
     causation_id: str | None = None
+    """The log position (as a string) of the event that caused this append, where one did:
+    e.g. a webhook attempt names the task event that triggered its delivery. None for an
+    append a request or a person caused."""
     schema: int = 1
 
 

@@ -516,8 +516,10 @@ class SqliteLog(EventLog):
         """A read of the tables kept beside the log (projections/sqlite.py's read models)."""
         # Read models are read by key or by a bounded page: a few microseconds in SQLite, far
         # less than a round trip to a reader thread, and WAL never makes a reader wait.
-        with _translated():
+        try:  # not `_translated()`: this is every read's path, and a context manager costs more than the read
             return self._local.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from exc
 
     async def _scan(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         """Reads of the log itself, pages of up to thousands of events: on a reader thread.

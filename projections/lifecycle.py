@@ -19,11 +19,12 @@ ACTIVE: frozenset[Status] = frozenset({"running", "awaiting_input"})
 
 Command = Literal[
     "edit", "annotate", "archive", "run", "cancel", "retry", "message", "review",
-    "output", "ask", "finish", "fail",
+    "output", "ask", "finish", "fail", "renew", "lose",
 ]
 """What can be asked of an existing task: by a client (edit: change a field other than title,
-metadata and archived; annotate: change those three; the rest as their routes say) and by the
-runner about the run in progress (output, ask for input, finish, fail)."""
+metadata and archived; annotate: change those three; the rest as their routes say), by the desktop
+holding the run's lease (output, ask for input, finish, fail, and renew: the lease check, never
+recorded), and by the lease keeper (lose: the run's lease lapsed, its worker restarted or lost its key)."""
 
 ADMITS: dict[Command, frozenset[Status]] = {
     "edit": frozenset({"pending"}),
@@ -38,8 +39,11 @@ ADMITS: dict[Command, frozenset[Status]] = {
     "ask": ACTIVE,
     "finish": ACTIVE,
     "fail": ACTIVE,
+    "renew": ACTIVE,
+    "lose": ACTIVE,
 }
-"""Beside these, cancelling a cancelled task is no refusal: it changes nothing."""
+"""Beside these, no refusal but no change either: cancelling a cancelled task, asking a question the
+run already asked (a resend), losing a run that is over or whose lease has moved on."""
 
 LEADS_TO: dict[type[t.EventData], Status] = {
     t.TaskCreated: "pending",

@@ -21,9 +21,10 @@ from events import EventLog, RecordedEvent, Transaction, streams, typed
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
+from projections.desktops import Desktop, Placement
 from projections.projects import Project
-from projections.store import AGENTS, APIKEYS, APPROVALS, PROJECTS, TASKS, Changes, Model, fold
-from projections.tasks import Task, evolve
+from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
+from projections.tasks import Task, TaskState, evolve
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ PAGE = 5000
 class Counters(msgspec.Struct):
     tasks: dict[str, int]
     active_desktops: int
+    """Desktops online."""
     active_agents: int
     approvals_pending: int
     streams: int
@@ -177,6 +179,35 @@ class ReadModels(ABC):
     @abstractmethod
     async def running_count(self) -> int:
         """Tasks holding a run slot (an ACTIVE status)."""
+
+    @abstractmethod
+    async def desktops(self) -> list[Desktop]:
+        """Every desktop not removed, by name."""
+
+    @abstractmethod
+    async def active_runs(self, desktop_id: str | None = None) -> list[TaskState]:
+        """Tasks holding a run slot whose current run is placed on `desktop_id` (None: on any
+        desktop), oldest placement first."""
+
+    async def desktop(self, desktop_id: str) -> Desktop | None:
+        return await self._get(DESKTOPS, desktop_id)
+
+    async def busy_by_desktop(self) -> dict[str, int]:
+        """How many runs each desktop has (only desktops with one)."""
+        busy: dict[str, int] = {}
+        for task in await self.active_runs():
+            if task.run_desktop_id is not None:
+                busy[task.run_desktop_id] = busy.get(task.run_desktop_id, 0) + 1
+        return busy
+
+    async def placements(self) -> list[Placement]:
+        """Every desktop as placement sees it: what `StartRun.desktops` takes."""
+        busy = await self.busy_by_desktop()
+        return [
+            Placement(id=d.id, status=d.status, agents=list(d.agents), capacity=d.capacity,
+                      busy=busy.get(d.id, 0), epoch=d.epoch)
+            for d in await self.desktops()
+        ]
 
     async def task(self, task_id: str, *, with_watchers: bool = True) -> Task | None:
         """The task; its `watchers` (one more read) only for answers that show them."""

@@ -16,11 +16,12 @@ from events.sqlite import SqliteLog
 from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
+from projections.desktops import Desktop
 from projections.projects import Project
 from projections.readmodels import Counters, ReadModels
 from projections.store import APIKEYS, COUNTER_TABLES, MODELS, Changes, Model
 from projections.lifecycle import ACTIVE, STATUSES
-from projections.tasks import Task
+from projections.tasks import Task, TaskState
 
 T = TypeVar("T")
 
@@ -63,6 +64,8 @@ def _escape_like(text: str) -> str:
 
 
 _RUNNING_SQL = f"SELECT COALESCE(SUM(value), 0) FROM counters WHERE {_one_of('name', list(_RUNNING))}"
+_ACTIVE = sorted(ACTIVE)
+_ACTIVE_SQL = f"SELECT state FROM tasks WHERE {_one_of('status', _ACTIVE)}"
 
 
 def read_models(log: SqliteLog) -> SqliteReadModels:
@@ -180,14 +183,11 @@ class SqliteReadModels(ReadModels):
         return sorted((_decoders["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
 
     async def counters(self) -> Counters:
-        rows = dict(await self.log.query("SELECT name, value FROM counters WHERE name NOT LIKE 'desktop:%'"))
-        desktops = (await self.log.query(
-            "SELECT COUNT(*) FROM counters WHERE name LIKE 'desktop:%' AND value > 0"
-        ))[0][0]
+        rows = dict(await self.log.query("SELECT name, value FROM counters"))
         position = (await self.log.query("SELECT position FROM checkpoint"))[0][0]
         return Counters(
             tasks={s: rows.get(f"tasks.{s}", 0) for s in STATUSES},
-            active_desktops=desktops,
+            active_desktops=rows.get("desktops.online", 0),
             active_agents=rows.get("agents.active", 0),
             approvals_pending=rows.get("approvals.pending", 0),
             streams=rows.get("log.streams", 0),
@@ -197,3 +197,16 @@ class SqliteReadModels(ReadModels):
     async def running_count(self) -> int:
         rows = await self.log.query(_RUNNING_SQL, _RUNNING)
         return rows[0][0]
+
+    async def desktops(self) -> list[Desktop]:
+        rows = await self.log.query("SELECT state FROM desktops ORDER BY id")
+        return [_decoders["desktops"].decode(r[0]) for r in rows]
+
+    async def active_runs(self, desktop_id: str | None = None) -> list[TaskState]:
+        # Tasks holding a run slot are at most the concurrency limit: the status index finds them,
+        # and the desktop is read from their state rather than from a column older tables lack.
+        rows = await self.log.query(_ACTIVE_SQL, _ACTIVE)
+        found = [_decoders["tasks"].decode(r[0]) for r in rows]
+        if desktop_id is not None:
+            found = [task for task in found if task.run_desktop_id == desktop_id]
+        return sorted(found, key=lambda task: task.placed_position)

@@ -16,7 +16,7 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, presence, projects, tasks
+from projections import agents, apikeys, approvals, desktops, presence, projects, tasks
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -33,7 +33,7 @@ class Model(NamedTuple):
 
 
 TASKS = Model(
-    "tasks", tasks.Task, tasks.task_id_of, tasks.evolve,
+    "tasks", tasks.TaskState, tasks.task_id_of, tasks.evolve,
     {
         "project_id": lambda s: s.project_id, "status": lambda s: s.status,
         "agent_id": lambda s: s.agent_id, "desktop_id": lambda s: s.desktop_id,
@@ -65,11 +65,14 @@ APIKEYS = Model(
     {"token_hash": lambda s: s.token_hash, "user_id": lambda s: s.user},
     ("token_hash",),
 )
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS)
+DESKTOPS = Model(
+    "desktops", desktops.Desktop, desktops.desktop_id_of, desktops.evolve, {"status": lambda s: s.status},
+)
+MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS)
 
 
 COUNTER_TABLES = ("counters", "checkpoint")
-"""Kept beside the models: named counts (`tasks.running`, `desktop:<id>`, ...) and the last folded position."""
+"""Kept beside the models: named counts (`tasks.running`, `desktops.online`, ...) and the last folded position."""
 
 
 class Changes:
@@ -98,10 +101,6 @@ class Changes:
                 self.count(f"{model.table}.{old_status}", -1)
             if new_status is not None:
                 self.count(f"{model.table}.{new_status}", 1)
-        if model is TASKS:
-            for state, delta in ((old, -1), (new, 1)):
-                if state is not None and state.status == "running" and state.desktop_id:
-                    self.count(f"desktop:{state.desktop_id}", delta)
 
     def count(self, name: str, delta: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + delta

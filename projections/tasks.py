@@ -1,5 +1,8 @@
 """The task: its state machine's fold. `decide` (service/commands/deciders.py) reads the same state, and
-both read the state machine's tables in projections/lifecycle.py."""
+both read the state machine's tables in projections/lifecycle.py.
+
+The fold's state is a `TaskState`: the task as API.md serves it (`Task`) and, for its current run,
+what that run's reports are checked against. Those are the server's own: `served` leaves them out."""
 
 from __future__ import annotations
 
@@ -48,10 +51,33 @@ class Task(msgspec.Struct, kw_only=True, rename="camel"):
     created_position: int = 0
 
 
-def evolve(task: Task | None, event: Event) -> Task | None:
+class TaskState(Task, kw_only=True, rename="camel"):
+    """The fold's state: the served task, and its current run's lease and report counts (reset by
+    each `task.started`), kept in the log's fold so a resend still dedupes after a restart."""
+
+    run_desktop_id: str | None = None
+    """The desktop the current run is placed on (None: a run recorded before desktops existed)."""
+    lease_epoch: int = 0
+    """The desktop's epoch the run was placed under: its lease's fence."""
+    placed_position: int = 0
+    """The log position of the current run's `task.started`: the order runs were placed in."""
+    output_seq: int = 0
+    """The last output seq recorded for the current run."""
+    asks: int = 0
+    """Questions the current run has asked."""
+    messages: int = 0
+    """Messages sent to the current run."""
+
+
+def served(task: Task) -> Task:
+    """The task as API.md serves it, without the fold's internal fields."""
+    return task if type(task) is Task else msgspec.convert(task, Task, from_attributes=True)
+
+
+def evolve(task: TaskState | None, event: Event) -> TaskState | None:
     data = event.data
     if isinstance(data, t.TaskCreated):
-        return Task(
+        return TaskState(
             id=data.task_id, status=LEADS_TO[t.TaskCreated], type=data.type, content=data.content, title=data.title,
             description=data.description, project_id=data.project_id, desktop_id=data.desktop_id,
             agent_id=data.agent_id, requires_approval=data.requires_approval, priority=data.priority,
@@ -75,11 +101,16 @@ def evolve(task: Task | None, event: Event) -> Task | None:
         changes |= dict(
             run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
             completed_at=None, runs=task.runs + 1, result=None, error=None, approval_id=None,
+            run_desktop_id=data.desktop_id, lease_epoch=data.lease_epoch, placed_position=event.position,
+            output_seq=0, asks=0, messages=0,
         )
+    elif isinstance(data, t.TaskOutput):
+        if data.run_id == task.run_id:
+            changes["output_seq"] = data.seq
     elif isinstance(data, t.TaskInputRequested):
-        changes["input_prompt"] = data.prompt
+        changes |= dict(input_prompt=data.prompt, asks=task.asks + 1)
     elif isinstance(data, t.TaskMessage):
-        changes["input_prompt"] = None
+        changes |= dict(input_prompt=None, messages=task.messages + 1)
     elif isinstance(data, t.TaskReview):
         changes |= dict(result=data.result, input_prompt=None)
     elif isinstance(data, t.ApprovalCreated):

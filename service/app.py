@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import structlog
 from starlette.applications import Starlette
@@ -16,9 +17,11 @@ from events import (
 )
 from events import streams
 from events import types as t
+from projections.agents import AGENT_KINDS
 from projections.readmodels import ReadModels, read_models
 from service.api import API_PREFIX, agents, approvals, health, log as log_routes, overview, projects, stream, tasks
 from service.commands.deciders import Refused
+from service.commands.desktops import Register
 from service.commands.handling import Commands
 from service.http.errors import HttpError, error_response, refusal_response
 from service.http.endpoints import walk
@@ -29,6 +32,8 @@ from service.work.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
 from service.work.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
+
+LOCAL_DESKTOP = "local"
 
 
 async def ensure_echo_agent(log, models: ReadModels) -> None:
@@ -103,6 +108,11 @@ def create_app(settings: Settings) -> Starlette:
         commands = Commands(log, models)
         runner = Runner(log, models, commands, settings)
         await runner.recover()
+        # The node's own desktop: a new session each start, once recovery has ended the last one's runs
+        # (service/work/local.py takes this over).
+        await commands.desktop(LOCAL_DESKTOP, Register(
+            session_id=str(uuid.uuid4()), agents=list(AGENT_KINDS), capacity=settings.max_concurrent, node=True,
+        ), Meta(actor=RUNNER_ACTOR))
         webhooks = WebhookWorker(log, models, settings)
         webhooks.start()
         app.state.ready = True

@@ -15,6 +15,7 @@ import pytest
 
 from events import RecordedEvent, typed
 from projections import approvals as approval_model
+from projections import desktops as desktop_model
 from projections import presence as presence_model
 from projections import tasks as task_model
 from tests.inprocess import InProcess
@@ -115,7 +116,7 @@ def read_log(client: httpx.Client, after: int = 0) -> tuple[list[RecordedEvent],
 
 
 class Fold:
-    """Tasks, approvals and presence folded from the log by the same `evolve` the read models use.
+    """Tasks, approvals, presence and desktops folded from the log by the same `evolve` the read models use.
     It folds incrementally; since `evolve` is pure, that equals a fresh fold of the same prefix."""
 
     def __init__(self) -> None:
@@ -123,6 +124,7 @@ class Fold:
         self.tasks: dict[str, task_model.Task] = {}
         self.approvals: dict[str, approval_model.Approval] = {}
         self.presence: dict[str, presence_model.Presence] = {}
+        self.desktops: dict[str, desktop_model.Desktop] = {}
 
     def apply(self, recorded: RecordedEvent) -> None:
         assert recorded.position == self.position + 1, "the log has a gap"
@@ -132,6 +134,7 @@ class Fold:
             (self.tasks, task_model.task_id_of, task_model.evolve),
             (self.approvals, approval_model.approval_id_of, approval_model.evolve),
             (self.presence, presence_model.presence_key_of, presence_model.evolve),
+            (self.desktops, desktop_model.desktop_id_of, desktop_model.evolve),
         ):
             key = key_of(event.data)
             if key is not None:

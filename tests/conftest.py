@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,20 @@ from events import EventLog
 # (tests/server.py); to the app in this process, `app_server`, `make_app_server`,
 # `shared_app_server` (tests/inprocess.py); and `api_server` (tests/api_helpers.py).
 pytest_plugins = ["tests.server", "tests.inprocess", "tests.api_helpers"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has a node id of its own. pytest-xdist hands tests to its workers by node id and
+    runs one test of those that share one, silently; pytest 9 ids schemathesis's tests (one an
+    operation, tests/test_openapi.py) by their function alone, so each gets its operation back as
+    its parameter, as under pytest 8. Any other repeat stops the run."""
+    for item in items:
+        name, base = item.name, getattr(item, "originalname", item.name)
+        if item.nodeid.endswith("::" + base) and name.startswith(base + "[") and name.endswith("]"):
+            item._id = item.parent.id.child(base).with_params(name[len(base) + 1:-1])
+    repeated = [nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1]
+    if repeated:
+        raise pytest.UsageError(f"tests that share a node id (only one of each would run in parallel): {repeated}")
 
 # --- event logs ----------------------------------------------------------------
 #

@@ -49,7 +49,7 @@ class Driver:
         echo = r.choice([{}, {"fail": "boom"}, {"ask": "sure?"}, {"chunks": r.randint(1, 5)}, {"delayMs": 30}])
         body = {"type": "prompt", "content": f"job {r.random()}", "title": r.choice([None, "a", "b"]),
                 "requiresApproval": r.random() < 0.3, "priority": r.randint(1, 10), "metadata": {"echo": echo},
-                "desktopId": r.choice([None, "desk-1", "desk-2"])}
+                "desktopId": r.choice([None, "local", "elsewhere"])}  # elsewhere: no such desktop, its runs 503
         if self.projects and r.random() < 0.3:
             body["projectId"] = r.choice(self.projects)
         created = self.send("POST", "/tasks", json=body)

@@ -8,45 +8,51 @@ from __future__ import annotations
 
 from typing import get_args
 
+import msgspec
 import pytest
 
 from events import Event
 from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
-from projections.tasks import Task, evolve
+from projections.desktops import Placement
+from projections.runs import OUTPUT_FREE, runs
+from projections.tasks import Task, evolve, served
 from service.http import openapi
 from service.work.agents.kinds import KINDS
 from service.app import create_app
 from service.commands.deciders import (
-    ArchiveTask, CancelTask, Code, Command, FailRun, FinishRun, RecordOutput, Refused, RequestInput,
-    RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
+    ArchiveTask, CancelTask, Code, Command, FailRun, Fence, FinishRun, LoseRun, OutputGap, RecordOutput, Refused,
+    Renew, RequestInput, RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
 from service.api import API_PREFIX
 from service.http.errors import REFUSALS, refusal_response
 from service.settings import Settings
 
 TASK, RUN, APPROVAL = "task-1", "run-1", "approval-1"
+DESKTOP, EPOCH = "local", 3
+STARTED = t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent", desktop_id=DESKTOP, lease_epoch=EPOCH)
+LEASE = Fence(desktop_id=DESKTOP, epoch=EPOCH)
 
 # Each status as a history reaches it.
 HISTORIES: dict[str, list[t.EventData]] = {
     "pending": [],
-    "running": [t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent")],
+    "running": [STARTED],
     "awaiting_input": [
-        t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent"),
+        STARTED,
         t.TaskInputRequested(task_id=TASK, run_id=RUN, prompt="which one?"),
     ],
     "review": [
-        t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent"),
+        STARTED,
         t.TaskReview(task_id=TASK, run_id=RUN, result="the deliverable"),
         t.ApprovalCreated(approval_id=APPROVAL, task_id=TASK, run_id=RUN),
     ],
     "done": [
-        t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent"),
+        STARTED,
         t.TaskCompleted(task_id=TASK, run_id=RUN, result="the deliverable"),
     ],
     "failed": [
-        t.TaskStarted(task_id=TASK, run_id=RUN, agent_id="agent"),
+        STARTED,
         t.TaskFailed(task_id=TASK, run_id=RUN, reason="exit", error="exit 1", exit_code=1),
     ],
     "cancelled": [t.TaskCancelled(task_id=TASK)],
@@ -55,10 +61,13 @@ HISTORIES: dict[str, list[t.EventData]] = {
 ECHO = Agent(id="agent", name="echo", kind="echo", created_at="2026-01-01T00:00:00Z")
 
 
+LOCAL = Placement(id=DESKTOP, status="online", agents=list(AGENT_KINDS), capacity=5, busy=0, epoch=EPOCH)
+
+
 def start(agent: Agent = ECHO, admin: bool = False, running: int = 0) -> StartRun:
-    """A run asked by alice, with `running` of 5 run slots taken."""
+    """A run asked by alice, with `running` of 5 run slots taken, and one desktop hosting every kind."""
     return StartRun(run_id="run-2", agent=agent, agent_id=agent.id, actor="alice", actor_is_admin=admin,
-                    running=running, limit=5, dependencies={})
+                    running=running, limit=5, dependencies={}, desktops=[LOCAL])
 
 # One command of each kind the table names.
 COMMANDS: dict[str, Command] = {
@@ -70,16 +79,19 @@ COMMANDS: dict[str, Command] = {
     "retry": RetryTask(),
     "message": SendMessage(message="the second one"),
     "review": Review(decision="approve"),
-    "output": RecordOutput(run_id=RUN, chunks=[(1, "text", "hello")]),
-    "ask": RequestInput(run_id=RUN, prompt="sure?"),
-    "finish": FinishRun(run_id=RUN, approval_id="approval-2", result="the deliverable"),
-    "fail": FailRun(run_id=RUN, reason="error", error="boom"),
+    "output": RecordOutput(run_id=RUN, chunks=[(1, "text", "hello")], fence=LEASE),
+    "ask": RequestInput(run_id=RUN, prompt="sure?", number=1, fence=LEASE),
+    "finish": FinishRun(run_id=RUN, approval_id="approval-2", result="the deliverable", fence=LEASE),
+    "fail": FailRun(run_id=RUN, reason="error", error="boom", fence=LEASE),
+    "renew": Renew(run_id=RUN, fence=LEASE),
+    "lose": LoseRun(run_id=RUN, epoch=EPOCH, error="Desktop local stopped reporting on this run."),
 }
 
 # What each command does in each status. A cell is the event types recorded (without `task.`,
 # joined by +) and, after >, the status they lead to when it changes; 409 is a refusal for the
-# status (invalid_status), `over` the runner's report on a run that is not going (run_over),
-# and `-` nothing recorded, nothing refused.
+# status (invalid_status), `lost` a desktop's report on a run that is not going (lease_lost),
+# and `-` nothing recorded, nothing refused. (The awaiting_input history has asked question 1
+# already, so asking it there again is a resend.)
 EXPECTED = """
           pending              running                         awaiting_input                  review                               done      failed           cancelled
 edit      updated              409                             409                             409                                  409       409              409
@@ -90,10 +102,12 @@ cancel    cancelled>cancelled  cancelled>cancelled             cancelled>cancell
 retry     409                  409                             409                             409                                  409       retried>pending  retried>pending
 message   409                  message                         message>running                 409                                  409       409              409
 review    409                  409                             409                             approval.resolved+completed>done     409       409              409
-output    over                 output                          output                          over                                 over      over             over
-ask       over                 input_requested>awaiting_input  input_requested                 over                                 over      over             over
-finish    over                 completed>done                  failed>failed                   over                                 over      over             over
-fail      over                 failed>failed                   failed>failed                   over                                 over      over             over
+output    lost                 output                          output                          lost                                 lost      lost             lost
+ask       lost                 input_requested>awaiting_input  -                               lost                                 lost      lost             lost
+finish    lost                 completed>done                  failed>failed                   lost                                 lost      lost             lost
+fail      lost                 failed>failed                   failed>failed                   lost                                 lost      lost             lost
+renew     lost                 -                               -                               lost                                 lost      lost             lost
+lose      -                    failed>failed                   failed>failed                   -                                    -         -                -
 """
 
 
@@ -136,11 +150,11 @@ def _short(event_type: str) -> str:
 def test_decide_and_evolve(status: str, command: str):
     expected = GRID[status, command]
     task = task_in(status)
-    if expected in ("409", "over"):
+    if expected in ("409", "lost"):
         with pytest.raises(Refused) as refused:
             decide(task, COMMANDS[command])
-        assert refused.value.code == {"409": "invalid_status", "over": "run_over"}[expected]
-        assert status in refused.value.detail or expected == "over"  # the sentence names the status
+        assert refused.value.code == {"409": "invalid_status", "lost": "lease_lost"}[expected]
+        assert status in refused.value.detail  # the sentence names the status
         return
     events = decide(task, COMMANDS[command])
     names, _, leads_to = expected.partition(">")
@@ -158,8 +172,9 @@ def test_the_refusal_for_a_status_names_the_statuses_that_would_do():
 
 def test_a_report_on_a_run_that_is_over_is_its_own_refusal_the_runner_drops():
     running = task_in("running")
-    with pytest.raises(RunOver):
+    with pytest.raises(RunOver) as lost:
         decide(running, RecordOutput(run_id="an-earlier-run", chunks=[(1, "text", "late")]))
+    assert lost.value.code == "lease_lost"
 
 
 def test_rejecting_a_review_fails_the_task():
@@ -188,6 +203,161 @@ def test_a_completion_without_a_result_after_review_keeps_the_reviewed_deliverab
            t.TaskCompleted(task_id=TASK, run_id=RUN)]
     done = _fold(task_in("review"), old)
     assert done is not None and (done.status, done.result) == ("done", "the deliverable")
+
+
+# --- the lease's fence and the reports' numbering ------------------------------------
+
+def _output(*seqs: int) -> list[tuple[int, str, str]]:
+    return [(seq, "stdout", f"line {seq}\n") for seq in seqs]
+
+
+def running_with_output(*seqs: int) -> Task:
+    task = _fold(task_in("running"), [t.TaskOutput(task_id=TASK, run_id=RUN, seq=n, stream="stdout", chunk="x")
+                                      for n in seqs])
+    assert task is not None
+    return task
+
+
+REPORTS: dict[str, Command] = {
+    "output": COMMANDS["output"], "ask": COMMANDS["ask"], "finish": COMMANDS["finish"],
+    "fail": COMMANDS["fail"], "renew": COMMANDS["renew"],
+}
+
+FENCES = {  # a fence, and the words the refusal must say (None: accepted)
+    "the run's own": (LEASE, None),
+    "none (the in-process runner)": (None, None),
+    "another desktop": (Fence(desktop_id="elsewhere", epoch=EPOCH), "placed on desktop local, not on elsewhere"),
+    "an older session": (Fence(desktop_id=DESKTOP, epoch=EPOCH - 1), "another worker session"),
+    "a newer session": (Fence(desktop_id=DESKTOP, epoch=EPOCH + 1), "another worker session"),
+}
+
+
+@pytest.mark.parametrize("report", sorted(REPORTS))
+@pytest.mark.parametrize("fence", sorted(FENCES))
+def test_a_report_is_accepted_only_under_the_lease_the_run_was_placed_with(report: str, fence: str):
+    lease, says = FENCES[fence]
+    command = msgspec.structs.replace(REPORTS[report], fence=lease)
+    task = task_in("running")
+    if says is None:
+        decide(task, command)
+        return
+    with pytest.raises(RunOver) as lost:
+        decide(task, command)
+    assert lost.value.code == "lease_lost" and says in lost.value.detail
+
+
+@pytest.mark.parametrize("report", sorted(REPORTS))
+def test_a_report_on_a_superseded_or_cancelled_run_says_which(report: str):
+    command = REPORTS[report]
+    rerun = _fold(task_in("failed"), [t.TaskRetried(task_id=TASK), msgspec.structs.replace(STARTED, run_id="run-2")])
+    cancelled = _fold(task_in("running"), [t.TaskCancelled(task_id=TASK, run_id=RUN)])
+    for task, says in ((rerun, "superseded by run run-2"), (cancelled, "was cancelled"), (task_in("done"), "has ended")):
+        with pytest.raises(RunOver) as lost:
+            decide(task, command)
+        assert says in lost.value.detail
+
+
+def test_a_task_started_resets_the_run_s_lease_and_counts():
+    asked = _fold(running_with_output(1, 2), [t.TaskInputRequested(task_id=TASK, run_id=RUN, prompt="?"),
+                                             t.TaskMessage(task_id=TASK, run_id=RUN, message="yes")])
+    assert asked is not None and (asked.output_seq, asked.asks, asked.messages) == (2, 1, 1)
+    again = _fold(asked, [t.TaskFailed(task_id=TASK, run_id=RUN, reason="exit", error="1"), t.TaskRetried(task_id=TASK),
+                          t.TaskStarted(task_id=TASK, run_id="run-2", agent_id="agent", desktop_id="d2", lease_epoch=7)])
+    assert again is not None
+    assert (again.run_desktop_id, again.lease_epoch, again.output_seq, again.asks, again.messages) == ("d2", 7, 0, 0, 0)
+
+
+def test_the_lease_and_counts_are_not_served():
+    task = running_with_output(1)
+    served_fields = set(msgspec.json.decode(msgspec.json.encode(served(task))))
+    assert served_fields == {f.encode_name for f in msgspec.structs.fields(Task)}
+    assert not served_fields & {"runDesktopId", "leaseEpoch", "placedPosition", "outputSeq", "asks", "messages"}
+    assert served(task).id == task.id and served(task).version == task.version
+
+
+def test_resent_output_is_recorded_once_and_the_rest_continues():
+    task = running_with_output(1, 2)
+    events = decide(task, RecordOutput(run_id=RUN, chunks=_output(1, 2, 3, 3, 4), fence=LEASE))
+    assert [e.seq for e in events] == [3, 4]
+    assert decide(task, RecordOutput(run_id=RUN, chunks=_output(1, 2), fence=LEASE)) == []
+    assert _fold(task, events).output_seq == 4
+
+
+@pytest.mark.parametrize("seqs", [(4,), (3, 5), (2, 4), (5, 3)])
+def test_output_past_a_hole_is_refused_whole_with_where_to_resend_from(seqs):
+    with pytest.raises(OutputGap) as gap:
+        decide(running_with_output(1, 2), RecordOutput(run_id=RUN, chunks=_output(*seqs), fence=LEASE))
+    assert (gap.value.code, gap.value.expected_seq) == ("output_gap", 3)
+    assert "send from seq 3" in gap.value.detail
+
+
+def test_a_question_is_recorded_once_and_never_overtakes_its_output():
+    task = running_with_output(1, 2)
+    with pytest.raises(OutputGap) as gap:
+        decide(task, RequestInput(run_id=RUN, prompt="?", number=1, after_seq=3, fence=LEASE))
+    assert gap.value.expected_seq == 3
+    asked = _fold(task, decide(task, RequestInput(run_id=RUN, prompt="?", number=1, after_seq=2, fence=LEASE)))
+    assert asked is not None and asked.status == "awaiting_input"
+    assert decide(asked, RequestInput(run_id=RUN, prompt="?", number=1, after_seq=2, fence=LEASE)) == []
+    answered = _fold(asked, decide(asked, SendMessage(message="yes")))
+    assert answered is not None and answered.status == "running"
+    assert decide(answered, RequestInput(run_id=RUN, prompt="?", number=1, fence=LEASE)) == []  # late resend
+    second = decide(answered, RequestInput(run_id=RUN, prompt="and?", number=2, fence=LEASE))
+    assert [e.event_type for e in second] == ["task.input_requested"]
+
+
+@pytest.mark.parametrize("ending", [
+    FinishRun(run_id=RUN, approval_id="a", result="r", fence=LEASE),
+    FailRun(run_id=RUN, reason="exit", error="1", exit_code=1, fence=LEASE),
+])
+def test_an_ending_carries_its_output_deduped_and_is_refused_with_output_missing(ending):
+    task = running_with_output(1, 2)
+    done = decide(task, msgspec.structs.replace(ending, output=_output(2, 3), last_seq=3))
+    assert [getattr(e, "seq", None) for e in done[:-1]] == [3] and done[-1].event_type in ("task.completed", "task.failed")
+    assert _fold(task, done).status in ("done", "failed")
+    for output, last_seq in (((3,), 4), ((), 3), ((4,), 4), ((), 1)):
+        with pytest.raises(OutputGap) as gap:
+            decide(task, msgspec.structs.replace(ending, output=_output(*output), last_seq=last_seq))
+        assert gap.value.expected_seq == 3 + (output == (3,))
+    assert decide(task, msgspec.structs.replace(ending, output=_output(1, 2)))[-1].event_type == done[-1].event_type
+
+
+def test_losing_a_run_is_decided_once_and_only_under_its_epoch():
+    lose = COMMANDS["lose"]
+    lost = decide(task_in("awaiting_input"), lose)
+    assert lost == [t.TaskFailed(task_id=TASK, run_id=RUN, reason="lost", error=lose.error)]  # type: ignore[attr-defined]
+    assert decide(_fold(task_in("running"), lost), lose) == []  # the second keeper finds it ended
+    assert decide(task_in("running"), msgspec.structs.replace(lose, epoch=EPOCH + 1)) == []
+    assert decide(task_in("running"), msgspec.structs.replace(lose, run_id="run-0")) == []
+
+
+def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
+    created = t.TaskCreated(task_id=TASK, type="prompt", content="x", project_id="p", created_by="alice")
+    history = [
+        created, STARTED, t.TaskInputRequested(task_id=TASK, run_id=RUN, prompt="?"),
+        t.TaskFailed(task_id=TASK, run_id=RUN, reason="exit", error="exit 2", exit_code=2),
+        t.TaskRetried(task_id=TASK),
+        t.TaskStarted(task_id=TASK, run_id="run-2", agent_id="agent-2", desktop_id="laptop", lease_epoch=1),
+        t.TaskOutput(task_id=TASK, run_id=RUN, seq=9, stream="text", chunk="a late report changes nothing"),
+        t.TaskReview(task_id=TASK, run_id="run-2", result="r"),
+        t.ApprovalCreated(approval_id=APPROVAL, task_id=TASK, run_id="run-2"),
+        t.ApprovalResolved(approval_id=APPROVAL, task_id=TASK, decision="approve"),
+        t.TaskCompleted(task_id=TASK, run_id="run-2", result="r"),
+        t.TaskRetried(task_id=TASK),  # (as if) run again, then cancelled while running
+        t.TaskStarted(task_id=TASK, run_id="run-3", agent_id="agent", desktop_id=DESKTOP, lease_epoch=EPOCH),
+        t.TaskCancelled(task_id=TASK, run_id="run-3", reason="enough"),
+    ]
+    found = runs([_event(data, n) for n, data in enumerate(history, 1)])
+    at = [f"2026-01-01T00:00:{n:02}Z" for n in range(len(history) + 1)]
+    assert [msgspec.structs.asdict(r) for r in found] == [
+        dict(run_id=RUN, number=1, agent_id="agent", desktop_id=DESKTOP, status="failed", queued_at=None,
+             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2"),
+        dict(run_id="run-2", number=2, agent_id="agent-2", desktop_id="laptop", status="done", queued_at=None,
+             started_at=at[6], ended_at=at[8], exit_code=None, reason=None, error=None),
+        dict(run_id="run-3", number=3, agent_id="agent", desktop_id=DESKTOP, status="cancelled", queued_at=None,
+             started_at=at[13], ended_at=at[14], exit_code=None, reason=None, error="cancelled: enough"),
+    ]
+    assert "task.output" not in OUTPUT_FREE and "task.started" in OUTPUT_FREE
 
 
 # --- agent kinds -------------------------------------------------------------------

@@ -40,7 +40,8 @@ async def snapshot(models: ReadModels) -> tuple:
     return (
         [(x.id, x.version, x.status, x.watchers) for x in tasks], total, await models.approvals(None, None),
         await models.agents(), await models.projects(), await models.api_keys(), await models.counters(),
-        await models.running_count(),
+        await models.running_count(), await models.desktops(), await models.placements(),
+        [x.id for x in await models.active_runs()],
     )
 
 
@@ -146,18 +147,70 @@ async def test_counters_and_running_count(models):
     for n, task_id in enumerate(ids):
         await append(models, f"task-{task_id}", created(task_id, p, desktop_id=f"d{n % 2}"))
     for task_id in ids[:3]:
-        await append(models, f"task-{task_id}", t.TaskStarted(task_id=task_id, run_id="r", agent_id="g"))
+        await append(models, f"task-{task_id}", t.TaskStarted(task_id=task_id, run_id="r", agent_id="g", desktop_id="d1"))
     await append(models, f"task-{ids[2]}", t.TaskInputRequested(task_id=ids[2], run_id="r", prompt="?"))
     await append(models, f"task-{ids[0]}", t.TaskCompleted(task_id=ids[0], run_id="r", result="ok"))
     g = uid()
     await append(models, f"agent-{g}", t.AgentRegistered(agent_id=g, name="g", kind="echo"))
+    for name in ("d0", "d1", "d2"):
+        await append(models, f"desktop-{name}", registered(name))
+    await append(models, "desktop-d0", t.DesktopDraining(desktop_id="d0", by="admin"))
+    await append(models, "desktop-d2", t.DesktopOffline(desktop_id="d2", epoch=1, reason="left"),
+                 t.DesktopRemoved(desktop_id="d2"))
 
     figures = await models.counters()
     assert {s: n for s, n in figures.tasks.items() if n} == {"pending": 1, "running": 1, "awaiting_input": 1, "done": 1}
-    assert figures.active_desktops == 1  # d1 runs one task; d0's task is done, its awaiting one is not running
-    assert (figures.active_agents, figures.approvals_pending, figures.streams) == (1, 0, 5)
+    assert figures.active_desktops == 1  # d1 is online; d0 draining, d2 removed
+    assert (figures.active_agents, figures.approvals_pending, figures.streams) == (1, 0, 8)
     assert figures.checkpoint == models.log.head
     assert await models.running_count() == 2  # running and awaiting_input hold a run slot
+
+
+def registered(name: str, epoch: int = 1, capacity: int = 2, agents: tuple[str, ...] = ("echo",)) -> t.DesktopRegistered:
+    return t.DesktopRegistered(desktop_id=name, session_id=uid(), epoch=epoch, agents=list(agents), capacity=capacity)
+
+
+async def test_desktops_by_name_and_a_removed_one_gone(models):
+    await append(models, "desktop-zeta", registered("zeta"))
+    await append(models, "desktop-alpha", registered("alpha", agents=("echo", "openai")))
+    await append(models, "desktop-alpha", t.DesktopOffline(desktop_id="alpha", epoch=1, reason="silent"),
+                 t.DesktopOnline(desktop_id="alpha", epoch=1))
+    await append(models, "desktop-mid", registered("mid"), t.DesktopOffline(desktop_id="mid", epoch=1, reason="left"))
+
+    assert [(d.id, d.status) for d in await models.desktops()] == [("alpha", "online"), ("mid", "offline"), ("zeta", "online")]
+    alpha = await models.desktop("alpha")
+    assert (alpha.agents, alpha.epoch, alpha.stream_version) == (["echo", "openai"], 1, 3)
+    await append(models, "desktop-mid", t.DesktopRemoved(desktop_id="mid"))
+    assert await models.desktop("mid") is None
+    assert [d.id for d in await models.desktops()] == ["alpha", "zeta"]
+    assert await models.desktop("never") is None
+
+
+async def test_active_runs_busy_and_placements_count_current_runs_where_they_are_placed(models):
+    p = uid()
+    await append(models, "desktop-a", registered("a", epoch=1, capacity=3))
+    await append(models, "desktop-b", registered("b", epoch=1, capacity=1),
+                 t.DesktopDraining(desktop_id="b", by="worker"))
+    ids = [uid() for _ in range(5)]
+    for task_id in ids:
+        await append(models, f"task-{task_id}", created(task_id, p))
+    for task_id, where in zip(ids, ["a", "b", "a", "a", None]):
+        await append(models, f"task-{task_id}", t.TaskStarted(task_id=task_id, run_id=f"r-{task_id}", agent_id="g",
+                                                             desktop_id=where, lease_epoch=1))
+    await append(models, f"task-{ids[2]}", t.TaskInputRequested(task_id=ids[2], run_id=f"r-{ids[2]}", prompt="?"))
+    await append(models, f"task-{ids[3]}", t.TaskCompleted(task_id=ids[3], run_id=f"r-{ids[3]}"))
+    # A task re-run elsewhere counts where its current run is.
+    await append(models, f"task-{ids[0]}", t.TaskFailed(task_id=ids[0], run_id=f"r-{ids[0]}", reason="lost", error="x"),
+                 t.TaskRetried(task_id=ids[0]),
+                 t.TaskStarted(task_id=ids[0], run_id="again", agent_id="g", desktop_id="b", lease_epoch=1))
+
+    assert [x.id for x in await models.active_runs("a")] == [ids[2]]  # running and awaiting_input alike
+    assert [x.id for x in await models.active_runs("b")] == [ids[1], ids[0]]  # oldest placement first
+    assert await models.active_runs("nowhere") == []
+    assert (await models.active_runs("b"))[1].run_desktop_id == "b"
+    assert await models.busy_by_desktop() == {"a": 1, "b": 2}  # the run placed before desktops is on none
+    assert [(x.id, x.status, x.busy, x.capacity, x.epoch) for x in await models.placements()] == [
+        ("a", "online", 1, 3, 1), ("b", "draining", 2, 1, 1)]
 
 
 async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_factory):
@@ -167,6 +220,7 @@ async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_fac
         append(models, f"task-{i}", created(i, p), t.TaskStarted(task_id=i, run_id="r", agent_id="g")) for i in ids
     ))
     await append(models, f"presence-{ids[0]}", t.PresenceMarked(task_id=ids[0], device_id="phone"))
+    await append(models, "desktop-d", registered("d"), t.DesktopDraining(desktop_id="d", by="admin"))
     live = await snapshot(models)
 
     assert await models.rebuild() == models.log.head

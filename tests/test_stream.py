@@ -47,7 +47,7 @@ class Reader(threading.Thread):
     """One stream read with httpx-sse on a thread until `until(events)` is true.
 
     `events` are (id, parsed data) of the messages that carry data; the `retry:` hint that
-    opens the stream has none and is kept in `hello`."""
+    opens the stream has none and is kept in `hello` (a heartbeat later has none either)."""
 
     def __init__(self, server: Server, until: Callable[[list], bool], *, token: str | None = None,
                  params: dict | None = None, headers: dict | None = None):
@@ -67,8 +67,9 @@ class Reader(threading.Thread):
                 with connect_sse(client, "GET", STREAM, params=self.params, headers=self.headers) as source:
                     assert source.response.status_code == 200, source.response.read()
                     for sse in source.iter_sse():
-                        if not sse.data:
-                            self.hello = sse
+                        if not sse.data:  # the opening hint; after it, heartbeats (httpx-sse gives them the last id)
+                            if self.hello is None:
+                                self.hello = sse
                             self.connected.set()
                             continue
                         assert sse.event == "message"  # no `event:` field

@@ -26,7 +26,7 @@ from service.work.webhooks import STREAM, WebhookWorker
 from service.work import outbound
 from tests.api_helpers import log_unchanged, refused, wait_for
 from tests.server import Server
-from tests.test_runner import start, until_status
+from tests.test_runner import events, start, until_status
 
 SECRET = "webhook-s3cret"
 # The receivers listen on loopback, which a webhook reaches only where the setting admits it.
@@ -153,6 +153,26 @@ def test_each_end_state_is_delivered(mc, receiver):
     assert delivered("/failed") == [("task.failed", "failed")]
     assert delivered("/cancelled") == [("task.cancelled", "cancelled")]
     assert failed["id"] in receiver.got("/failed")[0].body.decode()
+
+
+def test_each_attempt_names_the_event_that_triggered_its_delivery(mc, receiver):
+    client = mc.client()
+    receiver.fail_first["/caused"] = 1  # one delivery is attempted twice: a retry names the same cause
+    task = start(client, None, "review me", "prompt", requiresApproval=True, webhookUrl=receiver.url + "/caused")
+    until_status(client, task["id"], ("review",))
+    assert client.post(f"/tasks/{task['id']}/review", json={"decision": "approve"}).status_code == 200
+    until_status(client, task["id"], ("done",))
+
+    wait_for(lambda: len(receiver.got("/caused")) == 3, what="two deliveries, one retried")
+    recorded = wait_for(lambda: len(found := [e for e in attempts(client) if e["payload"]["taskId"] == task["id"]]) == 3
+                        and found, what="three attempts on the record")
+    triggers = {e["type"]: e["position"] for e in events(client, task["id"])}
+    event_of = {r.headers["X-MC-Delivery"]: r.headers["X-MC-Event"] for r in receiver.got("/caused")}
+    causes: dict[str, set] = {}
+    for e in recorded:
+        causes.setdefault(e["payload"]["deliveryId"], set()).add(e["meta"]["causationId"])
+    assert causes == {delivery: {str(triggers[event])} for delivery, event in event_of.items()}
+    assert set(event_of.values()) == {"task.review", "task.completed"}
 
 
 def test_a_restart_resumes_pending_deliveries_and_never_resends_delivered_ones(make_server, receiver):

@@ -13,7 +13,7 @@ from events import RecordedEvent, TypeFilter, decode
 from events import streams
 from events import types as t
 from projections.lifecycle import STATUSES
-from projections.tasks import Task
+from projections.tasks import Task, served
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.api.tenancy import can_see_project, visible_task
@@ -36,7 +36,7 @@ _WRONG_STATUS = (409,)  # the task is not in the status the operation needs
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return json_response(task, status, {"ETag": f'"{task.version}"', **(headers or {})})
+    return json_response(served(task), status, {"ETag": f'"{task.version}"', **(headers or {})})
 
 
 def if_match(request: Request) -> set[int] | None:
@@ -86,7 +86,7 @@ async def list_tasks(request: Request, who: Principal) -> Response:
         limit=query_int(request, "limit", 50, 1, 500),
         offset=query_int(request, "offset", 0, 0),
     )
-    return json_response(found, headers={"X-Total-Count": str(total)})
+    return json_response([served(task) for task in found], headers={"X-Total-Count": str(total)})
 
 
 async def _project_filter(request: Request, who: Principal, project_id: str | None) -> list[str] | None:
@@ -221,6 +221,7 @@ async def run_task(request: Request, who: Principal) -> Response:
             run_id=str(uuid.uuid4()), agent=agent, agent_id=agent_id,
             actor=who.user, actor_is_admin=who.has("admin"),
             running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
+            desktops=await models.placements(),
         )
 
     async with commands.admission:

@@ -3,7 +3,7 @@
 Each reads the state folded by `projections` (the same `evolve` that builds the read
 models), and what each status admits from the state machine's table (projections/lifecycle.py),
 so the task's state machine exists in one place. No I/O here: everything a decision depends on
-(the agent, the running count, the dependencies) is in the command.
+(the agent, the running count, the dependencies, the desktops) is in the command.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
 from projections.approvals import Approval
-from projections.tasks import Task
+from projections.desktops import Placement
+from projections.tasks import TaskState
 
 
 Code = Literal[
     "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
-    "dependency_not_done", "concurrency_limit", "agent_unavailable", "run_over", "precondition_failed",
+    "dependency_not_done", "concurrency_limit", "agent_unavailable", "precondition_failed",
     "conflict", "idempotency_conflict", "desktop_unavailable", "desktop_full", "lease_lost", "output_gap",
     "not_registered",
 ]
@@ -38,13 +39,24 @@ class Refused(Exception):
 
 
 class RunOver(Refused):
-    """The runner reported on a run that has ended meanwhile (cancelled): nothing is recorded."""
+    """A report on a run whose lease is lost: the run is over (cancelled, ended), placed on another
+    desktop, or superseded (another run, a newer worker session). Nothing is recorded; the reporter
+    stops the run."""
 
     def __init__(self, detail: str):
-        super().__init__("run_over", detail)
+        super().__init__("lease_lost", detail)
 
 
-def _admitted(task: Task, command: lifecycle.Command, action: str) -> None:
+class OutputGap(Refused):
+    """A report that would leave a hole in the run's output: nothing is recorded, and the reporter
+    resends from `expected_seq`."""
+
+    def __init__(self, expected_seq: int, detail: str):
+        super().__init__("output_gap", detail)
+        self.expected_seq = expected_seq
+
+
+def _admitted(task: TaskState, command: lifecycle.Command, action: str) -> None:
     """Refuses `command` unless the task's status admits it; `action` is how a sentence names it."""
     if not lifecycle.admits(task.status, command):
         allowed = lifecycle.either(lifecycle.admitting(command))
@@ -69,17 +81,6 @@ class UpdateTask(Command):
 
 class ArchiveTask(Command):
     archived: bool = True
-
-
-class Placement(msgspec.Struct, kw_only=True):
-    """A desktop as placement sees it, under the admission lock."""
-
-    id: str
-    status: str
-    agents: list[str]
-    capacity: int
-    busy: int
-    epoch: int
 
 
 class Fence(msgspec.Struct, kw_only=True):
@@ -169,13 +170,20 @@ class LoseRun(Command):
     error: str
 
 
+class Renew(Command):
+    """The lease check of a poll listing the run: records nothing, refused once the lease is lost."""
+
+    run_id: str
+    fence: Fence
+
+
 # --- the task's decider ------------------------------------------------------
 
 PATCHABLE_ANY_TIME = frozenset({"title", "metadata", "archived"})
 """The fields an `annotate` changes; any other is an `edit` (projections/lifecycle.py)."""
 
 
-def decide(task: Task | None, command: Command) -> list[t.EventData]:
+def decide(task: TaskState | None, command: Command) -> list[t.EventData]:
     if isinstance(command, CreateTask):
         if task is not None:
             raise Refused("already_exists", f"Task {task.id} already exists.")
@@ -191,7 +199,7 @@ def _camel(field: str) -> str:
     return head + "".join(word.title() for word in rest)
 
 
-def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
+def _update(task: TaskState, c: UpdateTask) -> list[t.EventData]:
     changes = {k: v for k, v in c.changes.items() if getattr(task, k) != v}
     restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
     if restricted and not lifecycle.admits(task.status, "edit"):
@@ -211,12 +219,12 @@ def _update(task: Task, c: UpdateTask) -> list[t.EventData]:
     return events
 
 
-def _archive(task: Task, c: ArchiveTask) -> list[t.EventData]:
+def _archive(task: TaskState, c: ArchiveTask) -> list[t.EventData]:
     _admitted(task, "archive", "archive")
     return [] if task.archived == c.archived else [t.TaskArchived(task_id=task.id, archived=c.archived)]
 
 
-def _start(task: Task, c: StartRun) -> list[t.EventData]:
+def _start(task: TaskState, c: StartRun) -> list[t.EventData]:
     _admitted(task, "run", "run")
     if c.agent is None:
         raise Refused("agent_not_found", f"Agent {c.agent_id} not found.")
@@ -240,10 +248,45 @@ def _start(task: Task, c: StartRun) -> list[t.EventData]:
         raise Refused("dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
     if c.running >= c.limit:
         raise Refused("concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", retry_after=5)
-    return [t.TaskStarted(task_id=task.id, run_id=c.run_id, agent_id=c.agent.id)]
+    desktop = place(task.desktop_id, c.agent.kind, c.desktops)
+    return [t.TaskStarted(
+        task_id=task.id, run_id=c.run_id, agent_id=c.agent.id, desktop_id=desktop.id, lease_epoch=desktop.epoch,
+    )]
 
 
-def _cancel(task: Task, c: CancelTask) -> list[t.EventData]:
+def place(desktop_id: str | None, kind: str, desktops: list[Placement]) -> Placement:
+    """The desktop a run of an agent of `kind` goes to: the one named, or the online desktop hosting
+    the kind with the most free slots (then by name)."""
+    if desktop_id is not None:
+        named = next((d for d in desktops if d.id == desktop_id), None)
+        if named is None:
+            raise Refused("desktop_unavailable", f"Desktop {desktop_id} is not registered; no worker runs it.")
+        if named.status != "online":
+            raise Refused("desktop_unavailable", f"Desktop {desktop_id} is {named.status}; it takes no new runs.")
+        if kind not in named.agents:
+            hosted = lifecycle.either(tuple(named.agents)) if named.agents else "none"
+            raise Refused(
+                "desktop_unavailable", f"Desktop {desktop_id} does not host {kind} agents; it hosts {hosted}.",
+            )
+        if named.busy >= named.capacity:
+            raise Refused(
+                "desktop_full", f"Desktop {desktop_id} is running {named.busy} of its {named.capacity} runs.",
+                retry_after=5,
+            )
+        return named
+    hosting = [d for d in desktops if d.status == "online" and kind in d.agents]
+    if not hosting:
+        raise Refused("desktop_unavailable", f"No online desktop hosts {kind} agents.")
+    free = [d for d in hosting if d.busy < d.capacity]
+    if not free:
+        raise Refused(
+            "desktop_full", f"Every online desktop hosting {kind} agents is at its capacity "
+            f"({', '.join(d.id for d in sorted(hosting, key=lambda d: d.id))}).", retry_after=5,
+        )
+    return min(free, key=lambda d: (d.busy - d.capacity, d.id))
+
+
+def _cancel(task: TaskState, c: CancelTask) -> list[t.EventData]:
     if task.status == "cancelled":
         return []
     _admitted(task, "cancel", "cancel")
@@ -251,17 +294,17 @@ def _cancel(task: Task, c: CancelTask) -> list[t.EventData]:
     return [t.TaskCancelled(task_id=task.id, run_id=run_id, reason=c.reason)]
 
 
-def _retry(task: Task, c: RetryTask) -> list[t.EventData]:
+def _retry(task: TaskState, c: RetryTask) -> list[t.EventData]:
     _admitted(task, "retry", "retry")
     return [t.TaskRetried(task_id=task.id)]
 
 
-def _message(task: Task, c: SendMessage) -> list[t.EventData]:
+def _message(task: TaskState, c: SendMessage) -> list[t.EventData]:
     _admitted(task, "message", "send a message to")
     return [t.TaskMessage(task_id=task.id, run_id=task.run_id or "", message=c.message)]
 
 
-def _review(task: Task, c: Review) -> list[t.EventData]:
+def _review(task: TaskState, c: Review) -> list[t.EventData]:
     _admitted(task, "review", "review")
     if task.approval_id is None:  # recorded with every review, in its append; without one, nothing to resolve
         raise Refused("invalid_status", "This task's review has no approval to resolve.")
@@ -274,32 +317,81 @@ def _review(task: Task, c: Review) -> list[t.EventData]:
     return [resolved, t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="rejected", error=reason)]
 
 
-def _current_run(task: Task, run_id: str, command: lifecycle.Command) -> None:
-    """Runner commands apply only to the run that is still going; a late one changes nothing."""
-    if task.run_id != run_id or not lifecycle.admits(task.status, command):
-        raise RunOver(f"Run {run_id} of task {task.id} is no longer active.")
+def fenced(task: TaskState, run_id: str, fence: Fence | None, command: lifecycle.Command) -> None:
+    """The lease check of every report on a run: it is the task's current run, its status admits
+    the report, and (with a `fence`) the reporter is the desktop and epoch it was placed under.
+    A report that fails it records nothing: RunOver says which part failed."""
+    if task.run_id is None:
+        raise RunOver(f"Task {task.id} has no run {run_id}; it is {task.status} and has never run.")
+    if task.run_id != run_id:
+        raise RunOver(f"Run {run_id} of task {task.id} was superseded by run {task.run_id}.")
+    if not lifecycle.admits(task.status, command):
+        ended = "was cancelled" if task.status == "cancelled" else f"has ended: the task is {task.status}"
+        raise RunOver(f"Run {run_id} of task {task.id} {ended}.")
+    if fence is None:
+        return
+    if fence.desktop_id != task.run_desktop_id:
+        raise RunOver(f"Run {run_id} is placed on desktop {task.run_desktop_id}, not on {fence.desktop_id}.")
+    if fence.epoch != task.lease_epoch:
+        raise RunOver(
+            f"Run {run_id} was placed under epoch {task.lease_epoch} of desktop {task.run_desktop_id}, and this "
+            f"lease is of epoch {fence.epoch}: the run belongs to another worker session.",
+        )
 
 
-def _chunks(task: Task, run_id: str, chunks: list[tuple[int, str, str]]) -> list[t.EventData]:
-    return [
-        t.TaskOutput(task_id=task.id, run_id=run_id, seq=seq, stream=stream, chunk=chunk)  # type: ignore[arg-type]
-        for seq, stream, chunk in chunks
-    ]
+def _chunks(task: TaskState, run_id: str, chunks: list[tuple[int, str, str]]) -> list[t.EventData]:
+    """The chunks not yet recorded, numbered on from the task's `output_seq`: a resent chunk is
+    skipped; one past a hole refuses the whole batch."""
+    last, fresh = task.output_seq, []
+    for seq, stream, chunk in chunks:
+        if seq <= last:
+            continue
+        if seq != last + 1:
+            raise OutputGap(
+                task.output_seq + 1, f"Output of run {run_id} continues at seq {last + 1}, but the next chunk "
+                f"sent is seq {seq}; send from seq {task.output_seq + 1}.",
+            )
+        last = seq
+        fresh.append(
+            t.TaskOutput(task_id=task.id, run_id=run_id, seq=seq, stream=stream, chunk=chunk)  # type: ignore[arg-type]
+        )
+    return fresh
 
 
-def _output(task: Task, c: RecordOutput) -> list[t.EventData]:
-    _current_run(task, c.run_id, "output")
+def _ending_output(
+    task: TaskState, run_id: str, output: list[tuple[int, str, str]], last_seq: int | None
+) -> list[t.EventData]:
+    """An ending's output; with `last_seq`, the run's output must then be complete up to it."""
+    fresh = _chunks(task, run_id, output)
+    recorded = task.output_seq + len(fresh)
+    if last_seq is not None and last_seq != recorded:
+        raise OutputGap(
+            recorded + 1, f"Run {run_id} ends after output seq {last_seq}, but the output recorded with this "
+            f"ending reaches seq {recorded}; send from seq {recorded + 1}.",
+        )
+    return fresh
+
+
+def _output(task: TaskState, c: RecordOutput) -> list[t.EventData]:
+    fenced(task, c.run_id, c.fence, "output")
     return _chunks(task, c.run_id, c.chunks)
 
 
-def _request_input(task: Task, c: RequestInput) -> list[t.EventData]:
-    _current_run(task, c.run_id, "ask")
+def _request_input(task: TaskState, c: RequestInput) -> list[t.EventData]:
+    fenced(task, c.run_id, c.fence, "ask")
+    if task.asks >= c.number:  # a resend of a question already recorded
+        return []
+    if c.after_seq is not None and c.after_seq != task.output_seq:
+        raise OutputGap(
+            task.output_seq + 1, f"Question {c.number} of run {c.run_id} follows output seq {c.after_seq}, but "
+            f"the output recorded reaches seq {task.output_seq}; send the output first.",
+        )
     return [t.TaskInputRequested(task_id=task.id, run_id=c.run_id, prompt=c.prompt)]
 
 
-def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
-    _current_run(task, c.run_id, "finish")
-    output = _chunks(task, c.run_id, c.output)
+def _finish(task: TaskState, c: FinishRun) -> list[t.EventData]:
+    fenced(task, c.run_id, c.fence, "finish")
+    output = _ending_output(task, c.run_id, c.output, c.last_seq)
     if task.status == "awaiting_input":  # API.md: awaiting_input leads to running or failed, never done
         return output + [t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason="error", result=c.result,
@@ -313,9 +405,9 @@ def _finish(task: Task, c: FinishRun) -> list[t.EventData]:
     return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
 
 
-def _fail(task: Task, c: FailRun) -> list[t.EventData]:
-    _current_run(task, c.run_id, "fail")
-    return _chunks(task, c.run_id, c.output) + [
+def _fail(task: TaskState, c: FailRun) -> list[t.EventData]:
+    fenced(task, c.run_id, c.fence, "fail")
+    return _ending_output(task, c.run_id, c.output, c.last_seq) + [
         t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
             result=c.result,
@@ -323,14 +415,26 @@ def _fail(task: Task, c: FailRun) -> list[t.EventData]:
     ]
 
 
+def _lose(task: TaskState, c: LoseRun) -> list[t.EventData]:
+    """Decided once, by whoever sees the lapse first: a run already ended or re-placed is left be."""
+    if task.run_id != c.run_id or not lifecycle.admits(task.status, "lose") or task.lease_epoch != c.epoch:
+        return []
+    return [t.TaskFailed(task_id=task.id, run_id=c.run_id, reason="lost", error=c.error)]
+
+
+def _renew(task: TaskState, c: Renew) -> list[t.EventData]:
+    fenced(task, c.run_id, c.fence, "renew")
+    return []
+
+
 _TASK_DECIDERS = {
     UpdateTask: _update, ArchiveTask: _archive, StartRun: _start, CancelTask: _cancel,
     RetryTask: _retry, SendMessage: _message, Review: _review, RecordOutput: _output,
-    RequestInput: _request_input, FinishRun: _finish, FailRun: _fail,
+    RequestInput: _request_input, FinishRun: _finish, FailRun: _fail, LoseRun: _lose, Renew: _renew,
 }
 
 
-def resolve_approval(approval: Approval | None, task: Task | None, command: Review) -> list[t.EventData]:
+def resolve_approval(approval: Approval | None, task: TaskState | None, command: Review) -> list[t.EventData]:
     """The approvals door to the same decision as reviewing the task."""
     if approval is None or task is None:
         raise Refused("not_found", "Approval not found.")

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from events import EventLog, Meta, RecordedEvent, WrongExpectedVersion, streams, typed
 from events.types import EventData
+from projections import desktops
+from projections.desktops import Desktop
 from projections.readmodels import ReadModels
 from projections.tasks import Task, evolve
 from service.commands.deciders import Command, CreateTask, Refused, decide
+from service.commands.desktops import decide_desktop
 
 ATTEMPTS = 10
 
@@ -141,6 +144,31 @@ class Commands:
             task.watchers = watchers
             return task, recorded
         raise Refused("conflict", "The task kept changing while this request was decided; try again.")
+
+    async def desktop(
+        self, desktop_id: str, command: Command, meta: Meta
+    ) -> tuple[Desktop | None, list[RecordedEvent]]:
+        """Decide a desktop command and append at the stream's version; the desktop after it (None
+        once removed) and what was recorded. A lost race is decided again on the fresh desktop."""
+        stream = streams.desktop(desktop_id)
+        for _ in range(ATTEMPTS):
+            state = await self.models.desktop(desktop_id)
+            if state is not None:
+                expected = state.stream_version
+            else:  # unknown, or removed: its stream (if any) goes on from its last event
+                last = await self.log.last_event(stream)
+                expected = last.version if last else 0
+            events = decide_desktop(desktop_id, state, command)
+            if not events:
+                return state, []
+            try:
+                recorded = await self.append(stream, events, expected, meta)
+            except WrongExpectedVersion:
+                continue
+            for event in recorded:
+                state = desktops.evolve(state, typed(event))
+            return state, recorded
+        raise Refused("conflict", f"Desktop {desktop_id} kept changing while this request was decided; try again.")
 
     async def append(
         self, stream: str, events: list[EventData], expected: int | None, meta: Meta,

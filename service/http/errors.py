@@ -30,7 +30,7 @@ REFUSALS: dict[Code, int] = {
     "not_found": 404, "agent_not_found": 404,
     "forbidden": 403,
     "already_exists": 409, "invalid_status": 409, "agent_mismatch": 409, "dependency_not_done": 409,
-    "run_over": 409, "conflict": 409, "idempotency_conflict": 409,
+    "conflict": 409, "idempotency_conflict": 409,
     "lease_lost": 409, "output_gap": 409, "not_registered": 409,
     "precondition_failed": 412,
     "concurrency_limit": 429, "desktop_full": 429,

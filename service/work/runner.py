@@ -1,7 +1,9 @@
-"""The runner: executes started runs on their agents and records every way a run can end.
+"""The runner: executes started runs in this process, each in an Executor, and records every
+way a run can end.
 
-The runner only proposes; each output, question, finish or failure goes through the
-task's decider like any command, so a run that was cancelled meanwhile records nothing.
+Its reporter only proposes; each output, question, finish or failure goes through the task's
+decider like any command, so a run that was cancelled meanwhile records nothing (and the executor
+stops it). The node's own desktop (service/work/local.py) takes its place.
 """
 
 from __future__ import annotations
@@ -11,26 +13,20 @@ import contextlib
 import uuid
 from pathlib import Path
 
-import structlog
-
 from events import EventLog, Meta
 from projections.agents import Agent
 from projections.lifecycle import ACTIVE
 from projections.readmodels import ReadModels
 from projections.tasks import Task
-from service.work.agents import RESULT_LIMIT, RunContext, RunFailed
-from service.work.agents.kinds import KINDS
-from service.work.agents.process import kill_orphans
-from service.commands.handling import Commands
 from service.commands.deciders import Command, FailRun, FinishRun, RecordOutput, RequestInput, RunOver
+from service.commands.handling import Commands
 from service.settings import Settings
-
-log = structlog.get_logger("mission_control.runner")
+from service.work import wire
+from service.work.agents.process import kill_orphans
+from service.work.executor import Executor, LeaseLost, runs_dir
 
 ECHO_AGENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "mission-control:agent:echo"))
 RUNNER_ACTOR = "mission-control:runner"
-CHUNK_BYTES = 16 * 1024
-FLUSH_SECONDS = 0.05
 INTERRUPTED = "The service stopped while this run was in progress."
 
 
@@ -42,102 +38,53 @@ def compose_prompt(context: str | None, dependencies: list[Task], task: Task) ->
     return "\n\n".join(p for p in parts if p)
 
 
-class _Output:
-    """Coalesces a run's output: one event per 50 ms or 16 KiB at most, order kept."""
-
-    def __init__(self, record):
-        self._record = record
-        self._pending: list[tuple[str, list[str]]] = []
-        self._size = 0
-        self._seq = 0
-        self._lock = asyncio.Lock()
-        self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task | None = None  # a reference, so the timer's flush is not collected
-
-    async def emit(self, stream: str, text: str) -> None:
-        if not text:
-            return
-        text = recordable(text)
-        if self._pending and self._pending[-1][0] == stream:
-            self._pending[-1][1].append(text)
-        else:
-            self._pending.append((stream, [text]))
-        self._size += len(text)  # characters: a cheap lower bound of the bytes
-        if self._size >= CHUNK_BYTES:
-            await self.flush()  # the producer waits: a chatty run cannot outrun the log
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_later)
-
-    def _flush_later(self) -> None:
-        self._timer = None
-        self._flushing = asyncio.create_task(self.flush())
-
-    async def flush(self) -> None:
-        async with self._lock:
-            if chunks := self._take():
-                await self._record(chunks)
-
-    async def close(self) -> list[tuple[int, str, str]]:
-        """What is left to record, for the run's ending to carry: one append, not two."""
-        async with self._lock:  # after any flush in flight, so the order holds
-            return self._take()
-
-    def _take(self) -> list[tuple[int, str, str]]:
-        """The pending output as numbered chunks of at most CHUNK_BYTES."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending, self._pending, self._size = self._pending, [], 0
-        chunks = []
-        for stream, parts in pending:
-            for piece in _pieces("".join(parts)):
-                self._seq += 1
-                chunks.append((self._seq, stream, piece))
-        return chunks
-
-
 class Runner:
     def __init__(self, log_: EventLog, models: ReadModels, commands: Commands, settings: Settings):
         self.log = log_
         self.models = models
         self.commands = commands
         self.settings = settings
-        self.runs: dict[str, tuple[str, asyncio.Task, asyncio.Queue]] = {}
+        self.runs: dict[str, _Launched] = {}
 
     async def recover(self) -> int:
         """End every run a previous process left in progress, and whatever processes it left
         running: nothing stays running forever."""
         stuck, _ = await self.models.tasks(statuses=sorted(ACTIVE), archived=None, limit=1_000_000)
-        runs_dir = Path(self.settings.data_dir) / "runs"
-        await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id], runs_dir)
+        runs = runs_dir(Path(self.settings.data_dir))
+        await asyncio.to_thread(kill_orphans, [task.run_id for task in stuck if task.run_id], runs)
         for task in stuck:
             await self._record(task.id, FailRun(run_id=task.run_id or "", reason="interrupted", error=INTERRUPTED))
         return len(stuck)
 
     def launch(self, task: Task, agent: Agent) -> None:
-        messages: asyncio.Queue = asyncio.Queue()
-        run_id = task.run_id or ""
-        job = asyncio.create_task(self._drive(task, agent, messages), name=f"run-{task.id}")
-        self.runs[task.id] = (run_id, job, messages)
+        launched = _Launched(task.run_id or "")
+        launched.job = asyncio.create_task(self._drive(task, agent, launched), name=f"run-{task.id}")
+        self.runs[task.id] = launched
 
     def deliver(self, task_id: str, message: str) -> None:
-        run = self.runs.get(task_id)
-        if run is not None:
-            run[2].put_nowait(message)
+        launched = self.runs.get(task_id)
+        if launched is not None:
+            if launched.executor is not None:
+                launched.executor.deliver(message)
+            else:
+                launched.early.append(message)
 
     async def stop(self, task_id: str, run_id: str) -> None:
         """Stop that run of the task, if it is still going (never a later run of it)."""
-        run = self.runs.get(task_id)
-        if run is not None and run[0] == run_id:
+        launched = self.runs.get(task_id)
+        if launched is not None and launched.run_id == run_id:
             del self.runs[task_id]
-            run[1].cancel()
+            if launched.executor is not None:
+                await launched.executor.cancel()
+            assert launched.job is not None
+            launched.job.cancel()  # before its executor existed, or while it reported
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await run[1]
+                await launched.job
 
     async def close(self) -> None:
         """At shutdown: stop every run (their process groups at once) and record each as
         interrupted, as the next start's recovery would."""
-        stopping = {task_id: run[0] for task_id, run in self.runs.items()}
+        stopping = {task_id: launched.run_id for task_id, launched in self.runs.items()}
         await asyncio.gather(*(self.stop(task_id, run_id) for task_id, run_id in stopping.items()))
         for task_id, run_id in stopping.items():
             await self._record(task_id, FailRun(run_id=run_id, reason="interrupted", error=INTERRUPTED))
@@ -149,90 +96,82 @@ class Runner:
         except RunOver:
             return False
 
-    async def _prompt(self, task: Task) -> str:
+    async def _assignment(self, task: Task, agent: Agent) -> wire.Assignment:
         project = await self.models.project(task.project_id)
         dependencies = [d for d in [await self.models.task(i, with_watchers=False) for i in task.depends_on] if d]
-        return compose_prompt(project.context if project else None, dependencies, task)
-
-    async def _drive(self, task: Task, agent: Agent, messages: asyncio.Queue) -> None:
         run_id = task.run_id or ""
-        job = asyncio.current_task()
-        assert job is not None
-
-        async def record(command: Command) -> None:
-            if not await self._record(task.id, command):
-                job.cancel()  # the run was ended elsewhere (cancelled): stop the agent
-
-        output = _Output(lambda chunks: record(RecordOutput(run_id=run_id, chunks=chunks)))
-
-        async def request_input(prompt: str) -> None:
-            await output.flush()
-            await record(RequestInput(run_id=run_id, prompt=prompt))
-
-        ctx = RunContext(
-            task=task, run_id=run_id, agent=agent, prompt=await self._prompt(task),
-            workdir=Path(self.settings.data_dir) / "runs" / task.id, emit=output.emit,
-            request_input=request_input, messages=messages,
+        return wire.Assignment(
+            run_id=run_id, lease=wire.lease_token(run_id, 0), task_id=task.id, number=task.runs,
+            task=wire.TaskBrief(
+                type=task.type, content=task.content, title=task.title, description=task.description,
+                metadata=task.metadata, timeout_seconds=task.timeout_seconds,
+            ),
+            agent=wire.AgentBrief(id=agent.id, name=agent.name, kind=agent.kind, config=agent.config),
+            prompt=compose_prompt(project.context if project else None, dependencies, task),
+            timeout_seconds=task.timeout_seconds or self.settings.default_timeout_seconds, lease_seconds=0,
         )
-        timeout = task.timeout_seconds or self.settings.default_timeout_seconds
-        last: list[tuple[int, str, str]] = []
+
+    async def _drive(self, task: Task, agent: Agent, launched: _Launched) -> None:
         try:
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await KINDS[agent.kind].run(ctx)
-            finally:
-                last = await output.close()
-            ending: Command = FinishRun(
-                run_id=run_id, approval_id=str(uuid.uuid4()), result=_bounded(result), output=last,
-            )
-        except TimeoutError:
-            ending = FailRun(
-                run_id=run_id, reason="timeout", error=f"The run took longer than {timeout} s.", output=last,
-            )
-        except RunFailed as failed:
-            ending = FailRun(
-                run_id=run_id, reason=failed.reason, error=recordable(failed.error), exit_code=failed.exit_code,
-                result=_bounded(failed.result), output=last,
-            )
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:  # an agent's bug still ends the run on the record
-            log.exception("run failed", task_id=task.id, run_id=run_id)
-            ending = FailRun(run_id=run_id, reason="error", error=recordable(f"{type(exc).__name__}: {exc}"), output=last)
+            executor = Executor(await self._assignment(task, agent), Path(self.settings.data_dir), _Recorder(self.commands))
+            for message in launched.early:
+                executor.deliver(message)
+            launched.executor = executor
+            await executor.run()
         finally:
-            current = self.runs.get(task.id)
-            if current is not None and current[0] == run_id:
+            if self.runs.get(task.id) is launched:
                 del self.runs[task.id]
+
+
+class _Launched:
+    """A run this node executes: its job, and its executor once the assignment is built."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.job: asyncio.Task | None = None
+        self.executor: Executor | None = None
+        self.early: list[str] = []
+        """Messages that came before the executor did."""
+
+
+class _Recorder:
+    """Reports a run through the task's decider, in this process. A report on a run that ended
+    meanwhile (cancelled) records nothing: to the executor, its lease is lost."""
+
+    def __init__(self, commands: Commands):
+        self.commands = commands
+
+    async def output(self, run: wire.Assignment, chunks: list[wire.Chunk]) -> int:
+        await self._record(run, RecordOutput(run_id=run.run_id, chunks=_chunks(chunks)))
+        return chunks[-1].seq
+
+    async def ask(self, run: wire.Assignment, question: wire.Ask) -> None:
+        await self._record(run, RequestInput(
+            run_id=run.run_id, prompt=question.prompt, number=question.number, after_seq=question.after_seq,
+        ))
+
+    async def finish(self, run: wire.Assignment, ending: wire.Ending) -> str:
+        command: Command
+        if ending.outcome == "done":
+            command = FinishRun(
+                run_id=run.run_id, approval_id=str(uuid.uuid4()), result=ending.result,
+                output=_chunks(ending.output), last_seq=ending.last_seq,
+            )
+        else:
+            command = FailRun(
+                run_id=run.run_id, reason=ending.reason or "error", error=ending.error or "",
+                exit_code=ending.exit_code, result=ending.result, output=_chunks(ending.output),
+                last_seq=ending.last_seq,
+            )
+        return (await self._record(run, command)).status
+
+    async def _record(self, run: wire.Assignment, command: Command) -> Task:
         try:
-            await self._record(task.id, ending)
-        except Exception:  # the ending must be on the record, or the run holds its slot forever
-            log.exception("could not record a run's end", task_id=task.id, run_id=run_id)
-            await self._record(task.id, FailRun(
-                run_id=run_id, reason="error", error="The run ended, but its ending could not be recorded.",
-            ))
+            task, _ = await self.commands.task(run.task_id, command, Meta(actor=RUNNER_ACTOR))
+        except RunOver as over:
+            raise LeaseLost(over.detail) from None
+        return task
 
 
-def recordable(text: str) -> str:
-    """Text an agent produced, with what UTF-8 cannot hold (a provider's lone surrogate) replaced."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _bounded(text: str | None) -> str | None:
-    """A deliverable is kept whole up to RESULT_LIMIT characters; past that, its tail."""
-    if text is None:
-        return None
-    return recordable(text if len(text) <= RESULT_LIMIT else text[-RESULT_LIMIT:])
-
-
-def _pieces(text: str) -> list[str]:
-    """`text` in pieces of at most CHUNK_BYTES of UTF-8, cut between characters. A lone
-    surrogate (which UTF-8 cannot hold, so no event could) becomes '?'."""
-    data = text.encode("utf-8", "replace")
-    pieces, start = [], 0
-    while start < len(data):
-        end = min(start + CHUNK_BYTES, len(data))
-        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: back off
-            end -= 1
-        pieces.append(data[start:end].decode())
-        start = end
-    return pieces
+def _chunks(chunks: list[wire.Chunk]) -> list[tuple[int, str, str]]:
+    return [(c.seq, c.stream, c.chunk) for c in chunks]

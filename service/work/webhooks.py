@@ -33,6 +33,7 @@ import structlog
 from events import EventLog, Meta, RecordedEvent, TypeFilter, decode, streams
 from events import types as t
 from projections.readmodels import ReadModels
+from projections.tasks import served
 from service.work import outbound
 from service.settings import Settings
 
@@ -179,7 +180,7 @@ class WebhookWorker:
     async def _send_and_record(self, delivery: Delivery) -> None:
         async with self._slots:
             task = await self.models.task_as_of(delivery.task_id, delivery.position)
-            body = msgspec.json.encode(task)
+            body = msgspec.json.encode(served(task) if task is not None else None)
             headers = {
                 "Content-Type": "application/json", "X-MC-Delivery": delivery.id, "X-MC-Event": delivery.event,
                 "User-Agent": "mission-control-webhooks",
@@ -203,8 +204,8 @@ class WebhookWorker:
             attempt=delivery.attempts + 1, ok=error is None, status_code=status, error=error,
             checkpoint=self.checkpoint,
         )
-        # The fold of this very event schedules the next attempt, if any.
-        await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR))
+        # The fold of this very event schedules the next attempt, if any. Its cause is the triggering event.
+        await self.log.append(STREAM, [attempt], meta=Meta(actor=ACTOR, causation_id=str(delivery.position)))
 
 
 def _epoch(recorded_at: str) -> float:

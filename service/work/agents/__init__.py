@@ -2,8 +2,9 @@
 
 An agent reports output through `ctx.emit`, asks for input with `ctx.ask` (or
 `ctx.request_input` when it reads `ctx.messages` itself), and fails by raising `RunFailed`.
-The runner records all of it; agents never touch the log. Which function runs which kind
-is in `service.work.agents.kinds`.
+The executor (service/work/executor.py) reports all of it; agents never touch the log, and see
+only what the run's assignment carries. Which function runs which kind is in
+`service.work.agents.kinds`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from projections.agents import Agent
-from projections.tasks import Task
+from service.work.wire import AgentBrief, TaskBrief
 
 RESULT_LIMIT = 64 * 1024
 """A deliverable is kept whole up to this many characters; past that, its tail."""
@@ -46,10 +46,12 @@ def parse_config(kind: type[C], config: dict[str, Any]) -> C:
 
 
 class RunContext(msgspec.Struct, kw_only=True):
-    task: Task
+    task: TaskBrief
+    task_id: str
     run_id: str
-    agent: Agent
+    agent: AgentBrief
     prompt: str
+    """Composed on the server: project context, dependencies' deliverables, title, description, content."""
     workdir: Path
     """The run's own working directory (created by the agent that needs it)."""
     emit: Callable[[str, str], Awaitable[None]]

@@ -74,7 +74,7 @@ class Output:
 def environment(ctx: RunContext, allowed: Iterable[str]) -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOME": str(ctx.workdir)}
     env.update({name: os.environ[name] for name in allowed if name in os.environ})
-    env.update({"MC_TASK_ID": ctx.task.id, RUN_ID_VARIABLE: ctx.run_id})
+    env.update({"MC_TASK_ID": ctx.task_id, RUN_ID_VARIABLE: ctx.run_id})
     return env
 
 

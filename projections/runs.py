@@ -1,0 +1,64 @@
+"""A task's runs, folded at read time from its stream's events other than `task.output` (which
+the reader leaves out with a type filter): `GET /tasks/{id}/runs`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import msgspec
+
+from events import Event
+from events import types as t
+from projections.lifecycle import LEADS_TO
+
+RunStatus = Literal["running", "awaiting_input", "review", "done", "failed", "cancelled"]
+
+OUTPUT_FREE = [
+    name for name in t.EVENT_TYPES if name.startswith("task.") and name != "task.output"
+]
+"""The event types `runs` reads: a type filter for the task's stream."""
+
+
+class Run(msgspec.Struct, kw_only=True, rename="camel"):
+    run_id: str
+    number: int
+    """1 for the task's first run."""
+    agent_id: str
+    desktop_id: str | None
+    status: RunStatus
+    queued_at: str | None = None
+    started_at: str
+    ended_at: str | None = None
+    """When the agent stopped: its finish (a review included), failure or cancel."""
+    exit_code: int | None = None
+    reason: t.FailureKind | None = None
+    error: str | None = None
+
+
+def runs(events: Iterable[Event]) -> list[Run]:
+    """Oldest first. Events of a run that is not the latest (a late report) change only their own run."""
+    found: list[Run] = []
+    by_id: dict[str, Run] = {}
+    for event in events:
+        data = event.data
+        if isinstance(data, t.TaskStarted):
+            run = Run(
+                run_id=data.run_id, number=len(found) + 1, agent_id=data.agent_id, desktop_id=data.desktop_id,
+                status="running", started_at=event.recorded_at,
+            )
+            found.append(run)
+            by_id[run.run_id] = run
+            continue
+        run = by_id.get(getattr(data, "run_id", None) or "")
+        status = LEADS_TO.get(type(data))
+        if run is None or status is None or status == "pending":
+            continue
+        run.status = status  # type: ignore[assignment]
+        if status not in ("running", "awaiting_input") and run.ended_at is None:
+            run.ended_at = event.recorded_at
+        if isinstance(data, t.TaskFailed):
+            run.reason, run.error, run.exit_code = data.reason, data.error, data.exit_code
+        elif isinstance(data, t.TaskCancelled):
+            run.error = f"cancelled: {data.reason}" if data.reason else "cancelled"
+    return found
