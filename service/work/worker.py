@@ -239,7 +239,9 @@ class Worker:
         self.stopping = False
         self.fatal: str | None = None
         self._interrupt = asyncio.Event()
-        """Set by a signal or a refused key: the poll in flight is abandoned."""
+        """Set by a signal, a refused key or a freed slot: the poll in flight is abandoned."""
+        self._asked_free = 0
+        """The `free` of the poll in flight."""
         self._drained: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._lock: IO[str] | None = None
@@ -360,7 +362,7 @@ class Worker:
         """One poll, or None when it was abandoned (a signal) or answered `not_registered` (then
         registered again, the same session: the server restarted or marked the desktop silent)."""
         assert self.intervals is not None
-        free = 0 if self.draining or self.drained_by_admin else max(0, self.options.capacity - len(self.runs))
+        free = self._asked_free = self._free()
         body = wire.Poll(epoch=self.epoch, free=free, runs=[
             wire.HeldRun(run_id=run_id, lease=held.assignment.lease, messages_seen=held.messages_seen)
             for run_id, held in self.runs.items() if not held.cancelling and run_id not in self.reporter.finishing
@@ -379,6 +381,9 @@ class Worker:
         if answer.status_code != 200:
             raise RuntimeError(f"the server refused a poll: {_detail(answer)}")
         return msgspec.json.decode(answer.content, type=wire.PollAnswer)
+
+    def _free(self) -> int:
+        return 0 if self.draining or self.drained_by_admin else max(0, self.options.capacity - len(self.runs))
 
     async def _unless_interrupted(self, work) -> asyncio.Future | None:
         """`work` done (its result or exception to take), or None if a signal or a refused key came first."""
@@ -461,8 +466,11 @@ class Worker:
             self.reporter.forget(run_id)
         records(runs_dir(self.workdir), run_id).unlink(missing_ok=True)
         log.info("run over", run_id=run_id, running=len(self.runs))
-        if self.draining:
-            self._interrupt.set()  # perhaps the last: leave now rather than after the poll
+        # The poll held now asked for fewer runs than the worker takes now (a held poll is not woken
+        # by a run that it did not list, placed here but beyond its `free`), or it was the last run
+        # of a drain: ask again, or leave, at once rather than at the poll's expiry.
+        if self.draining or self._asked_free < self._free():
+            self._interrupt.set()
 
     async def _cancel(self, held: _Held) -> None:
         """Stop the run's processes (their groups: SIGTERM, the agent's grace, SIGKILL); it reports nothing."""
