@@ -359,7 +359,7 @@ class Worker:
     # --- the poll -----------------------------------------------------------------------------------
 
     async def _poll(self) -> wire.PollAnswer | None:
-        """One poll, or None when it was abandoned (a signal) or answered `not_registered` (then
+        """One poll, or None when it was abandoned (`_interrupt`) or answered `not_registered` (then
         registered again, the same session: the server restarted or marked the desktop silent)."""
         assert self.intervals is not None
         free = self._asked_free = self._free()
@@ -386,7 +386,7 @@ class Worker:
         return 0 if self.draining or self.drained_by_admin else max(0, self.options.capacity - len(self.runs))
 
     async def _unless_interrupted(self, work) -> asyncio.Future | None:
-        """`work` done (its result or exception to take), or None if a signal or a refused key came first."""
+        """`work` done (its result or exception to take), or None if `_interrupt` came first."""
         self._interrupt.clear()
         doing = asyncio.ensure_future(work)
         interrupted = asyncio.ensure_future(self._interrupt.wait())
