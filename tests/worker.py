@@ -12,7 +12,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -191,7 +190,3 @@ def wait_file(path: Path, timeout: float = 30) -> str:
     return wait_for(lambda: path.exists() and path.read_text().endswith("\n") and path.read_text(), timeout,
                     f"{path} to be written")
 
-
-def settle(seconds: float) -> None:
-    """Let time pass for what must lapse (a lease); never an assertion on time."""
-    time.sleep(seconds)
