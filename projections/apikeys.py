@@ -13,6 +13,8 @@ class ApiKey(msgspec.Struct, kw_only=True, rename="camel"):
     user: str
     scopes: list[str]
     project_id: str | None = None
+    desktop_id: str | None = None
+    """A `worker` key's desktop: the one it may act as."""
     token_hash: str
     revoked: bool = False
     created_at: str
@@ -24,7 +26,7 @@ def evolve(key: ApiKey | None, event: Event) -> ApiKey | None:
     if isinstance(data, t.ApiKeyIssued):
         return ApiKey(
             id=data.key_id, user=data.user, scopes=data.scopes, project_id=data.project_id,
-            token_hash=data.token_hash, created_at=event.recorded_at,
+            desktop_id=data.desktop_id, token_hash=data.token_hash, created_at=event.recorded_at,
         )
     if isinstance(data, t.ApiKeyRevoked) and key is not None:
         return msgspec.structs.replace(key, revoked=True, revoked_at=event.recorded_at)

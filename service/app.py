@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 
 import structlog
 from starlette.applications import Starlette
@@ -12,38 +11,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Mount, Route
 
-from events import (
-    IdempotencyConflict, InvalidEvent, LogClosed, Meta, WrongExpectedVersion, open_log,
+from events import IdempotencyConflict, InvalidEvent, LogClosed, WrongExpectedVersion, open_log
+from projections.readmodels import read_models
+from service.api import (
+    API_PREFIX, agents, approvals, desktops, health, log as log_routes, overview, projects, stream, tasks, worker,
 )
-from events import streams
-from events import types as t
-from projections.agents import AGENT_KINDS
-from projections.readmodels import ReadModels, read_models
-from service.api import API_PREFIX, agents, approvals, health, log as log_routes, overview, projects, stream, tasks
 from service.commands.deciders import Refused
-from service.commands.desktops import Register
 from service.commands.handling import Commands
 from service.http.errors import HttpError, error_response, refusal_response
 from service.http.endpoints import walk
 from service.http.metrics import Metrics
 from service.http.middleware import ApiMiddleware
 from service.settings import Settings
-from service.work.runner import ECHO_AGENT_ID, RUNNER_ACTOR, Runner
+from service.work import local
+from service.work.leases import Keeper, MemoryLeases
+from service.work.reports import Reports
 from service.work.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
-
-LOCAL_DESKTOP = "local"
-
-
-async def ensure_echo_agent(log, models: ReadModels) -> None:
-    if await models.agent(ECHO_AGENT_ID) is None:
-        with contextlib.suppress(WrongExpectedVersion):
-            await log.append(
-                streams.agent(ECHO_AGENT_ID),
-                [t.AgentRegistered(agent_id=ECHO_AGENT_ID, name="echo", kind="echo")],
-                expected=0, meta=Meta(actor=RUNNER_ACTOR),
-            )
 
 
 async def _http_error(request: Request, exc: HttpError) -> Response:
@@ -104,32 +89,40 @@ def create_app(settings: Settings) -> Starlette:
         await log.open()
         metrics.attach(log)
         await models.prepare()
-        await ensure_echo_agent(log, models)
+        await local.ensure_echo_agent(log, models)
         commands = Commands(log, models)
-        runner = Runner(log, models, commands, settings)
-        await runner.recover()
-        # The node's own desktop: a new session each start, once recovery has ended the last one's runs
-        # (service/work/local.py takes this over).
-        await commands.desktop(LOCAL_DESKTOP, Register(
-            session_id=str(uuid.uuid4()), agents=list(AGENT_KINDS), capacity=settings.max_concurrent, node=True,
-        ), Meta(actor=RUNNER_ACTOR))
+        await local.recover(models, commands, settings)  # before this node's desktop starts a new session
+        leases = MemoryLeases()
+        reports = Reports(log, models, commands, leases, settings)
+        reports.start()
+        desktop = None if settings.no_local_desktop else local.LocalDesktop(reports, models, commands, settings)
+        if desktop is not None:
+            await desktop.start()
+        node_desktop = None if desktop is None else desktop.name
+        keeper = Keeper(log, models, commands, leases, settings.lease_seconds, node_desktop)
+        await keeper.start()
         webhooks = WebhookWorker(log, models, settings)
         webhooks.start()
         app.state.ready = True
         try:
-            yield {"log": log, "models": models, "commands": commands, "runner": runner}  # request.state.*
+            yield {  # request.state.*
+                "log": log, "models": models, "commands": commands, "reports": reports, "local": desktop,
+            }
         finally:
             app.state.ready = False
             if app.state.catching_up is not None:
                 app.state.catching_up.cancel()
-            await runner.close()
+            if desktop is not None:
+                await desktop.close()
+            await keeper.close()
+            await reports.close()
             await webhooks.close()
             await log.close()
 
     metrics = Metrics()
     api = [
         *tasks.routes(), *approvals.routes(), *agents.routes(), *projects.routes(), *log_routes.routes(),
-        *overview.routes(), *metrics.counting(stream.routes()),
+        *overview.routes(), *desktops.routes(), *worker.routes(), *metrics.counting(stream.routes()),
     ]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=api), *health.routes()],

@@ -101,7 +101,10 @@ def serve(args) -> int:
     from service.http.logs import configure
 
     configure()
-    settings = from_env(data_dir=args.data_dir, host=args.host, port=args.port)
+    settings = from_env(
+        data_dir=args.data_dir, host=args.host, port=args.port, local_desktop=args.local_desktop,
+        no_local_desktop=args.no_local_desktop,
+    )
     try:  # the address first: a busy port must not cost an admin key or an admin-token file
         sock = serving.listen(settings.host, settings.port)
     except serving.AddressInUse as exc:
@@ -132,13 +135,15 @@ def token_create(args) -> int:
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
 
     async def work(log, models):
-        return await auth.issue_key(log, models, args.user, scopes, args.project, actor="mission-control:cli")
+        return await auth.issue_key(log, models, args.user, scopes, args.project, actor="mission-control:cli",
+                                    desktop=args.desktop)
 
     try:
         key_id, token = asyncio.run(_with_log(settings, work))
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"key {key_id} for {args.user} with {', '.join(scopes)}")
+    print(f"key {key_id} for {args.user} with {', '.join(scopes)}"
+          + (f" as desktop {args.desktop}" if args.desktop else ""))
     print(token)
     return 0
 
@@ -146,13 +151,14 @@ def token_create(args) -> int:
 def token_list(args) -> int:
     settings = _data_dir(args)
     keys = asyncio.run(_with_log(settings, lambda _, models: models.api_keys()))
-    rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT")] + [
-        (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "")
+    rows = [("ID", "USER", "STATE", "SCOPES", "PROJECT", "DESKTOP")] + [
+        (key.id, key.user, "revoked" if key.revoked else "active", ",".join(key.scopes), key.project_id or "",
+         key.desktop_id or "")
         for key in keys
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[4]]).rstrip())
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[5]]).rstrip())
     return 0
 
 
@@ -336,6 +342,10 @@ def parser() -> argparse.ArgumentParser:
                   "mission-control serve --host 127.0.0.1 --port 8000 --data-dir ./var")
     sub.add_argument("--host", default=_env("host"), help="address to listen on (default 127.0.0.1; env MC_HOST)")
     sub.add_argument("--port", type=int, default=_env("port"), help="port (default 8000; env MC_PORT)")
+    sub.add_argument("--local-desktop", default=None,
+                     help="the name of this node's own desktop (default local; env MC_LOCAL_DESKTOP)")
+    sub.add_argument("--no-local-desktop", action="store_true", default=None,
+                     help="run nothing in this process: every run goes to a worker (env MC_NO_LOCAL_DESKTOP)")
     data_dir(sub)
 
     token = command("token", None, "Issue, list and revoke API keys.",
@@ -348,6 +358,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--user", required=True, help="the user the key acts as")
     sub.add_argument("--scopes", required=True, help=f"comma list of {', '.join(auth.SCOPES)}")
     sub.add_argument("--project", default=None, help="restrict the key to this project (its id or its name)")
+    sub.add_argument("--desktop", default=None,
+                     help="a worker key's desktop (with --scopes worker): the one desktop it may act as")
     data_dir(sub)
     sub = token_commands.add_parser("list", help="list keys (never their secrets)",
                                     description="List the API keys: id, user, state, scopes (never their secrets).",

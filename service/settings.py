@@ -47,6 +47,13 @@ class Settings(msgspec.Struct, kw_only=True):
     """Host names and CIDRs (comma-separated) that webhooks may reach though they are loopback or
     private. Link-local and cloud-metadata addresses stay refused whatever this says."""
     durable: bool = True
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """How long a run's lease lasts unless its worker renews it; a desktop not heard from for this
+    long goes offline."""
+    local_desktop: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")] = "local"
+    """The name of this node's own desktop."""
+    no_local_desktop: bool = False
+    """Run nothing in this process: every run goes to a worker."""
 
     def __post_init__(self) -> None:
         outbound.allowed(self.webhook_allow)  # a ValueError that says which item is wrong

@@ -237,13 +237,13 @@ class InProcess:
     def models(self):
         return self.state["models"]
 
-    def token(self, user: str, scopes: str, project: str | None = None) -> str:
+    def token(self, user: str, scopes: str, project: str | None = None, desktop: str | None = None) -> str:
         """A key issued on the app's own log, as `mission-control token create` issues one."""
 
         async def issue() -> str:
             scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
             _, token = await auth.issue_key(self.log, self.models, user, scope_list, project,
-                                            actor="mission-control:cli")
+                                            actor="mission-control:cli", desktop=desktop)
             return token
 
         return self.call(issue())

@@ -161,10 +161,12 @@ class Server(Process):
         self._clients.append(client)
         return client
 
-    def token(self, user: str, scopes: str, project: str | None = None) -> str:
+    def token(self, user: str, scopes: str, project: str | None = None, desktop: str | None = None) -> str:
         args = ["token", "create", "--user", user, "--scopes", scopes]
         if project:
             args += ["--project", project]
+        if desktop:
+            args += ["--desktop", desktop]
         return cli(self.data_dir, *args).stdout.strip().splitlines()[-1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:

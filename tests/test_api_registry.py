@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 from tests.api_helpers import head, log_unchanged, post_racing, read_log, refused, wait_for
 
 

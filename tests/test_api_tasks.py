@@ -15,7 +15,7 @@ import pytest
 
 from events import Meta
 from events import types as t
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 from tests.api_helpers import (
     as_json, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, wait_for,
 )

@@ -107,7 +107,7 @@ def test_version_is_printed():
 
 def test_token_list_has_a_header_row(data_dir):
     lines = run("token", "list", "--data-dir", str(data_dir)).stdout.splitlines()
-    assert lines[0].split() == ["ID", "USER", "STATE", "SCOPES", "PROJECT"]
+    assert lines[0].split() == ["ID", "USER", "STATE", "SCOPES", "PROJECT", "DESKTOP"]
     assert lines[1].startswith("957506fb-04a0-457f-884c-f579527aeeb3")  # the fixture's admin key
 
 

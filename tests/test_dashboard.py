@@ -167,6 +167,11 @@ def test_a_task_from_creation_to_done(shared_server, open_page):
     expect(page.column("done").locator("[data-count=done]")).to_have_text(str(done_before + 1))
     expect(approval).to_have_count(0)
     expect(panel.locator("[data-field=status]")).to_have_text("Done")
+    # Its one run, and the desktop it ran on.
+    run = panel.get_by_test_id("task-run")
+    expect(run).to_have_count(1)
+    expect(run).to_have_attribute("data-status", "done")
+    expect(run.locator("[data-field=desktop]")).to_have_text("on local")
 
     # The timeline shows every event of the task, each with who did it and when.
     events = shared_server.client().get(f"/tasks/{task_id}/events").json()
@@ -267,3 +272,16 @@ def test_it_shows_a_lost_connection_and_resumes_by_itself(server, open_page):
 
     task = server.client().post("/tasks", json={"type": "prompt", "content": "after the restart"}).json()
     expect(page.card(task["id"], "pending")).to_be_visible()
+
+
+def test_the_desktops_panel_lists_each_desktop_with_its_status_and_load(shared_server, open_page):
+    page = open_page(shared_server.base_url)
+    page.sign_in(shared_server.admin_token)
+    shown = page.tab.get_by_test_id("desktops").get_by_test_id("desktop")
+    desktops = shared_server.client().get("/desktops").json()
+    assert desktops, "a node runs a desktop of its own"
+    expect(shown).to_have_count(len(desktops))
+    for item, desktop in zip(shown.all(), desktops):
+        expect(item).to_have_attribute("data-status", desktop["status"])
+        expect(item.locator(".desktop-name")).to_have_text(desktop["id"])
+        expect(item).to_contain_text(f"/{desktop['capacity']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import uuid
 
 import httpx
 import msgspec
@@ -18,7 +19,7 @@ from service.http import openapi
 from service.http.endpoints import declaration_of, walk
 from service.app import create_app
 from service.http.auth import SCOPES
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 from service.settings import Settings
 from tests.inprocess import InProcess
 from tests.server import API, Server
@@ -36,6 +37,9 @@ CONTRACT = [
     ("get", "/projects"), ("post", "/projects"), ("get", "/projects/{project_id}"),
     ("patch", "/projects/{project_id}"),
     ("get", "/activity/stream"), ("get", "/events"), ("get", "/audit/verify"), ("get", "/overview"),
+    ("get", "/tasks/{task_id}/runs"), ("get", "/desktops"), ("get", "/desktops/{desktop_id}"),
+    ("post", "/desktops/{desktop_id}/drain"), ("post", "/desktops/{desktop_id}/resume"),
+    ("delete", "/desktops/{desktop_id}"),
 ]
 ROOT = [("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"), ("get", "/openapi.json")]
 
@@ -47,6 +51,9 @@ BODIES = {
     "mark_presence": {"deviceId": "scope-test"}, "clear_presence": {"deviceId": "scope-test"},
     "create_agent": {"name": "scoped", "kind": "echo"}, "update_agent": {"name": "echo"},
     "create_project": {"name": "scoped"}, "update_project": {"context": "scoped"},
+    "register": {"sessionId": "scoped", "agents": ["echo"]},
+    "poll": {"epoch": 0, "free": 0},  # an epoch long gone once registered: answered at once, not held
+    "output": {"chunks": []}, "ask": {"number": 1}, "finish": {"outcome": "done"},
 }
 
 FUZZ_ENV = {
@@ -114,6 +121,9 @@ def test_field_docstrings_reach_the_schema(document):
     assert schemas["Readiness"]["properties"]["projected"]["description"] == (
         "The log position the read models have folded up to.")
     assert schemas["Task"]["properties"]["watchers"].get("description"), "Task.watchers' docstring is missing"
+    # the worker's messages (service/work/wire.py), reached through the answers that hold them
+    assert "MC-Lease" in schemas["Assignment"]["properties"]["lease"]["description"]
+    assert schemas["DesktopOut"]["properties"]["busy"].get("description")
 
 
 def test_bodies_answers_and_errors_are_the_handlers_types(document):
@@ -139,21 +149,26 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
         if operation["security"]:
             assert {"401", "403"} <= operation["responses"].keys(), (method, path)
         for parameter in operation["parameters"]:
-            if parameter["in"] == "path":
-                assert parameter["required"] and parameter["schema"]["format"] == "uuid", (method, path)
+            if parameter["in"] == "path":  # an id, or a desktop's name
+                assert parameter["required"] and (parameter["schema"].get("format") == "uuid" or (
+                    parameter["name"] == "desktop_id" and parameter["schema"]["pattern"])), (method, path)
     list_tasks = document["paths"][API + "/tasks"]["get"]
     assert {p["name"] for p in list_tasks["parameters"]} == {
         "status", "desktopId", "agentId", "projectId", "search", "archived", "limit", "offset"}
 
 
 def _scoped_keys(target: InProcess) -> dict[str, tuple[str, str]]:
-    """Per scope: a key with that scope alone, and one with every other scope but admin; all as `admin`
-    so that they see the same tasks."""
-    others = [s for s in SCOPES if s != "admin"]
+    """Per scope: a key with that scope alone, and one with every other scope but admin (and worker, which is
+    always alone); all as `admin` so that they see the same tasks. The worker key is for desktop `scoped`."""
+    others = [s for s in SCOPES if s not in ("admin", "worker")]
     wanted = {(scope, only): ",".join([scope] if only else [s for s in others if s != scope])
               for scope in SCOPES for only in (True, False)}
+
+    def issue(scopes: str) -> str:
+        return target.token("admin", scopes, desktop="scoped" if scopes == "worker" else None)
+
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        tokens = dict(zip(wanted, pool.map(lambda scopes: target.token("admin", scopes), wanted.values())))
+        tokens = dict(zip(wanted, pool.map(issue, wanted.values())))
     return {scope: (tokens[scope, True], tokens[scope, False]) for scope in SCOPES}
 
 
@@ -176,6 +191,8 @@ def test_every_route_needs_the_scope_the_document_names(app, document):
         "agent_id": ECHO_AGENT_ID,
         "project_id": admin.post("/projects", json={"name": "scoped"}).json()["id"],
         "approval_id": _pending_approval(admin),
+        "desktop_id": "local",
+        "run_id": str(uuid.uuid4()),
     }
     keys = _scoped_keys(app)
     checked = 0

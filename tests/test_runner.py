@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from projections.tasks import Task
-from service.work.runner import compose_prompt
+from service.work.reports import compose_prompt
 from tests.api_helpers import refused, wait_for
 
 ENDED = ("review", "done", "failed", "cancelled")

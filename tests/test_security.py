@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from service.app import create_app
 from service.http.auth import SCOPES
 from service.http.endpoints import declaration_of, walk
-from service.work.runner import RUNNER_ACTOR
+from service.work.local import NODE_ACTOR
 from service.settings import Settings
 from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
 from tests.server import API, Server, cli, free_port
@@ -32,7 +32,7 @@ _ID = "[^/]+"
 SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     # API.md "Authentication and scopes": (scope, methods, route path pattern).
     ("task:read", frozenset({"GET"}),
-     rf"{_A}/(tasks|approvals|agents|projects)(/.*)?|{_A}/overview|{_A}/activity/stream"),
+     rf"{_A}/(tasks|approvals|agents|projects|desktops)(/.*)?|{_A}/overview|{_A}/activity/stream"),
     ("task:write", frozenset({"POST", "PATCH", "DELETE"}),
      rf"{_A}/tasks(/{_ID}(/(run|cancel|retry|messages|presence))?)?"),
     ("approval:write", frozenset({"POST"}), rf"{_A}/tasks/{_ID}/review|{_A}/approvals/{_ID}/resolve"),
@@ -40,6 +40,9 @@ SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     ("audit:read", frozenset({"GET"}), rf"{_A}/events|{_A}/audit/.+"),
     ("admin", frozenset({"POST", "PATCH"}), rf"{_A}/projects(/{_ID})?"),
     ("admin", frozenset({"GET"}), r"/metrics"),
+    ("admin", frozenset({"POST"}), rf"{_A}/desktops/{_ID}/(drain|resume)"),
+    ("admin", frozenset({"DELETE"}), rf"{_A}/desktops/{_ID}"),
+    ("worker", frozenset({"POST"}), rf"{_A}/worker/.+"),
 )
 PUBLIC: tuple[tuple[frozenset[str], str], ...] = (
     (frozenset({"GET"}), r"/healthz|/readyz|/openapi\.json|/|/static/.*"),
@@ -119,7 +122,8 @@ def revoked_token(server: Server, user: str, scopes: str) -> str:
 def tokens(server: Server, requests: dict[str, str]) -> dict[str, str]:
     """Issues keys concurrently through the CLI: name -> scopes in, name -> token out."""
     with ThreadPoolExecutor(4) as pool:
-        issued = pool.map(lambda name: server.token(f"user-{name}", requests[name]), requests)
+        issued = pool.map(lambda name: server.token(  # a worker key is `worker` alone, for a desktop
+            f"user-{name}", requests[name], desktop="box" if requests[name] == "worker" else None), requests)
         return dict(zip(requests, issued))
 
 
@@ -144,7 +148,7 @@ def test_the_scope_each_route_declares_is_the_contracts():
 
 def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared_app_server):
     s = shared_app_server
-    lacking = {scope: ",".join(x for x in SCOPES if x not in (scope, "admin")) for scope in SCOPES}
+    lacking = {scope: ",".join(x for x in SCOPES if x not in (scope, "admin", "worker")) for scope in SCOPES}
     wanted = {f"without-{scope}": scopes for scope, scopes in lacking.items()} | {f"only-{x}": x for x in SCOPES}
     keys = {name: s.client(token) for name, token in tokens(s, wanted).items()}
     real = s.token("real", "task:read")
@@ -152,7 +156,7 @@ def test_every_route_refuses_missing_unknown_revoked_and_underscoped_keys(shared
         "no token": None,
         "an unknown token": "mc_" + uuid.uuid4().hex,
         "the recorded hash of a real token": hashlib.sha256(real.encode()).hexdigest(),
-        "a revoked token": revoked_token(s, "revoked", ",".join(SCOPES)),
+        "a revoked token": revoked_token(s, "revoked", ",".join(x for x in SCOPES if x != "worker")),
     }
     anonymous = s.client("")
     for method, template in endpoints():
@@ -308,8 +312,8 @@ def test_every_appended_event_records_the_actor_and_the_request_id(shared_app_se
     by_request: dict[str, set[str]] = {}
     for event in events:
         meta = json.loads(bytes(event.meta))
-        if meta["actor"] == RUNNER_ACTOR:
-            continue  # what the run itself produced: no request caused it
+        if meta["actor"] == NODE_ACTOR or meta["actor"].startswith("desktop:"):
+            continue  # what the run itself produced (reported by its desktop): no request caused it
         assert meta["requestId"] in sent, (event.type, meta)
         assert meta["actor"] == sent[meta["requestId"]], (event.type, meta)
         by_request.setdefault(meta["requestId"], set()).add(event.type)

@@ -5,6 +5,7 @@ stored and returned verbatim, and matched literally."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.api_helpers import head, log_unchanged, read_log, refused, wait_for
 from tests.chain_audit import audit
+from tests.server import API
 from tests.test_security import endpoints, key_id, status_of
 
 SQL = [
@@ -26,6 +28,8 @@ UNICODE = [
 ]
 BAD_IDS = ["not-a-uuid", "' OR '1'='1", "1;DROP TABLE tasks", "%00", "%ED%A0%80", "%ff",
            "00000000-0000-0000-0000-00000000000g", "\u202e" + "0" * 32, "a" * 1000]
+BAD_NAMES = ["Not-A-Name", "-first", "' OR '1'='1", "1;DROP TABLE tasks", "%00", "%ED%A0%80", "%ff",
+             "\u202e" + "0" * 32, "a" * 64]
 
 
 def _ten_megabytes() -> Iterator[bytes]:
@@ -64,6 +68,8 @@ def ids(shared_app_server):
         approval_id=next(a["id"] for a in admin.get("/approvals").json() if a["taskId"] == review),
         agent_id=admin.post("/agents", json={"name": "target", "kind": "echo"}).json()["id"],
         project_id=admin.post("/projects", json={"name": "target"}).json()["id"],
+        desktop_id="local",
+        run_id=str(uuid.uuid4()),
     )
 
 
@@ -88,14 +94,25 @@ def admin(shared_app_server) -> httpx.Client:
     return shared_app_server.client(token)
 
 
-def test_hostile_bodies_on_every_route_that_changes_something(shared_app_server, ids, admin):
+@pytest.fixture
+def caller(shared_app_server, admin, ids):
+    """The client for a route: the admin's, or for a worker route a worker key's, with a lease of the
+    right form (a worker route refuses every other key before it reads anything)."""
+    token = shared_app_server.token("hostile-worker", "worker", desktop="hostile-box")
+    key_id(shared_app_server, token)
+    worker = shared_app_server.client(token)
+    worker.headers["MC-Lease"] = f"{ids.run_id}:1"
+    return lambda template: worker if template.startswith(API + "/worker/") else admin
+
+
+def test_hostile_bodies_on_every_route_that_changes_something(shared_app_server, ids, admin, caller):
     with log_unchanged(admin):
         for method, template in api_endpoints({"POST", "PATCH", "DELETE"}):
             url = url_of(shared_app_server, template, ids)
             for what, options in HOSTILE_BODIES.items():
                 content = options["content"]
-                response = admin.request(method, url, content=content() if callable(content) else content,
-                                         headers=options["headers"])
+                response = caller(template).request(method, url, content=content() if callable(content) else content,
+                                                    headers=options["headers"])
                 assert 400 <= response.status_code < 500, f"{method} {template} with {what}: {response.status_code}"
                 if what.startswith("10 MB"):
                     refused(response, 413, "body_too_large")
@@ -106,15 +123,17 @@ def test_hostile_bodies_on_every_route_that_changes_something(shared_app_server,
     assert shared_app_server.http().get("/healthz").status_code == 200
 
 
-def test_invalid_uuids_in_every_path_parameter(shared_app_server, ids, admin):
+def test_invalid_uuids_in_every_path_parameter(shared_app_server, ids, admin, caller):
     with log_unchanged(admin):
         for method, template in api_endpoints({"GET", "POST", "PATCH", "DELETE"}):
             for name in re.findall(r"\{(\w+_id)\}", template):
-                for bad in BAD_IDS:
-                    response = status_of(admin, method, url_of(shared_app_server, template, ids, **{name: bad}))
+                named = name == "desktop_id"  # a desktop's id is its name
+                for bad in BAD_NAMES if named else BAD_IDS:
+                    url = url_of(shared_app_server, template, ids, **{name: bad})
+                    response = status_of(caller(template), method, url)
                     what = f"{method} {template} with {name}={bad[:20]!r}"
                     assert response.status_code == 400, f"{what}: {response.status_code}"
-                    assert response.json()["code"] == "invalid_uuid", what
+                    assert response.json()["code"] == ("invalid_request" if named else "invalid_uuid"), what
     assert shared_app_server.http().get("/healthz").status_code == 200
 
 

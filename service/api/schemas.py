@@ -11,6 +11,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from events import types as t
 from projections.approvals import ApprovalStatus
+from projections.desktops import DesktopStatus
 from projections.lifecycle import Status
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
@@ -129,6 +130,30 @@ class ApprovalOut(Struct, kw_only=True, rename="camel"):
     resolved_by: str | None
     feedback: str | None
     task: TaskSummary | None
+
+
+class DesktopOut(Struct, kw_only=True, rename="camel"):
+    """A desktop: a machine that runs a worker, or a node's own."""
+
+    id: str
+    """Its name."""
+    status: DesktopStatus
+    agents: list[t.AgentKind]
+    """The agent kinds it hosts, as its worker's owner allows them."""
+    capacity: int
+    """How many runs it takes at once."""
+    busy: int
+    """How many runs it has now: every active run placed on it."""
+    running: list[str]
+    """The run ids of those of its runs the caller may see."""
+    last_seen_at: str
+    """When its worker was last heard from; until this node has heard from it, when the desktop last changed."""
+    version: str
+    """Its worker's version."""
+
+
+class DesktopAnswer(Struct):
+    desktop: DesktopOut
 
 
 class Memory(Struct):

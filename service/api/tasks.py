@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from events import RecordedEvent, TypeFilter, decode
+from events import RecordedEvent, TypeFilter, decode, typed
 from events import streams
 from events import types as t
+from projections import runs
 from projections.lifecycle import STATUSES
 from projections.tasks import Task, served
 from service.api import API_PREFIX, schemas
@@ -28,11 +29,13 @@ from service.http.endpoints import (
     IDEMPOTENCY, IF_MATCH, TEXT, UUID, Param, declared_body, endpoint, whole,
 )
 from service.work import outbound
-from service.work.runner import ECHO_AGENT_ID
+from service.work.local import ECHO_AGENT_ID
 
 PREFIX = f"{API_PREFIX}/tasks"
 _TASK = ("ETag",)
 _WRONG_STATUS = (409,)  # the task is not in the status the operation needs
+MESSAGE_DELIVERY_SECONDS = 2.0
+"""How long a message to a run on this node's own desktop waits for its agent to have it."""
 
 
 def task_response(task: Task, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -211,10 +214,7 @@ async def run_task(request: Request, who: Principal) -> Response:
     settings = request.app.state.settings
     commands = request.state.commands
 
-    agent = None
-
     async def start(state: Task | None) -> StartRun:
-        nonlocal agent
         deps = {d: (dep.status if (dep := await models.task(d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
         agent = await models.agent(agent_id)
         return StartRun(
@@ -224,10 +224,8 @@ async def run_task(request: Request, who: Principal) -> Response:
             desktops=await models.placements(),
         )
 
-    async with commands.admission:
-        started, recorded = await commands.task(task.id, start, meta(request, who), idem, known=task)
-    if recorded:  # not a replay of a run already launched; `agent` is the one the run was decided on
-        request.state.runner.launch(started, agent)
+    async with commands.admission:  # the run reaches its desktop by that desktop's poll
+        started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
     return task_response(started)
 
 
@@ -243,8 +241,13 @@ async def cancel_task(request: Request, who: Principal) -> Response:
         task.id, command, meta(request, who), idempotency(request, who, raw), known=task
     )
     ended = decode(recorded[-1]).run_id if recorded else None  # a replay or a no-op ends no run
-    if ended:
-        await request.state.runner.stop(task.id, ended)
+    desktop = request.state.local
+    if ended and desktop is not None and task.run_desktop_id == desktop.name:
+        # The run's desktop stops it on its next poll, which the cancel wakes; on this node's own,
+        # the answer waits for that, so a cancelled local run's processes are gone when it returns.
+        agent = await request.state.models.agent(task.agent_id or "")
+        grace = float((agent.config if agent else {}).get("killGraceSeconds", 1.0))
+        await desktop.stopped(ended, grace + 1)
     return task_response(cancelled)
 
 
@@ -267,9 +270,12 @@ async def send_message(request: Request, who: Principal) -> Response:
     raw, body = await declared_body(request)
     idem = idempotency(request, who, raw)
     command = SendMessage(message=body.message)
-    _, recorded = await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)
-    if recorded:  # not a replay of a message already delivered
-        request.state.runner.deliver(task.id, body.message)
+    sent, recorded = await request.state.commands.task(task.id, command, meta(request, who), idem, known=task)
+    desktop = request.state.local
+    if recorded and desktop is not None and sent.run_desktop_id == desktop.name:
+        # Every desktop takes its messages by poll, which the append wakes; this node's own is
+        # waited for, so the agent has the message before the answer (its turn may be ending).
+        await desktop.delivered(sent.run_id or "", sent.messages, MESSAGE_DELIVERY_SECONDS)
     return json_response({"accepted": True, "taskId": task.id}, 202)
 
 
@@ -370,6 +376,19 @@ async def task_output(request: Request, who: Principal) -> Response:
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
 
+_RUN_EVENTS = TypeFilter(runs.OUTPUT_FREE)
+
+
+@endpoint(
+    summary="The task's runs, oldest first: the agent and desktop of each, and how it ended.", scope="task:read",
+    answer=list[runs.Run],
+)
+async def task_runs(request: Request, who: Principal) -> Response:
+    task = await visible_task(request, who)
+    events = await request.state.log.read_stream(streams.task(task.id), types=_RUN_EVENTS)
+    return json_response(runs.runs(typed(e) for e in events))
+
+
 def routes() -> list[Route]:
     return [
         Route("/tasks", list_tasks, methods=["GET"]),
@@ -386,4 +405,5 @@ def routes() -> list[Route]:
         Route("/tasks/{task_id}/presence", clear_presence, methods=["DELETE"]),
         Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
         Route("/tasks/{task_id}/output", task_output, methods=["GET"]),
+        Route("/tasks/{task_id}/runs", task_runs, methods=["GET"]),
     ]

@@ -134,9 +134,10 @@ class Commands:
             except WrongExpectedVersion:
                 state = None  # decide again on the task as it is now
                 continue
-            if idempotency is not None:  # the answer of the first request with this key
+            if idempotency is not None and recorded[0].version <= (state.version if state else 0):
+                # The key was used already (by another process): the answer of that first request.
                 task = await self._as_recorded(recorded)
-            else:
+            else:  # appended now, on the state decided on (never a fold of the whole stream, output included)
                 task = state
                 for event in recorded:
                     task = evolve(task, typed(event))

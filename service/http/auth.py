@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 
@@ -20,8 +21,13 @@ from events import types as t
 from projections.projects import Project
 from projections.readmodels import ReadModels
 from service.http.errors import HttpError
+from service.work.wire import DesktopName
 
-SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "admin")
+SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "worker", "admin")
+WORKER = "worker"
+DESKTOP_NAME = re.compile(DesktopName.__metadata__[0].pattern)
+"""The wire's rule for a desktop's name, for names given outside a JSON body (matched whole:
+its `$` alone would let a trailing newline through)."""
 PROJECT_NAMESPACE = uuid.UUID("6f1c3a52-4f0e-4d0b-9c1e-2d9a7c0b5e11")
 
 
@@ -41,11 +47,16 @@ class Principal(msgspec.Struct, kw_only=True):
     scopes: frozenset[str]
     project_id: str | None = None
     """A key issued for one project acts within that project only."""
+    desktop_id: str | None = None
+    """A worker key's desktop: the only one it may act as (and it may do nothing else)."""
 
     def has(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
 
     def require(self, scope: str) -> None:
+        if scope == WORKER and self.desktop_id is None:  # `admin` implies every scope but names no desktop
+            raise HttpError(403, "forbidden", "This route is a desktop's worker's: it needs a key issued with "
+                                              "--scopes worker --desktop NAME.")
         if not self.has(scope):
             raise HttpError(403, "forbidden", f"This key lacks the {scope} scope this route needs.")
 
@@ -63,7 +74,8 @@ async def authenticate(models: ReadModels, token: str | None) -> Principal:
         raise unauthorized("The API key is not known.")
     if key.revoked:
         raise unauthorized("The API key has been revoked.")
-    return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id)
+    return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id,
+                     desktop_id=key.desktop_id)
 
 
 async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:
@@ -92,18 +104,39 @@ async def find_project(models: ReadModels, id_or_name: str) -> Project:
     return named[0]
 
 
+def check_worker_key(scopes: list[str], desktop: str | None, project: str | None) -> None:
+    """A worker key is `worker` alone, for one desktop; a desktop is named on a worker key only."""
+    if WORKER in scopes and set(scopes) != {WORKER}:
+        raise ValueError("the worker scope must be the key's only scope")
+    if WORKER in scopes and project is not None:
+        raise ValueError("a worker key sees no project's tasks: leave out --project")
+    if WORKER in scopes and desktop is None:
+        raise ValueError("a worker key needs --desktop NAME, the desktop it may act as")
+    if desktop is not None and WORKER not in scopes:
+        raise ValueError("--desktop is for worker keys only: give --scopes worker")
+    if desktop is not None and not is_desktop_name(desktop):
+        raise ValueError(f"desktop name {desktop[:80]!r} is not 1 to 63 of a-z, 0-9, '.', '_' and '-' "
+                         "starting with a letter or a digit")
+
+
+def is_desktop_name(name: str) -> bool:
+    return DESKTOP_NAME.fullmatch(name) is not None
+
+
 async def issue_key(
     log: EventLog, models: ReadModels, user: str, scopes: list[str], project: str | None = None,
-    actor: str | None = None,
+    actor: str | None = None, desktop: str | None = None,
 ) -> tuple[str, str]:
     """Issue a key (and the user's default project, the first time); returns (key id, token).
-    `project` (an id or a name) restricts the key to it and makes the user a member.
-    Everything is checked before the first append: a refused key appends nothing."""
+    `project` (an id or a name) restricts the key to it and makes the user a member; `desktop`
+    names a `worker` key's desktop. Everything is checked before the first append: a refused key
+    appends nothing."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
     if not user:
         raise ValueError("a key needs a user")
+    check_worker_key(scopes, desktop, project)
     restricted_to = None if project is None else await find_project(models, project)
     project_id = None if restricted_to is None else restricted_to.id
     meta = Meta(actor=actor or user)
@@ -118,7 +151,8 @@ async def issue_key(
     key_id = str(uuid.uuid4())
     await log.append(
         streams.apikey(key_id),
-        [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token))],
+        [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token),
+                        desktop_id=desktop)],
         expected=0, meta=meta,
     )
     return key_id, token

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from events.types import EVENT_TYPES
 from projections import lifecycle
-from service.http.auth import Principal
+from service.http.auth import DESKTOP_NAME, Principal
 from service.http.bodies import MAX_INT, read_body
 
 
@@ -26,6 +26,7 @@ class Param(msgspec.Struct, frozen=True):
     schema: dict[str, Any]
     description: str
     where: Literal["query", "header"] = "query"
+    required: bool = False
 
 
 def whole(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> dict[str, Any]:
@@ -38,6 +39,11 @@ def whole(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> d
 
 UUID = {"type": "string", "format": "uuid"}
 TEXT = {"type": "string"}
+DESKTOP = {"type": "string", "pattern": DESKTOP_NAME.pattern}
+PATH_PARAMS = {"desktop_id": DESKTOP}
+"""A path parameter's schema when it is not a UUID."""
+LEASE = Param("MC-Lease", {"type": "string", "pattern": r"^[^:]+:[0-9]{1,18}$"},
+              "The run's lease token, `<runId>:<epoch>`, as its assignment gave it.", "header", required=True)
 IDEMPOTENCY = Param("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": 200},
                     "Repeat the request safely: the same key with the same body answers the same, appending nothing.",
                     "header")

@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 from starlette.responses import Response
 
-from service.commands.deciders import Code, Refused
+from service.commands.deciders import Code, OutputGap, Refused
+from service.work.wire import Gap
 
 _encoder = msgspec.json.Encoder()
 
@@ -48,6 +49,8 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
 
 
 def refusal_response(refused: Refused) -> Response:
+    if isinstance(refused, OutputGap):  # the worker resends from expectedSeq
+        return json_response(Gap(detail=refused.detail, expected_seq=refused.expected_seq), REFUSALS[refused.code])
     headers = None if refused.retry_after is None else {"Retry-After": str(refused.retry_after)}
     return error_response(REFUSALS[refused.code], refused.code, refused.detail, headers)
 

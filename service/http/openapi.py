@@ -20,7 +20,8 @@ from projections import lifecycle
 from service.api import API_PREFIX, schemas
 from service.http.bodies import JSON_SAFE_INTEGER
 from service.http.errors import Error
-from service.http.endpoints import TEXT, UUID, Declaration, Param, declaration_of, walk
+from service.http.auth import WORKER
+from service.http.endpoints import PATH_PARAMS, TEXT, UUID, Declaration, Param, declaration_of, walk
 from service.work.agents.kinds import KINDS
 
 REF = "#/components/schemas/{name}"
@@ -56,12 +57,25 @@ _ERROR_WORDS = {
     412: "If-Match differs from the task's version.",
     413: "The body is over the limit.",
     415: "The body is not application/json.",
-    429: "Too many requests for this key, or the concurrency limit on runs; see Retry-After.",
-    503: "The agent is not active, the service is not ready or is shutting down.",
+    429: "Too many requests for this key, the concurrency limit on runs, or the desktop's capacity; see Retry-After.",
+    503: "The agent is not active, the desktop is not online or hosts no such kind, the service is not ready or "
+         "is shutting down.",
+}
+
+
+_WORKER_WORDS = {
+    403: "The key is not a worker key issued for a desktop (an admin key names none).",
+    404: "The run is not placed on the key's desktop, the body names a desktop that is not the key's, or the "
+         "desktop has not registered.",
+    409: "The run's lease is lost (`lease_lost`, the sentence says why), output before this is missing "
+         "(`output_gap`, resend from the body's `expectedSeq`), the desktop must register again "
+         "(`not_registered`), or it is a node's own (`invalid_status`).",
 }
 
 
 def _error_words(declared: Declaration, status: int) -> str:
+    if declared.scope == WORKER and status in _WORKER_WORDS:
+        return _WORKER_WORDS[status]
     if status == 409 and declared.needs is not None:
         allowed = lifecycle.either(lifecycle.admitting(declared.needs))
         return (f"The task's status is not {allowed}, the resource changed meanwhile, or an Idempotency-Key "
@@ -102,9 +116,10 @@ def _success(op: Declaration, schema: dict[str, Any] | None) -> dict[str, Any]:
 
 def _operation(path: str, name: str, op: Declaration, path_params: list[str], schemas_of: dict[Any, dict]) -> dict[str, Any]:
     parameters = [
-        {"name": p, "in": "path", "required": True, "schema": UUID, "description": f"The {p.split('_')[0]}'s id."}
+        {"name": p, "in": "path", "required": True, "schema": PATH_PARAMS.get(p, UUID),
+         "description": f"The {p.split('_')[0]}'s id."}
         for p in path_params
-    ] + [{"name": p.name, "in": p.where, "required": False, "schema": _non_empty(p), "description": p.description}
+    ] + [{"name": p.name, "in": p.where, "required": p.required, "schema": _non_empty(p), "description": p.description}
          for p in op.params]
     responses = {str(op.status): _success(op, schemas_of.get(op.answer))}
     for status in op.same_answer:
@@ -131,7 +146,10 @@ def _operation(path: str, name: str, op: Declaration, path_params: list[str], sc
     if op.scope is None:
         operation["security"] = []
     else:
-        operation["description"] = f"Needs the `{op.scope}` scope (`admin` implies every scope)."
+        operation["description"] = (
+            "Needs a key issued with `--scopes worker --desktop NAME`, and acts as that desktop (an `admin` key "
+            "names no desktop: it is refused)." if op.scope == WORKER
+            else f"Needs the `{op.scope}` scope (`admin` implies every scope).")
         operation["security"] = [{"bearer": [op.scope]}]
         if op.token_in_query:
             operation["security"].append({"accessToken": [op.scope]})

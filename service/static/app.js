@@ -238,7 +238,7 @@ async function start() {
     state.snapshotHead = overview.log.head;
     // The stream starts a little in the past: the feed opens with recent history, not empty.
     state.lastPosition = Math.max(0, overview.log.head - FEED_HISTORY);
-    await Promise.all([loadTasks(), loadApprovals(), loadAgents(), probeAudit()]);
+    await Promise.all([loadTasks(), loadApprovals(), loadAgents(), loadDesktops(), probeAudit()]);
     renderApprovals();
   } catch (error) {
     if (error.status === 401) signOut("The key was refused; sign in again.");
@@ -297,6 +297,7 @@ function onEvent(event) {
   if (kind === "task" || kind === "presence") refreshTask(id);
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
+  if (state.panel && state.panel.taskId === id && (event.type === "task.started" || ENDINGS.has(event.type))) refreshRuns();
   if (state.panel && state.panel.taskId === id && kind === "task") panelEvent(event);
   refreshOverview.soon();
   if (state.overview && event.position > state.overview.log.head) $("[data-stat=head]").textContent = `#${event.position}`;
@@ -328,6 +329,7 @@ function renderConnection() {
 async function refreshOverview() {
   try {
     renderOverview(await api("GET", "/overview"));
+    await loadDesktops(); // desktop events reach only keys that see everything: polled with the figures
   } catch { /* the next poll tries again */ }
 }
 refreshOverview.soon = throttled(refreshOverview, 800);
@@ -460,6 +462,28 @@ async function loadAgents() {
   renderBoard();
 }
 const refreshAgents = debounced(() => loadAgents().catch(() => {}), 300);
+
+// --- desktops ------------------------------------------------------------------------------
+
+async function loadDesktops() {
+  const desktops = await api("GET", "/desktops");
+  $("[data-count=desktops]").textContent = desktops.filter((d) => d.status === "online").length;
+  const list = $(".desktop-list");
+  if (!desktops.length) {
+    list.replaceChildren(h("li", { class: "empty" }, "No desktop: nothing can run."));
+    return;
+  }
+  list.replaceChildren(...desktops.map((d) =>
+    h("li", { class: "desktop", "data-testid": "desktop", dataset: { desktopId: d.id, status: d.status }, title: d.status },
+      h("span", { class: "dot", "aria-hidden": "true" }),
+      h("span", { class: "desktop-name" }, d.id),
+      h("span", { class: "muted" }, `${d.busy}/${d.capacity}`),
+      h("span", { class: "desktop-kinds" }, d.status === "online" ? d.agents.join(", ") : d.status),
+      h("time", { class: "ago", datetime: d.lastSeenAt }, ago(d.lastSeenAt)),
+      d.running.length ? h("span", { class: "desktop-running" }, ...d.running.map((taskId) =>
+        h("button", { type: "button", class: "link", onclick: () => openPanel(taskId) },
+          state.tasks.has(taskId) ? taskName(state.tasks.get(taskId)) : shortId(taskId)))) : null)));
+}
 
 // --- approvals -----------------------------------------------------------------------------
 
@@ -606,9 +630,28 @@ async function openPanel(taskId) {
   }
   panel.loading = false;
   renderOutput();
+  refreshRuns();
   markPresence();
   panel.presence = setInterval(markPresence, PRESENCE_EVERY_MS);
 }
+
+const ENDINGS = new Set(["task.review", "task.completed", "task.failed", "task.cancelled"]);
+
+/** Each run of the open task: where it ran, how it ended. */
+async function loadRuns() {
+  const panel = state.panel;
+  if (!panel) return;
+  const runs = await api("GET", `/tasks/${panel.taskId}/runs`);
+  if (state.panel !== panel) return;
+  $("[data-testid=task-runs]").replaceChildren(...runs.map((run) =>
+    h("li", { class: "run", "data-testid": "task-run", dataset: { runId: run.runId, status: run.status } },
+      h("span", { class: "mono" }, `#${run.number}`),
+      h("span", { class: "badge", dataset: { status: run.status } }, statusLabel(run.status)),
+      h("span", { "data-field": "desktop" }, run.desktopId ? `on ${run.desktopId}` : "on an unnamed desktop"),
+      run.exitCode !== null && run.exitCode !== undefined ? h("span", { class: "muted small" }, `exit ${run.exitCode}`) : null,
+      run.reason ? h("span", { class: "muted small" }, run.reason) : null)));
+}
+const refreshRuns = debounced(() => loadRuns().catch(() => {}), 200);
 
 function closePanel() {
   const panel = state.panel;

@@ -189,4 +189,4 @@ def lease_token(run_id: str, epoch: int) -> str:
 def parse_lease(token: str) -> tuple[str, int] | None:
     """(run id, epoch) of a lease token, or None if it is not one."""
     run_id, sep, epoch = token.rpartition(":")
-    return (run_id, int(epoch)) if sep and run_id and epoch.isdigit() else None
+    return (run_id, int(epoch)) if sep and run_id and epoch.isascii() and epoch.isdigit() else None
