@@ -65,3 +65,20 @@ def test_an_agent_on_a_worker_asks_and_is_answered_in_order(make_server, tmp_pat
         done = wait_status(client, task_id, "done", "failed")
         assert done["status"] == "done", done
         assert output(client, task_id) == "hello world\nthen more\n"
+
+
+def test_one_worker_a_workdir_and_its_key_never_in_its_log(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    with Worker(server, "box", tmp_path / "shared").start() as first:
+        second = Worker(server, "other", tmp_path / "shared")
+        try:
+            second.start(timeout=20)
+        except RuntimeError as exc:
+            assert "exited with 2" in str(exc), exc
+        else:
+            second.stop()
+            raise AssertionError("a second worker ran on the same workdir")
+        assert "another worker is running on" in second.output()
+        assert first.process.poll() is None
+    for worker in (first, second):
+        assert worker.env["MC_TOKEN"] not in worker.output()
