@@ -218,7 +218,7 @@ class _Held:
         self.cancelling = False
         """Told by the server that it is over, and being stopped: no longer listed in polls."""
         self.stopping = False
-        """Being stopped by the worker, which then reports it interrupted with its unsent output."""
+        """Being stopped by the worker, which then reports it interrupted (its acknowledged seq kept for that)."""
 
 
 class Worker:
