@@ -445,7 +445,7 @@ class Worker:
         except Exception:
             log.exception("run failed in the worker", task_id=run.task_id, run_id=run.run_id)
         finally:
-            self._release(run.run_id, keep_output=held.stopping)
+            self._release(run.run_id, keep_acked=held.stopping)
 
     async def _refuse(self, held: _Held) -> None:
         run = held.assignment
@@ -459,10 +459,10 @@ class Worker:
         finally:
             self._release(run.run_id)
 
-    def _release(self, run_id: str, keep_output: bool = False) -> None:
-        """The run is no longer this worker's; `keep_output`: its acknowledged seq is kept for its ending."""
+    def _release(self, run_id: str, keep_acked: bool = False) -> None:
+        """The run is no longer this worker's; `keep_acked`: its acknowledged seq is kept for its ending."""
         self.runs.pop(run_id, None)
-        if not keep_output:
+        if not keep_acked:
             self.reporter.forget(run_id)
         records(runs_dir(self.workdir), run_id).unlink(missing_ok=True)
         log.info("run over", run_id=run_id, running=len(self.runs))
@@ -496,7 +496,7 @@ class Worker:
             held.job.cancel()  # whatever it was still sending: the interruption is its last word
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await held.job
-        self._release(run.run_id, keep_output=report)
+        self._release(run.run_id, keep_acked=report)
         if not report:
             return
         # Its output ends with what the server acknowledged; what the agent wrote since goes with it.
