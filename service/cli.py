@@ -291,6 +291,26 @@ def rebuild(args) -> int:
     return 0
 
 
+# --- worker ------------------------------------------------------------------------------------
+
+
+def worker(args) -> int:
+    from service.work import worker as remote
+
+    if not args.server or not args.token:
+        return _fail("worker needs --server URL and --token T (or MC_SERVER and MC_TOKEN): the key is a worker "
+                     "key, from `token create --scopes worker --desktop NAME`")
+    try:
+        agents = remote.parse_agents(args.agents)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.capacity < 1:
+        return _fail(f"--capacity must be at least 1, not {args.capacity}")
+    options = remote.Options(server=args.server, token=args.token, desktop=args.desktop or None, agents=agents,
+                             capacity=args.capacity, workdir=Path(args.workdir))
+    return remote.main(options)
+
+
 class _Failed(Exception):
     """A command cannot do what was asked: one line for the user, exit 2."""
 
@@ -371,6 +391,21 @@ def parser() -> argparse.ArgumentParser:
                      help="carry forward a log hashed with code-point key order (before RFC 8785): re-encode and "
                           "re-hash it, recording the old head hash in a last log.rechained event")
     data_dir(sub)
+
+    sub = command("worker", worker, "Run this machine as a desktop of a server until SIGTERM, which drains it.",
+                  "mission-control worker --server https://mc.example --token $KEY --agents echo,shell")
+    sub.add_argument("--server", default=_env("server"), help="the server's URL (env MC_SERVER)")
+    sub.add_argument("--token", default=_env("token"),
+                     help="a worker key: token create --scopes worker --desktop NAME (env MC_TOKEN)")
+    sub.add_argument("--desktop", default=_env("desktop"),
+                     help="the desktop's name; it must be the key's (default: the key's; env MC_DESKTOP)")
+    sub.add_argument("--agents", default=_env("agents", "echo,openai"),
+                     help="the agent kinds this machine runs, a comma list of echo, openai, shell, exec (default "
+                          "echo,openai: shell and exec run programs here, so only when named; env MC_AGENTS)")
+    sub.add_argument("--capacity", type=int, default=_env("capacity", 1),
+                     help="how many runs at once (default 1; env MC_CAPACITY)")
+    sub.add_argument("--workdir", default=_env("workdir", "./mission-control-worker"),
+                     help="where the runs' working directories live (default ./mission-control-worker; env MC_WORKDIR)")
 
     sub = command("rebuild", rebuild, "Drop every read model and refold it from the log.",
                   "mission-control rebuild --data-dir ./var")

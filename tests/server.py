@@ -41,7 +41,8 @@ def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None, check: bo
 
 class Process:
     """A server in a process of its own on a free loopback port, its output in
-    `log_dir/NAME-PORT.log`. `start` waits until `ready_path` answers below 500."""
+    `log_dir/NAME-PORT.log`. `start` waits until it is `ready`: by default, until `ready_path`
+    answers below 500."""
 
     ready_path = "/healthz"
 
@@ -60,24 +61,39 @@ class Process:
         return self.log_dir / f"{self.name}-{self.port}.log"
 
     def start(self, timeout: float = 30) -> Process:
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> Process:
+        """Start the process without waiting for it (`wait_ready`): many start at once that way."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.argv(), env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> Process:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.output()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + self.ready_path, timeout=1).status_code < 500:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if self.ready():
+                return self
             time.sleep(0.05)
         self.stop(signal.SIGKILL)
-        raise RuntimeError(f"{self.name} did not answer {self.ready_path} in {timeout}s: {self.output()[-3000:]}")
+        raise RuntimeError(f"{self.name} was not ready ({self.waiting_for}) in {timeout}s: {self.output()[-3000:]}")
+
+    @property
+    def waiting_for(self) -> str:
+        return f"answering {self.ready_path}"
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.base_url + self.ready_path, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
