@@ -194,11 +194,11 @@ class Reports:
         try:
             expiry = now + self.poll_seconds
             while True:
+                waiter.woken.clear()  # before reading what is due: a wake-up during the reads is kept
                 answer = await self._due(desktop, body, held)
                 remaining = expiry - self.clock()
                 if answer.assignments or answer.ended or answer.messages or remaining <= 0 or self._closed:
                     break
-                waiter.woken.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await waiter.woken.wait()
