@@ -124,7 +124,7 @@ def _storage_error(error: BaseException) -> BaseException:
     """psycopg's errors as the log's StorageError (the original its cause); the log's own
     errors, and a projector's, as they are."""
     if isinstance(error, psycopg.Error):
-        translated = StorageError(str(error).strip() or type(error).__name__)
+        translated = StorageError(" ".join(str(error).split()) or type(error).__name__)  # one line
         translated.__cause__ = error
         return translated
     return error

@@ -6,7 +6,7 @@ import functools
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,6 +102,17 @@ async def _postgres_open(storage: str, **options) -> EventLog:
 def _postgres_drop(storage: str) -> None:
     with _postgres_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{storage.rpartition("/")[2]}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database(tmp_path) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    require_postgres()
+    url = _postgres_storage(tmp_path, 0)
+    try:
+        yield url
+    finally:
+        _postgres_drop(url)
 
 
 LOG_BACKENDS: dict[str, tuple[Callable[[Path, int], str], Callable[..., Awaitable[EventLog]], Callable[[str], None]]] = {
