@@ -65,8 +65,9 @@ SCHEMA = [
         hash TEXT NOT NULL
     )""",
     f"INSERT INTO head VALUES (1, 0, '{GENESIS_HASH}') ON CONFLICT (id) DO NOTHING",
+    # Keys as bytes: the service joins their parts with NUL, which PostgreSQL's text cannot hold.
     """CREATE TABLE IF NOT EXISTS idempotency (
-        key TEXT PRIMARY KEY,
+        key BYTEA PRIMARY KEY,
         fingerprint TEXT NOT NULL,
         first_position BIGINT NOT NULL,
         last_position BIGINT NOT NULL
@@ -136,6 +137,10 @@ def _translated():
         yield
     except psycopg.Error as exc:
         raise _storage_error(exc) from exc
+
+
+def _key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
 
 
 def _in_transaction(conn: psycopg.Connection) -> bool:
@@ -237,7 +242,10 @@ class PostgresLog(GroupCommitLog):
                 conn.execute(f"NOTIFY {CHANNEL}")
             if staged.keys:
                 with conn.cursor() as cursor:
-                    cursor.executemany("INSERT INTO idempotency VALUES (%s, %s, %s, %s)", staged.keys)
+                    cursor.executemany(
+                        "INSERT INTO idempotency VALUES (%s, %s, %s, %s)",
+                        [(_key(key), *rest) for key, *rest in staged.keys],
+                    )
             if self.projector is not None and staged.rows:
                 try:
                     self.projector(_Tx(conn), staged.fresh())
@@ -279,7 +287,7 @@ class PostgresLog(GroupCommitLog):
     @staticmethod
     def _recorded_for_key(conn: psycopg.Connection, key: str):
         found = conn.execute(
-            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (key,)
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (_key(key),)
         ).fetchone()
         if found is None:
             return None
@@ -408,7 +416,7 @@ class PostgresLog(GroupCommitLog):
 
     async def idempotent(self, key: str):
         rows = await self.query(
-            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (key,)
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (_key(key),)
         )
         if not rows:
             return None

@@ -34,6 +34,13 @@ _INTEGER_COLUMNS = {"archived", "created_position"}
 """The models' columns that hold numbers; the others hold text."""
 
 
+def _text(value: Any) -> Any:
+    """Text as a column or a parameter holds it: PostgreSQL's text cannot hold NUL, which a task's
+    title or content may (the state itself is kept as bytes, whole); it becomes U+FFFD, in the
+    columns and in what is searched for alike."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def _column_type(name: str) -> str:
     return "BIGINT" if name in _INTEGER_COLUMNS else 'TEXT COLLATE "C"'
 
@@ -93,13 +100,13 @@ class PostgresReadModels(ReadModels):
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
     def _load(self, tx, model: Model, key: str) -> bytes | None:
-        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = %s", (key,))
+        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
         return bytes(rows[0][0]) if rows else None
 
     def _save(self, tx, changes: Changes) -> None:
         for model in MODELS:
-            tx.executemany(_UPSERTS[model.table], changes.rows(model))
-            tx.executemany(f"DELETE FROM {model.table} WHERE id = %s", [(key,) for key in changes.removed(model)])
+            tx.executemany(_UPSERTS[model.table], [tuple(map(_text, row)) for row in changes.rows(model)])
+            tx.executemany(f"DELETE FROM {model.table} WHERE id = %s", [(_text(key),) for key in changes.removed(model)])
         moved = changes.moved()
         tx.executemany(
             "INSERT INTO counters VALUES (%s, %s) "
@@ -112,7 +119,7 @@ class PostgresReadModels(ReadModels):
     # --- reads ----------------------------------------------------------------------------
 
     async def _get(self, model: Model, key: str) -> Any:
-        rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = %s", (key,))
+        rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
         return _decoders[model.table].decode(rows[0][0]) if rows else None
 
     async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
@@ -123,13 +130,13 @@ class PostgresReadModels(ReadModels):
         for column, value in (("desktop_id", desktop_id), ("agent_id", agent_id)):
             if value is not None:
                 where.append(f"{column} = %s")
-                params.append(value)
+                params.append(_text(value))
         if project_ids is not None:
             where.append("project_id = ANY(%s)")
             params.append(project_ids)
         if search:  # ILIKE: case-insensitive, as SQLite's LIKE
             where.append("(title ILIKE %s ESCAPE '\\' OR content ILIKE %s ESCAPE '\\')")
-            params += [f"%{_escape_like(search)}%"] * 2
+            params += [f"%{_escape_like(_text(search))}%"] * 2
         if archived is not None:
             where.append("archived = %s")
             params.append(int(archived))

@@ -200,6 +200,11 @@ async def test_idempotent_append_returns_the_first_answer(log_factory):
     assert recorded == first and isinstance(fingerprint, str)
     assert await log.idempotent("unused") is None
 
+    # Any text is a key: the service joins a key's parts with NUL.
+    joined = await log.append("task-c", [created("c")], idempotency_key="user\x00k1")
+    assert await log.append("task-c", [created("c")], idempotency_key="user\x00k1") == joined
+    assert (await log.idempotent("user\x00k1"))[1] == joined and await log.idempotent("user") is None
+
 
 @pytest.mark.parametrize("stream, changed", [
     ("task-a", [created("a"), output(2, "a")]),  # another payload
