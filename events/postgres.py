@@ -144,7 +144,8 @@ def _key(key: str) -> bytes:
 
 
 def _in_transaction(conn: psycopg.Connection) -> bool:
-    return not conn.closed and conn.info.transaction_status != _IDLE
+    """Whether a ROLLBACK is owed (never on a connection that broke: there is nothing to roll back)."""
+    return not conn.closed and not conn.broken and conn.info.transaction_status != _IDLE
 
 
 def open_log(url: str, **options) -> PostgresLog:
