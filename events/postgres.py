@@ -38,10 +38,17 @@ logger = logging.getLogger("mission_control.log")
 CHANNEL = "mission_control_log"
 """Notified by every append transaction, at its commit."""
 
+SCHEMA_VERSION = 1
+"""The version of the tables below (and the read models'), kept in the table `mission_control`:
+a node refuses a database whose schema is newer than the one it knows."""
+
 SCHEMA = [
-    # One process at a time creates the schema: CREATE ... IF NOT EXISTS races with itself.
-    "SELECT pg_advisory_xact_lock(7262795041)",
-    """CREATE TABLE IF NOT EXISTS events (
+    """CREATE TABLE mission_control (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        schema_version INTEGER NOT NULL
+    )""",
+    f"INSERT INTO mission_control VALUES (1, {SCHEMA_VERSION})",
+    """CREATE TABLE events (
         position BIGINT PRIMARY KEY,
         stream TEXT NOT NULL,
         version BIGINT NOT NULL,
@@ -52,21 +59,21 @@ SCHEMA = [
         hash TEXT NOT NULL,
         UNIQUE (stream, version)
     )""",
-    """CREATE OR REPLACE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS
+    """CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS
        $$ BEGIN RAISE EXCEPTION 'the event log is append-only'; END $$""",
-    """CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+    """CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
        FOR EACH ROW EXECUTE FUNCTION events_append_only()""",
-    """CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
        FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()""",
     # The chain's tail, locked by every transaction that appends.
-    """CREATE TABLE IF NOT EXISTS head (
+    """CREATE TABLE head (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         position BIGINT NOT NULL,
         hash TEXT NOT NULL
     )""",
-    f"INSERT INTO head VALUES (1, 0, '{GENESIS_HASH}') ON CONFLICT (id) DO NOTHING",
+    f"INSERT INTO head VALUES (1, 0, '{GENESIS_HASH}')",
     # Keys as bytes: the service joins their parts with NUL, which PostgreSQL's text cannot hold.
-    """CREATE TABLE IF NOT EXISTS idempotency (
+    """CREATE TABLE idempotency (
         key BYTEA PRIMARY KEY,
         fingerprint TEXT NOT NULL,
         first_position BIGINT NOT NULL,
@@ -194,12 +201,39 @@ class PostgresLog(GroupCommitLog):
 
     def _open_writer(self) -> None:
         conn = self._connect()
-        if not self.durable:  # a crash may lose the last commits, never corrupt the log
-            conn.execute("SET synchronous_commit = off")
-        with conn.transaction():
+        try:
+            if not self.durable:  # a crash may lose the last commits, never corrupt the log
+                conn.execute("SET synchronous_commit = off")
+            with conn.transaction():
+                self._prepare_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _prepare_schema(self, conn: psycopg.Connection) -> None:
+        """Create the log's tables in an empty database; in one that holds them, check that
+        this code knows their version. A database holding anything else is refused, untouched."""
+        # One process at a time: nodes starting together on an empty database create it once.
+        conn.execute("SELECT pg_advisory_xact_lock(7262795041)")
+        if conn.execute("SELECT to_regclass('mission_control')").fetchone()[0] is None:
+            tables = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+            ).fetchone()[0]
+            if tables:
+                raise StorageError(
+                    f"the database {conn.info.dbname} holds {tables} tables that are not a Mission Control log; "
+                    "give Mission Control an empty database of its own"
+                )
             for statement in SCHEMA:
                 conn.execute(statement)
-        self._conn = conn
+            return
+        (version,) = conn.execute("SELECT schema_version FROM mission_control").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database {conn.info.dbname} has schema version {version}, newer than this Mission Control "
+                f"knows ({SCHEMA_VERSION}): run a newer release on it"
+            )
 
     def _writer(self) -> psycopg.Connection:
         """The writer's connection, made again if the last one broke (the server restarted)."""
