@@ -70,7 +70,8 @@ def postgres_unreachable() -> str | None:
     try:
         _postgres_admin().close()
     except Exception as exc:  # noqa: BLE001 - any reason at all is reported, in the sentence
-        return f"PostgreSQL is not reachable at {POSTGRES_SERVER}/test ({str(exc).strip() or type(exc).__name__})"
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        return f"PostgreSQL is not reachable at {POSTGRES_SERVER}/test ({why})"
     return None
 
 
