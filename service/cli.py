@@ -118,7 +118,8 @@ def serve(args) -> int:
 
     def ready() -> None:
         where = serving.url(settings.host, settings.port)
-        print(f"Mission Control is listening on {where} with its data in {Path(settings.data_dir).resolve()}",
+        data = f"its log in {settings.log_name}, " if settings.database_url else ""
+        print(f"Mission Control is listening on {where} with {data}its data in {Path(settings.data_dir).resolve()}",
               flush=True)
 
     # uvicorn stops gracefully on SIGTERM, then raises the signal again so that the process

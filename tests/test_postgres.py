@@ -11,6 +11,7 @@ from tests.test_api_tasks import create, get, run, wait_status
 def test_serve_on_postgresql_keeps_tasks_across_a_restart_and_verifies(postgres_database, make_server, tmp_path):
     # postgres_database first: its database is dropped after the server has stopped
     server = make_server(MC_DATABASE_URL=postgres_database)
+    assert f"with its log in {postgres_database}, its data in" in server.output()
     c = server.client()
     task = create(c, title="on postgres")
     run(c, task["id"])
