@@ -20,8 +20,13 @@ __all__ = [
 ]
 
 
+_SCHEMES = {"postgresql": "postgres"}
+"""URL schemes named otherwise than their backend's module."""
+
+
 def open_log(url: str, **options) -> EventLog:
-    """The log at `url`: `<backend>://...` is opened by the module events/<backend>.py, and a
-    bare path names a SQLite file."""
+    """The log at `url`: `<backend>://...` is opened by the module events/<backend>.py
+    (`postgresql://...` by events/postgres.py), and a bare path names a SQLite file."""
     scheme, separator, _ = url.partition("://")
-    return importlib.import_module(f"events.{scheme if separator else 'sqlite'}").open_log(url, **options)
+    backend = _SCHEMES.get(scheme, scheme) if separator else "sqlite"
+    return importlib.import_module(f"events.{backend}").open_log(url, **options)

@@ -1,9 +1,7 @@
 """The embedded SQLite backend of the log.
 
 Writes go through one writer thread that commits whatever appends are waiting as one
-transaction (group commit): one fsync serves many appends. Each append still checks
-its own expected version against the stream as the transaction sees it, so a conflict
-fails that append alone. The transaction reads the chain's tail itself, so another
+transaction (group commit, events/groupcommit.py): one fsync serves many appends. The transaction reads the chain's tail itself, so another
 process appending to the same file keeps positions and hashes right.
 Reads go through aiosqlite connections; WAL lets them run beside the writer.
 """
@@ -12,28 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hashlib
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
-import msgspec
 
-from events.envelope import (
-    GENESIS_HASH, Meta, RecordedEvent, encode_payload, link_hash, now_rfc3339,
+from events.envelope import GENESIS_HASH, RecordedEvent
+from events.groupcommit import (  # noqa: F401  (_Append: tests/test_log_sqlite.py makes one)
+    COLUMNS, GroupCommitLog, _Append, _Outcome, _ProjectorFailed, _Staged, row_event as _row,
 )
-from events.log import (
-    EventLog, IdempotencyConflict, LogClosed, Page, Projector, StorageError, TypeFilter,
-    WrongExpectedVersion,
-)
-from events.types import EventData
+from events.log import LogClosed, Page, Projector, StorageError, TypeFilter
 from events.verify import Chain
 
 T = TypeVar("T")
@@ -67,57 +57,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
     last_position INTEGER NOT NULL
 );
 """
-
-COLUMNS = "position, stream, version, type, payload, meta, recorded_at, hash"
-_canonical = msgspec.json.Encoder(order="sorted")
-_type_json = functools.lru_cache(maxsize=None)(_canonical.encode)
-
-
-class _Append:
-    __slots__ = ("stream", "payloads", "expected", "meta", "key", "fingerprint", "future")
-
-    def __init__(self, stream, payloads, expected, meta, key, fingerprint, future):
-        self.stream = stream
-        self.payloads: list[tuple[str, bytes, int]] = payloads  # (type, payload, schema)
-        self.expected: int | None = expected
-        self.meta: Meta = meta
-        self.key: str | None = key
-        self.fingerprint: str | None = fingerprint
-        self.future: asyncio.Future = future
-
-
-class _Outcome:
-    """What became of one append of a batch: the events it recorded (`fresh`: written by this
-    batch; otherwise an idempotent replay of an earlier append's), or the error refusing it."""
-
-    __slots__ = ("events", "fresh", "error")
-
-    def __init__(self, events: list[RecordedEvent], fresh: bool = True, error: BaseException | None = None):
-        self.events, self.fresh, self.error = events, fresh, error
-
-    @classmethod
-    def failed(cls, error: BaseException) -> _Outcome:
-        return cls([], False, error)
-
-
-class _Staged(NamedTuple):
-    """A batch made ready to write: an outcome per append, and the rows that record them."""
-
-    outcomes: list[_Outcome]
-    rows: list[tuple]
-    keys: list[tuple]
-    """Rows of the idempotency table."""
-    versions: dict[str, int]
-    """Each stream's version once the rows are written."""
-    head: int
-
-
-def _row(row: tuple) -> RecordedEvent:
-    return RecordedEvent(
-        position=row[0], stream=row[1], version=row[2], type=row[3],
-        payload=msgspec.Raw(row[4]), meta=msgspec.Raw(row[5]), recorded_at=row[6], hash=row[7],
-    )
-
 
 class _Tx:
     """The Transaction a projector sees: the writer's connection, nothing more. The SQLite read
@@ -180,10 +119,9 @@ def open_log(url: str, **options) -> SqliteLog:
     return SqliteLog(url.removeprefix("sqlite:///"), **options)
 
 
-class SqliteLog(EventLog):
+class SqliteLog(GroupCommitLog):
     backend = "sqlite"
-    version_cache_size = 100_000
-    """Streams whose version the writer remembers between batches."""
+    _storage_error = staticmethod(_storage_error)
 
     def __init__(
         self,
@@ -195,24 +133,16 @@ class SqliteLog(EventLog):
         poll_interval: float = 0.2,
         max_batch: int = 2000,
     ):
-        super().__init__()
+        super().__init__(projector=projector, max_batch=max_batch)
         self.path = Path(path)
-        self.projector = projector
         self.durable = durable
         self.poll_interval = poll_interval
-        self.max_batch = max_batch
         self._reader_count = readers
         self._readers: list[aiosqlite.Connection] = []
         self._local: sqlite3.Connection  # the event loop's own, for `query`
         self._next_reader = 0
-        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mc-log-writer")
         self._conn: sqlite3.Connection | None = None
-        self._versions: dict[str, int] = {}  # writer thread only
-        self._versions_at = -1
-        self._pending: list[_Append] = []
-        self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._closed = False
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -271,76 +201,6 @@ class SqliteLog(EventLog):
             await loop.run_in_executor(self._writer_thread, self._conn.close)
         self._writer_thread.shutdown(wait=True)
 
-    # --- appends -----------------------------------------------------------------
-
-    async def append(
-        self,
-        stream: str,
-        events: Sequence[EventData],
-        *,
-        expected: int | None = None,
-        meta: Meta | None = None,
-        idempotency_key: str | None = None,
-        fingerprint: str | None = None,
-    ) -> list[RecordedEvent]:
-        if self._closed:
-            raise LogClosed("the log is closed")
-        payloads = [(e.event_type, encode_payload(e), e.schema) for e in events]
-        if idempotency_key is not None and fingerprint is None:
-            digest = hashlib.sha256(stream.encode())
-            for event_type, payload, _ in payloads:
-                digest.update(b"\0" + event_type.encode() + b"\0" + payload)
-            fingerprint = digest.hexdigest()
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(
-            _Append(stream, payloads, expected, meta or Meta(), idempotency_key, fingerprint, future)
-        )
-        self._wakeup.set()
-        return await future
-
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                started = time.perf_counter()
-                try:
-                    outcomes = await loop.run_in_executor(self._writer_thread, self._commit_batch, batch)
-                except Exception as exc:  # the database itself failed: every append in it fails
-                    outcomes = [_Outcome.failed(exc)] * len(batch)
-                if self.on_batch is not None:
-                    with contextlib.suppress(Exception):  # an observer must never stop the writer
-                        self.on_batch(len(batch), time.perf_counter() - started)
-                committed: list[RecordedEvent] = []
-                for append, outcome in zip(batch, outcomes):
-                    if outcome.error is None:
-                        if outcome.fresh:
-                            committed.extend(outcome.events)
-                        if not append.future.done():
-                            append.future.set_result(outcome.events)
-                    elif not append.future.done():
-                        append.future.set_exception(_storage_error(outcome.error))
-                self._committed(committed)
-            if self._closed:
-                return
-
-    def _commit_batch(self, batch: list[_Append]) -> list[_Outcome]:
-        """Runs on the writer thread. Returns an outcome per append."""
-        try:
-            return self._commit(batch)
-        except _ProjectorFailed:
-            # Find the append the projector refuses; the others still commit, each on its own.
-            outcomes: list[_Outcome] = []
-            for append in batch:
-                try:
-                    outcomes.append(self._commit([append])[0])
-                except Exception as exc:  # this one alone failed; those before it are committed
-                    outcomes.append(_Outcome.failed(exc))
-            return outcomes
-
     def _commit(self, batch: list[_Append]) -> list[_Outcome]:
         conn = self._conn
         assert conn is not None
@@ -352,9 +212,8 @@ class SqliteLog(EventLog):
             if staged.keys:
                 conn.executemany("INSERT INTO idempotency VALUES (?,?,?,?)", staged.keys)
             if self.projector is not None and staged.rows:
-                fresh = [e for outcome in staged.outcomes if outcome.fresh for e in outcome.events]
                 try:
-                    self.projector(_Tx(conn), fresh)
+                    self.projector(_Tx(conn), staged.fresh())
                 except Exception as exc:
                     if len(batch) > 1:
                         raise _ProjectorFailed from exc
@@ -370,64 +229,13 @@ class SqliteLog(EventLog):
 
     def _stage(self, conn: sqlite3.Connection, batch: list[_Append]) -> _Staged:
         tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
-        position, previous = tail if tail else (0, GENESIS_HASH)
-        if position != self._versions_at:  # another process appended: what we knew may be stale
-            self._versions.clear()
-        versions: dict[str, int] = {}  # this batch's, merged into self._versions once committed
-        recorded_at = now_rfc3339()  # one group commit, one instant
-        recorded_at_json = _canonical.encode(recorded_at)
-        used_keys: dict[str, tuple[str, list[RecordedEvent]]] = {}
-        outcomes: list[_Outcome] = []
-        rows: list[tuple] = []
-        keys: list[tuple] = []
-        for append in batch:
-            if append.key is not None:
-                earlier = used_keys.get(append.key) or self._recorded_for_key(conn, append.key)
-                if earlier is not None:
-                    fingerprint, recorded = earlier
-                    if fingerprint == append.fingerprint:
-                        outcomes.append(_Outcome(recorded, fresh=False))
-                    else:
-                        outcomes.append(_Outcome.failed(IdempotencyConflict(append.key)))
-                    continue
-            version = versions.get(append.stream)
-            if version is None:
-                version = self._versions.get(append.stream)
-            if version is None:
-                version = conn.execute(
-                    "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (append.stream,)
-                ).fetchone()[0]
-            if append.expected is not None and append.expected != version:
-                outcomes.append(_Outcome.failed(WrongExpectedVersion(append.stream, append.expected, version)))
-                continue
-            recorded = []
-            stream_json = _canonical.encode(append.stream)
-            for event_type, payload, schema in append.payloads:
-                position += 1
-                version += 1
-                meta = _canonical.encode(msgspec.structs.replace(append.meta, schema=schema))
-                previous = link_hash(
-                    previous, meta, payload, position, recorded_at_json, stream_json, _type_json(event_type), version
-                )
-                rows.append((position, append.stream, version, event_type, payload, meta, recorded_at, previous))
-                recorded.append(RecordedEvent(
-                    position=position, stream=append.stream, version=version, type=event_type,
-                    payload=msgspec.Raw(payload), meta=msgspec.Raw(meta), recorded_at=recorded_at, hash=previous,
-                ))
-            versions[append.stream] = version
-            if append.key is not None and recorded:
-                used_keys[append.key] = (append.fingerprint, recorded)
-                keys.append((append.key, append.fingerprint, recorded[0].position, recorded[-1].position))
-            outcomes.append(_Outcome(recorded))
-        return _Staged(outcomes, rows, keys, versions, position)
-
-    def _remember(self, versions: dict[str, int], head: int) -> None:
-        """Stream versions as of `head`, so the next batch need not ask the database for them.
-        They are trusted only while the head is still ours: (stream, version) is UNIQUE anyway."""
-        if len(self._versions) + len(versions) > self.version_cache_size:
-            self._versions.clear()
-        self._versions.update(versions)
-        self._versions_at = head
+        return self._staged(
+            batch, *(tail or (0, GENESIS_HASH)),
+            stream_version=lambda stream: conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)
+            ).fetchone()[0],
+            recorded_for_key=lambda key: self._recorded_for_key(conn, key),
+        )
 
     @staticmethod
     def _recorded_for_key(conn: sqlite3.Connection, key: str):
@@ -594,6 +402,3 @@ class SqliteLog(EventLog):
         finally:
             await reader.close()
 
-
-class _ProjectorFailed(Exception):
-    pass

@@ -84,7 +84,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        log = open_log(str(settings.database), durable=settings.durable)
+        log = open_log(settings.log_url, durable=settings.durable)
         models = read_models(log)
         await log.open()
         metrics.attach(log)

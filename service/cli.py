@@ -27,7 +27,7 @@ def _env(name: str, default=None):
 
 def _data_dir(args, *, create: bool = False, **overrides) -> Settings:
     """The command's settings, once its data dir is fit to use."""
-    return _fit_data_dir(from_env(data_dir=args.data_dir, **overrides), create)
+    return _fit_data_dir(from_env(data_dir=args.data_dir, database_url=args.database_url, **overrides), create)
 
 
 def _fit_data_dir(settings: Settings, create: bool) -> Settings:
@@ -41,14 +41,14 @@ def _fit_data_dir(settings: Settings, create: bool) -> Settings:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as the log is
         except OSError as exc:
             raise _Failed(f"cannot create the data dir {path}: {exc.strerror}") from None
-    elif not settings.database.is_file():
+    elif not settings.database_url and not settings.database.is_file():
         raise _Failed(f"no log at {settings.database}; `serve` or `import` creates one")
     return settings
 
 
 async def _with_log(settings: Settings, work):
     """work(log, read models) on the data dir's log."""
-    log = open_log(str(settings.database), durable=settings.durable)
+    log = open_log(settings.log_url, durable=settings.durable)
     models = read_models(log)
     await log.open()
     try:
@@ -102,7 +102,8 @@ def serve(args) -> int:
 
     configure()
     settings = from_env(
-        data_dir=args.data_dir, host=args.host, port=args.port, local_desktop=args.local_desktop,
+        data_dir=args.data_dir, database_url=args.database_url, host=args.host, port=args.port,
+        local_desktop=args.local_desktop,
         no_local_desktop=args.no_local_desktop,
     )
     try:  # the address first: a busy port must not cost an admin key or an admin-token file
@@ -117,7 +118,8 @@ def serve(args) -> int:
 
     def ready() -> None:
         where = serving.url(settings.host, settings.port)
-        print(f"Mission Control is listening on {where} with its data in {Path(settings.data_dir).resolve()}",
+        data = f"its log in {settings.log_name}, " if settings.database_url else ""
+        print(f"Mission Control is listening on {where} with {data}its data in {Path(settings.data_dir).resolve()}",
               flush=True)
 
     # uvicorn stops gracefully on SIGTERM, then raises the signal again so that the process
@@ -263,7 +265,7 @@ def import_(args) -> int:
     async def work(log, progress):
         head = await log.read_head()
         if head:
-            raise _Failed(f"{settings.database} already holds {head} events; import needs an empty data dir")
+            raise _Failed(f"{settings.log_name} already holds {head} events; import needs an empty data dir")
         events = _recorded(source, progress)
         return await log.import_recorded(rechain.carry(events, "mission-control:cli") if rechain else events)
 
@@ -273,7 +275,7 @@ def import_(args) -> int:
     except ChainBroken as broken:
         print(f"mission-control: refused {source}, nothing imported: {broken}", file=sys.stderr)
         return 1
-    print(f"imported {head} events into {settings.database}")
+    print(f"imported {head} events into {settings.log_name}")
     if rechain and rechain.first_changed is not None:
         print(f"re-hashed in RFC 8785 form from position {rechain.first_changed} ({rechain.changed} events "
               f"re-encoded); the old head {rechain.old.position}:{rechain.old.previous} is recorded at "
@@ -337,8 +339,11 @@ def parser() -> argparse.ArgumentParser:
     def data_dir(sub):
         sub.add_argument("--data-dir", default=_env("data_dir"),
                          help=f"where the log lives (default ./var; env {env_name('data_dir')})")
+        sub.add_argument("--database", dest="database_url", metavar="URL", default=_env("database_url"),
+                         help="the log in PostgreSQL, postgresql://user@host:port/db, instead of the data dir's "
+                              f"SQLite file (env {env_name('database_url')})")
 
-    sub = command("serve", serve, "Run the service on the embedded SQLite log.",
+    sub = command("serve", serve, "Run the service on the embedded SQLite log, or on PostgreSQL (--database).",
                   "mission-control serve --host 127.0.0.1 --port 8000 --data-dir ./var")
     sub.add_argument("--host", default=_env("host"), help="address to listen on (default 127.0.0.1; env MC_HOST)")
     sub.add_argument("--port", type=int, default=_env("port"), help="port (default 8000; env MC_PORT)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,9 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 class Settings(msgspec.Struct, kw_only=True):
     data_dir: str = "./var"
+    database_url: str = ""
+    """The log's database (`--database`, MC_DATABASE_URL): `postgresql://user@host:port/db`;
+    empty, the embedded SQLite file in the data dir."""
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     max_header_bytes: Positive = 64 * 1024
@@ -57,10 +61,25 @@ class Settings(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         outbound.allowed(self.webhook_allow)  # a ValueError that says which item is wrong
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"the database URL {self.database_url!r} is not postgresql://user@host:port/db")
 
     @property
     def database(self) -> Path:
+        """The embedded SQLite file (when no database_url is set)."""
         return Path(self.data_dir) / "mission-control.db"
+
+    @property
+    def log_url(self) -> str:
+        """What `events.open_log` opens: the database URL, or the SQLite file."""
+        return self.database_url or str(self.database)
+
+    @property
+    def log_name(self) -> str:
+        """The log as messages name it: the database URL without its password, or the file."""
+        if not self.database_url:
+            return str(self.database)
+        return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1@", self.database_url)
 
 
 def env_name(field: str) -> str:

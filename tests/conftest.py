@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +34,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # --- event logs ----------------------------------------------------------------
 #
-# `log_factory` runs a test once per backend. A backend is two functions: one that names
-# fresh, empty storage for a test, and one that opens a log on it. To add PostgreSQL, add
-# its pair to LOG_BACKENDS (e.g. a fresh schema per storage, dropped by the opener's log):
-# the log's contract suite and the read models' (read_models(log) picks the backend's) run on it.
+# `log_factory` runs a test once per backend. A backend is three functions: one that names
+# fresh, empty storage for a test, one that opens a log on it, and one that removes the storage
+# once the test's logs are closed. The log's contract suite and the read models' (read_models(log)
+# picks the backend's) run on each backend in LOG_BACKENDS.
 
 
 def _sqlite_storage(tmp_path: Path, n: int) -> str:
@@ -49,8 +52,73 @@ async def _sqlite_open(storage: str, **options) -> EventLog:
     return log
 
 
-LOG_BACKENDS: dict[str, tuple[Callable[[Path, int], str], Callable[..., Awaitable[EventLog]]]] = {
-    "sqlite": (_sqlite_storage, _sqlite_open),
+# PostgreSQL as the project's machines run it (issue 15): trust authentication, user postgres, and
+# a database `test` to connect to. Each storage is a database of its own, named uniquely, so tests
+# running in parallel (pytest-xdist) never meet.
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
+
+
+def _postgres_admin():
+    import psycopg
+
+    return psycopg.connect(f"{POSTGRES_SERVER}/test", autocommit=True, connect_timeout=5)
+
+
+@functools.cache
+def postgres_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None when it can."""
+    try:
+        _postgres_admin().close()
+    except Exception as exc:  # noqa: BLE001 - any reason at all is reported, in the sentence
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        return f"PostgreSQL is not reachable at {POSTGRES_SERVER}/test ({why})"
+    return None
+
+
+def require_postgres() -> None:
+    """Skip the test when PostgreSQL is unreachable, or fail it when MC_REQUIRE_POSTGRES=1 (CI)."""
+    reason = postgres_unreachable()
+    if reason is None:
+        return
+    if os.environ.get("MC_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason}, and MC_REQUIRE_POSTGRES=1 requires it")
+    pytest.skip(f"{reason}: the PostgreSQL tests are skipped")
+
+
+def _postgres_storage(tmp_path: Path, n: int) -> str:
+    name = f"mc_test_{uuid.uuid4().hex}"
+    with _postgres_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{POSTGRES_SERVER}/{name}"
+
+
+async def _postgres_open(storage: str, **options) -> EventLog:
+    from events.postgres import PostgresLog
+
+    log = PostgresLog(storage, **options)
+    await log.open()
+    return log
+
+
+def _postgres_drop(storage: str) -> None:
+    with _postgres_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{storage.rpartition("/")[2]}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database(tmp_path) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    require_postgres()
+    url = _postgres_storage(tmp_path, 0)
+    try:
+        yield url
+    finally:
+        _postgres_drop(url)
+
+
+LOG_BACKENDS: dict[str, tuple[Callable[[Path, int], str], Callable[..., Awaitable[EventLog]], Callable[[str], None]]] = {
+    "sqlite": (_sqlite_storage, _sqlite_open, lambda storage: None),  # tmp_path goes by itself
+    "postgres": (_postgres_storage, _postgres_open, _postgres_drop),
 }
 
 
@@ -59,12 +127,15 @@ class LogFactory:
 
     def __init__(self, backend: str, tmp_path: Path):
         self.backend = backend
-        self._storage, self._open = LOG_BACKENDS[backend]
+        self._storage, self._open, self._drop = LOG_BACKENDS[backend]
         self._tmp_path = tmp_path
         self._logs: list[tuple[EventLog, str]] = []
+        self._made: list[str] = []
 
     async def __call__(self, **options) -> EventLog:
-        return await self._opened(self._storage(self._tmp_path, len(self._logs)), options)
+        storage = self._storage(self._tmp_path, len(self._made))
+        self._made.append(storage)
+        return await self._opened(storage, options)
 
     async def reopen(self, log: EventLog, **options) -> EventLog:
         """Another log on the same storage as `log` (which may be closed or still open)."""
@@ -77,12 +148,18 @@ class LogFactory:
         return log
 
     async def close(self) -> None:
-        for log, _ in reversed(self._logs):
-            await log.close()
+        try:
+            for log, _ in reversed(self._logs):
+                await log.close()
+        finally:
+            for storage in self._made:
+                self._drop(storage)
 
 
 @pytest.fixture(params=sorted(LOG_BACKENDS))
 async def log_factory(request, tmp_path) -> AsyncIterator[LogFactory]:
+    if request.param == "postgres":
+        require_postgres()
     factory = LogFactory(request.param, tmp_path)
     try:
         yield factory

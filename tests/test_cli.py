@@ -3,6 +3,7 @@ subprocess, on real data dirs (issue 12, items 15, 16 and 18)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,30 @@ def test_revoking_a_revoked_key_says_so_and_fails(data_dir):
     stderr = one_sentence(run("token", "revoke", key, "--data-dir", str(data_dir)))
     assert f"key {key} was already revoked" in stderr
     assert events_in(data_dir) == 20
+
+
+# --- issue 15: the log in PostgreSQL ------------------------------------------------------------
+
+
+def test_every_log_command_works_on_a_postgresql_database(tmp_path, postgres_database):
+    url = postgres_database
+    imported = run("import", str(FIXTURE), "--database", url, "--data-dir", str(tmp_path / "data"))
+    assert imported.stdout == f"imported 19 events into {url}\n", imported.stderr
+    created = run("token", "create", "--user", "alice", "--scopes", "task:read", "--database", url)
+    assert created.returncode == 0, created.stderr
+    listed = subprocess.run([COMMAND, "token", "list"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "MC_DATABASE_URL": url})  # the environment variable alike
+    assert "alice" in listed.stdout, listed.stderr
+    assert run("verify", "--database", url).stdout == "ok: 21 events, head 21\n"
+    exported = run("export", "--database", url).stdout.splitlines()
+    assert exported[:19] == FIXTURE.read_text().splitlines() and len(exported) == 21  # a default project, the key
+    assert run("rebuild", "--database", url).stdout == "rebuilt every read model from 21 events\n"
+    again = one_sentence(run("import", str(FIXTURE), "--database", url))
+    assert f"{url} already holds 21 events" in again
+    assert run("verify", "--database", url).stdout == "ok: 21 events, head 21\n"  # nothing of it imported
+
+
+def test_a_database_url_that_is_not_postgresql_or_not_reachable_is_one_sentence(tmp_path):
+    assert "is not postgresql://" in one_sentence(run("verify", "--database", "mysql://root@localhost/db"))
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    assert "the log cannot be read" in one_sentence(run("verify", "--database", unreachable))

@@ -200,6 +200,11 @@ async def test_idempotent_append_returns_the_first_answer(log_factory):
     assert recorded == first and isinstance(fingerprint, str)
     assert await log.idempotent("unused") is None
 
+    # Any text is a key: the service joins a key's parts with NUL.
+    joined = await log.append("task-c", [created("c")], idempotency_key="user\x00k1")
+    assert await log.append("task-c", [created("c")], idempotency_key="user\x00k1") == joined
+    assert (await log.idempotent("user\x00k1"))[1] == joined and await log.idempotent("user") is None
+
 
 @pytest.mark.parametrize("stream, changed", [
     ("task-a", [created("a"), output(2, "a")]),  # another payload
@@ -441,6 +446,26 @@ async def test_tail_sees_another_writer_on_the_same_storage(log_factory):
     mine = await reader.append("task-b", [created("b")])
     assert mine[0].position == 22
     assert audit(await everything(writer)) == 22
+
+
+async def test_a_tailer_sees_every_position_once_in_order_while_two_logs_append(log_factory):
+    """Two logs on one storage (two processes, or two nodes) appending at once: positions stay
+    gapless, one chain, and a third log's tail never sees a position before an earlier one."""
+    first = await log_factory()
+    second = await log_factory.reopen(first)
+    reader = await log_factory.reopen(first)
+    writers, appends = 8, 25
+    total = 2 * writers * appends
+    tail = asyncio.create_task(tail_until(reader, 0, lambda e: e.position >= total))
+
+    async def write(log: EventLog, n: int) -> None:
+        for i in range(appends):
+            await log.append(f"task-{n}", [output(i, str(n))])
+
+    await asyncio.gather(*(write(log, n) for n, log in enumerate([first, second] * writers)))
+    got = await asyncio.wait_for(tail, 30)
+    assert positions(got) == list(range(1, total + 1))
+    assert got == await everything(second) and audit(got) == total
 
 
 # --- the hash chain ------------------------------------------------------------------------

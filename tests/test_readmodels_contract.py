@@ -61,6 +61,14 @@ async def test_a_task_by_id_with_its_watchers_and_as_it_stood(models):
     assert await models.watchers([]) == {}
 
 
+async def test_a_task_with_nul_in_its_text_is_kept_whole_and_found(models):
+    a, p = uid(), uid()
+    await append(models, f"task-{a}", created(a, p, title="a\x00b", content="x\x00y"))
+    task = await models.task(a)
+    assert (task.title, task.content) == ("a\x00b", "x\x00y")
+    assert [x.id for x in (await models.tasks(search="x"))[0]] == [a]
+
+
 async def test_tasks_by_filter_newest_first_with_the_total(models):
     p1, p2 = uid(), uid()
     ids = [uid() for _ in range(6)]

@@ -159,6 +159,8 @@ class Commands:
             else:  # unknown, or removed: its stream (if any) goes on from its last event
                 last = await self.log.last_event(stream)
                 expected = last.version if last else 0
+                if await self.models.desktop(desktop_id) is not None:
+                    continue  # registered between the two reads: `expected` is not the version `state` is at
             events = decide_desktop(desktop_id, state, command)
             if not events:
                 return state, []

@@ -1,0 +1,486 @@
+"""The PostgreSQL backend of the log: one database that any number of processes append to.
+
+Positions are gapless and in commit order: every append transaction first locks the one row
+of `head` (`SELECT ... FOR UPDATE`), which holds the last position and hash, numbers and
+chains its events from it and moves it before committing. So transactions that append
+commit one after another, and a reader that sees position n sees every position before it.
+A sequence would not do: a later number can commit before an earlier one.
+
+Writes go through one writer thread with a psycopg connection, committing whatever appends
+are waiting as one transaction (group commit, events/groupcommit.py); the projector runs in it
+with this backend's handle, as on SQLite. Reads run on a few reader threads, each with its own
+autocommit connection: a read is executed and fetched in one call there, so a caller cancelled
+half-way leaves no connection mid-statement. Commits by other processes reach this one's tails
+by LISTEN/NOTIFY on a connection of its own, with polling as the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+
+from events.envelope import GENESIS_HASH, RecordedEvent
+from events.groupcommit import COLUMNS, GroupCommitLog, _Append, _Outcome, _ProjectorFailed, _Staged, row_event
+from events.log import LogClosed, Page, Projector, StorageError, TypeFilter
+from events.verify import Chain
+
+T = TypeVar("T")
+logger = logging.getLogger("mission_control.log")
+
+CHANNEL = "mission_control_log"
+"""Notified by every append transaction, at its commit."""
+
+SCHEMA_VERSION = 1
+"""The version of the tables below (and the read models'), kept in the table `mission_control`:
+a node refuses a database whose schema is newer than the one it knows."""
+
+SCHEMA = [
+    """CREATE TABLE mission_control (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        schema_version INTEGER NOT NULL
+    )""",
+    f"INSERT INTO mission_control VALUES (1, {SCHEMA_VERSION})",
+    """CREATE TABLE events (
+        position BIGINT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        meta BYTEA NOT NULL,
+        recorded_at TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        UNIQUE (stream, version)
+    )""",
+    """CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS
+       $$ BEGIN RAISE EXCEPTION 'the event log is append-only'; END $$""",
+    """CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+       FOR EACH ROW EXECUTE FUNCTION events_append_only()""",
+    """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+       FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()""",
+    # The chain's tail, locked by every transaction that appends.
+    """CREATE TABLE head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        position BIGINT NOT NULL,
+        hash TEXT NOT NULL
+    )""",
+    f"INSERT INTO head VALUES (1, 0, '{GENESIS_HASH}')",
+    # Keys as bytes: the service joins their parts with NUL, which PostgreSQL's text cannot hold.
+    """CREATE TABLE idempotency (
+        key BYTEA PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        first_position BIGINT NOT NULL,
+        last_position BIGINT NOT NULL
+    )""",
+]
+
+_INSERT = f"INSERT INTO events ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+_IDLE = pq.TransactionStatus.IDLE
+
+
+class _Tx:
+    """The Transaction a projector sees: the writer's connection inside the append's
+    transaction. The PostgreSQL read models (projections/postgres.py) write through `execute`
+    and `executemany`."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        cursor = self._conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            with self._conn.cursor() as cursor:
+                cursor.executemany(sql, rows)
+
+    def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
+        rows = self._conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > %s AND position <= %s ORDER BY position LIMIT %s",
+            (after, until, limit),
+        ).fetchall()
+        return [row_event(r) for r in rows]
+
+
+def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
+    sql, params = [], []
+    if streams is not None:  # [] matches nothing
+        sql.append("stream = ANY(%s)")
+        params.append(list(streams))
+    if types is not None:
+        alternatives = []
+        if types.exact:
+            alternatives.append("type = ANY(%s)")
+            params.append(sorted(types.exact))
+        for prefix in types.prefixes:
+            alternatives.append("starts_with(type, %s)")
+            params.append(prefix)
+        sql.append("(" + (" OR ".join(alternatives) or "FALSE") + ")")
+    return "".join(f" AND {s}" for s in sql), params
+
+
+def _storage_error(error: BaseException) -> BaseException:
+    """psycopg's errors as the log's StorageError (the original its cause); the log's own
+    errors, and a projector's, as they are."""
+    if isinstance(error, psycopg.Error):
+        translated = StorageError(" ".join(str(error).split()) or type(error).__name__)  # one line
+        translated.__cause__ = error
+        return translated
+    return error
+
+
+@contextlib.contextmanager
+def _translated():
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _storage_error(exc) from exc
+
+
+def _key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _in_transaction(conn: psycopg.Connection) -> bool:
+    """Whether a ROLLBACK is owed (never on a connection that broke: there is nothing to roll back)."""
+    return not conn.closed and not conn.broken and conn.info.transaction_status != _IDLE
+
+
+def open_log(url: str, **options) -> PostgresLog:
+    """`postgresql://user@host:port/database` (or `postgres://...`)."""
+    return PostgresLog(url, **options)
+
+
+class PostgresLog(GroupCommitLog):
+    backend = "postgres"
+    _storage_error = staticmethod(_storage_error)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        projector: Projector | None = None,
+        durable: bool = True,
+        readers: int = 2,
+        poll_interval: float = 0.2,
+        max_batch: int = 2000,
+    ):
+        super().__init__(projector=projector, max_batch=max_batch)
+        self.url = url
+        self.durable = durable
+        self.poll_interval = poll_interval
+        self._reader_threads = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="mc-log-reader")
+        self._reader_local = threading.local()
+        self._reader_conns: list[psycopg.Connection] = []
+        self._conn: psycopg.Connection | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        with _translated():
+            await loop.run_in_executor(self._writer_thread, self._open_writer)
+        self._head = await self.read_head()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="mc-log-writer"),
+            asyncio.create_task(self._watch_other_writers(), name="mc-log-watch"),
+        ]
+
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True, application_name="mission-control")
+
+    def _open_writer(self) -> None:
+        conn = self._connect()
+        try:
+            if not self.durable:  # a crash may lose the last commits, never corrupt the log
+                conn.execute("SET synchronous_commit = off")
+            with conn.transaction():
+                self._prepare_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _prepare_schema(self, conn: psycopg.Connection) -> None:
+        """Create the log's tables in an empty database; in one that holds them, check that
+        this code knows their version. A database holding anything else is refused, untouched."""
+        # One process at a time: nodes starting together on an empty database create it once.
+        conn.execute("SELECT pg_advisory_xact_lock(7262795041)")
+        if conn.execute("SELECT to_regclass('mission_control')").fetchone()[0] is None:
+            tables = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+            ).fetchone()[0]
+            if tables:
+                raise StorageError(
+                    f"the database {conn.info.dbname} holds {tables} tables that are not a Mission Control log; "
+                    "give Mission Control an empty database of its own"
+                )
+            for statement in SCHEMA:
+                conn.execute(statement)
+            return
+        (version,) = conn.execute("SELECT schema_version FROM mission_control").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database {conn.info.dbname} has schema version {version}, newer than this Mission Control "
+                f"knows ({SCHEMA_VERSION}): run a newer release on it"
+            )
+
+    def _writer(self) -> psycopg.Connection:
+        """The writer's connection, made again if the last one broke (the server restarted)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._open_writer()
+        assert self._conn is not None
+        return self._conn
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        for task in self._tasks:
+            if task.get_name() == "mc-log-writer":
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # drains what was accepted before closing
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        loop = asyncio.get_running_loop()
+        self._reader_threads.shutdown(wait=True)
+        for conn in self._reader_conns:
+            conn.close()
+        if self._conn is not None:
+            await loop.run_in_executor(self._writer_thread, self._conn.close)
+        self._writer_thread.shutdown(wait=True)
+
+    # --- appends -----------------------------------------------------------------
+
+    def _commit(self, batch: list[_Append]) -> list[_Outcome]:
+        conn = self._writer()
+        conn.execute("BEGIN")
+        try:
+            staged = self._stage(conn, batch)
+            if staged.rows:
+                with conn.cursor() as cursor:
+                    cursor.executemany(_INSERT, staged.rows)
+                conn.execute("UPDATE head SET position = %s, hash = %s WHERE id = 1", (staged.head, staged.hash))
+                conn.execute(f"NOTIFY {CHANNEL}")
+            if staged.keys:
+                with conn.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO idempotency VALUES (%s, %s, %s, %s)",
+                        [(_key(key), *rest) for key, *rest in staged.keys],
+                    )
+            if self.projector is not None and staged.rows:
+                try:
+                    self.projector(_Tx(conn), staged.fresh())
+                except Exception as exc:
+                    if len(batch) > 1:
+                        raise _ProjectorFailed from exc
+                    conn.execute("ROLLBACK")
+                    return [_Outcome.failed(exc)]
+            conn.execute("COMMIT")
+            self._remember(staged.versions, staged.head)
+            return staged.outcomes
+        except BaseException:
+            if _in_transaction(conn):
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _lock_head(conn: psycopg.Connection) -> tuple[int, str]:
+        """The chain's tail, locked until the transaction ends: appends commit one at a time."""
+        row = conn.execute("SELECT position, hash FROM head WHERE id = 1 FOR UPDATE").fetchone()
+        if row is None:
+            raise StorageError("the database's log has no head row: it is not a Mission Control log")
+        return row
+
+    def _stage(self, conn: psycopg.Connection, batch: list[_Append]) -> _Staged:
+        return self._staged(
+            batch, *self._lock_head(conn),
+            stream_version=lambda stream: self._stream_version(conn, stream),
+            recorded_for_key=lambda key: self._recorded_for_key(conn, key),
+        )
+
+    @staticmethod
+    def _stream_version(conn: psycopg.Connection, stream: str) -> int:
+        row = conn.execute(
+            "SELECT version FROM events WHERE stream = %s ORDER BY version DESC LIMIT 1", (stream,)
+        ).fetchone()
+        return row[0] if row else 0
+
+    @staticmethod
+    def _recorded_for_key(conn: psycopg.Connection, key: str):
+        found = conn.execute(
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (_key(key),)
+        ).fetchone()
+        if found is None:
+            return None
+        rows = conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position BETWEEN %s AND %s ORDER BY position", found[1:]
+        ).fetchall()
+        return found[0], [row_event(r) for r in rows]
+
+    async def import_recorded(self, events: Iterable[RecordedEvent]) -> int:
+        if self._closed:
+            raise LogClosed("the log is closed")
+        loop = asyncio.get_running_loop()
+        with _translated():
+            self._committed(await loop.run_in_executor(self._writer_thread, self._import, events))
+        return self._head
+
+    def _import(self, events: Iterable[RecordedEvent], chunk: int = 5000) -> list[RecordedEvent]:
+        """Runs on the writer thread, in one transaction: a broken event leaves nothing behind.
+        Returns the last chunk written, for the tail."""
+        conn = self._writer()
+        conn.execute("BEGIN")
+        try:
+            chain = Chain(*self._lock_head(conn), version_of=lambda stream: self._stream_version(conn, stream))
+            batch: list[RecordedEvent] = []
+            written: list[RecordedEvent] = []
+            for event in events:
+                chain.extend(event)
+                batch.append(event)
+                if len(batch) == chunk:
+                    self._write_recorded(conn, batch)
+                    written, batch = batch, []
+            if batch:
+                self._write_recorded(conn, batch)
+                written = batch
+            if written:
+                conn.execute(
+                    "UPDATE head SET position = %s, hash = %s WHERE id = 1", (written[-1].position, written[-1].hash)
+                )
+                conn.execute(f"NOTIFY {CHANNEL}")
+            conn.execute("COMMIT")
+            return written
+        except BaseException:
+            if _in_transaction(conn):
+                conn.execute("ROLLBACK")
+            raise
+
+    def _write_recorded(self, conn: psycopg.Connection, batch: list[RecordedEvent]) -> None:
+        with conn.cursor() as cursor:
+            cursor.executemany(_INSERT, [
+                (e.position, e.stream, e.version, e.type, bytes(e.payload), bytes(e.meta), e.recorded_at, e.hash)
+                for e in batch
+            ])
+        if self.projector is not None:
+            self.projector(_Tx(conn), batch)
+
+    async def transact(self, fn: Callable[[_Tx], T]) -> T:
+        """Run fn in a write transaction of its own, serialised with appends everywhere: it
+        holds the head's lock (the PostgreSQL read models create, refold and rebuild so)."""
+
+        def run() -> T:
+            conn = self._writer()
+            conn.execute("BEGIN")
+            try:
+                self._lock_head(conn)
+                result = fn(_Tx(conn))
+                conn.execute("COMMIT")
+            except BaseException:
+                if _in_transaction(conn):
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        with _translated():
+            return await asyncio.get_running_loop().run_in_executor(self._writer_thread, run)
+
+    # --- reads -----------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        """On a reader thread, with that thread's connection (made again if it broke)."""
+        conn = getattr(self._reader_local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._connect()
+            self._reader_local.conn = conn
+            self._reader_conns.append(conn)
+        return conn.execute(sql, params).fetchall()
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """A read of the tables kept beside the log (projections/postgres.py's read models)."""
+        with _translated():
+            return await asyncio.get_running_loop().run_in_executor(self._reader_threads, self._read, sql, params)
+
+    async def read_head(self) -> int:
+        rows = await self.query("SELECT position FROM head WHERE id = 1")
+        if not rows:
+            raise StorageError("the database's log has no head row: it is not a Mission Control log")
+        return rows[0][0]
+
+    async def read_all(self, after=0, limit=500, *, streams=None, types=None, until=None) -> Page:
+        if until is None:
+            until = await self.read_head()
+        where, params = _filters(streams, types)
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE position > %s AND position <= %s{where} "
+            "ORDER BY position LIMIT %s",
+            [after, until, *params, limit],
+        )
+        events = [row_event(r) for r in rows]
+        return Page(events, events[-1].position if len(events) == limit else max(after, until))
+
+    async def read_stream(self, stream, after_version=0, *, types=None, until_position=None, limit=None):
+        where, params = _filters(None, types)
+        if until_position is not None:
+            where += " AND position <= %s"
+            params.append(until_position)
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE stream = %s AND version > %s{where} ORDER BY version LIMIT %s",
+            [stream, after_version, *params, limit],
+        )
+        return [row_event(r) for r in rows]
+
+    async def last_event(self, stream: str) -> RecordedEvent | None:
+        rows = await self.query(
+            f"SELECT {COLUMNS} FROM events WHERE stream = %s ORDER BY version DESC LIMIT 1", (stream,)
+        )
+        return row_event(rows[0]) if rows else None
+
+    async def idempotent(self, key: str):
+        rows = await self.query(
+            "SELECT fingerprint, first_position, last_position FROM idempotency WHERE key = %s", (_key(key),)
+        )
+        if not rows:
+            return None
+        fingerprint, first, last = rows[0]
+        page = await self.read_all(first - 1, last - first + 1, until=last)
+        return fingerprint, page.events
+
+    async def _watch_other_writers(self) -> None:
+        """Other processes' commits reach this one's tails: woken by NOTIFY on a connection of
+        its own, and looking every `poll_interval` anyway (a notification lost with a broken
+        connection, or a commit made before LISTEN)."""
+        listener: psycopg.AsyncConnection | None = None
+        try:
+            while True:
+                try:
+                    if listener is None or listener.closed or listener.broken:
+                        listener = await psycopg.AsyncConnection.connect(
+                            self.url, autocommit=True, application_name="mission-control-listen"
+                        )
+                        await listener.execute(f"LISTEN {CHANNEL}")
+                    async for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
+                        pass
+                    head = await self.read_head()
+                    while self._head < head:
+                        page = await self.read_all(self._head, self.recent_capacity, until=head)
+                        self._committed(page.events)
+                except Exception:  # the server away for a moment: look again, never stop watching
+                    logger.warning("could not follow the log's head; retrying", exc_info=True)
+                    await asyncio.sleep(self.poll_interval)
+        finally:
+            if listener is not None:
+                await listener.close()

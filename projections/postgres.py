@@ -1,0 +1,222 @@
+"""The read models in PostgreSQL tables beside the log's own (events/postgres.py), in the same database.
+
+A table a Model, keyed by id: its columns to query by, and the state as JSON. They are written
+through the log's append transaction (which holds the head's lock), and read on its readers.
+Text is compared byte by byte (COLLATE "C"), so everything sorts as on SQLite whatever the
+database's locale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from events import now_rfc3339
+from events.postgres import PostgresLog
+from projections.agents import Agent
+from projections.apikeys import ApiKey
+from projections.approvals import Approval
+from projections.desktops import Desktop
+from projections.lifecycle import ACTIVE, STATUSES
+from projections.projects import Project
+from projections.readmodels import Counters, ReadModels
+from projections.store import APIKEYS, COUNTER_TABLES, MODELS, Changes, Model
+from projections.tasks import Task, TaskState
+
+T = TypeVar("T")
+
+_decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
+_RUNNING = [f"tasks.{s}" for s in sorted(ACTIVE)]
+_ACTIVE = sorted(ACTIVE)
+_INTEGER_COLUMNS = {"archived", "created_position"}
+"""The models' columns that hold numbers; the others hold text."""
+
+
+def _text(value: Any) -> Any:
+    """Text as a column or a parameter holds it: PostgreSQL's text cannot hold NUL, which a task's
+    title or content may (the state itself is kept as bytes, whole); it becomes U+FFFD, in the
+    columns and in what is searched for alike."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _column_type(name: str) -> str:
+    return "BIGINT" if name in _INTEGER_COLUMNS else 'TEXT COLLATE "C"'
+
+
+def _ddl() -> list[str]:
+    statements = [
+        'CREATE TABLE IF NOT EXISTS counters (name TEXT COLLATE "C" PRIMARY KEY, value BIGINT NOT NULL)',
+        "CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), position BIGINT NOT NULL)",
+        "INSERT INTO checkpoint VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    ]
+    for m in MODELS:
+        columns = "".join(f", {c} {_column_type(c)}" for c in m.columns)
+        statements.append(
+            f'CREATE TABLE IF NOT EXISTS {m.table} (id TEXT COLLATE "C" PRIMARY KEY{columns}, state BYTEA NOT NULL)'
+        )
+        statements += [
+            f"CREATE INDEX IF NOT EXISTS {m.table}_{i} ON {m.table} ({cols})" for i, cols in enumerate(m.indexes)
+        ]
+    return statements
+
+
+def _upsert(model: Model) -> str:
+    names = ", ".join(model.columns)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in (*model.columns, "state"))
+    marks = ", ".join(["%s"] * (len(model.columns) + 2))
+    return f"INSERT INTO {model.table} (id, {names}, state) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+
+
+_UPSERTS = {m.table: _upsert(m) for m in MODELS}
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def read_models(log: PostgresLog) -> PostgresReadModels:
+    return PostgresReadModels(log)
+
+
+class PostgresReadModels(ReadModels):
+    log: PostgresLog
+
+    # --- keeping them -------------------------------------------------------------------
+
+    async def _transact(self, fn: Callable[[Any], T]) -> T:
+        return await self.log.transact(fn)
+
+    def _create(self, tx) -> None:
+        for statement in _ddl():
+            tx.execute(statement)
+
+    def _drop(self, tx) -> None:
+        for name in (*COUNTER_TABLES, *(m.table for m in MODELS)):
+            tx.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def _checkpoint(self, tx) -> int:
+        return tx.execute("SELECT position FROM checkpoint")[0][0]
+
+    def _load(self, tx, model: Model, key: str) -> bytes | None:
+        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
+        return bytes(rows[0][0]) if rows else None
+
+    def _save(self, tx, changes: Changes) -> None:
+        for model in MODELS:
+            tx.executemany(_UPSERTS[model.table], [tuple(map(_text, row)) for row in changes.rows(model)])
+            tx.executemany(f"DELETE FROM {model.table} WHERE id = %s", [(_text(key),) for key in changes.removed(model)])
+        moved = changes.moved()
+        tx.executemany(
+            "INSERT INTO counters VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+            moved,
+        )
+        tx.executemany("DELETE FROM counters WHERE name = %s AND value = 0", [(name,) for name, _ in moved])
+        tx.execute("UPDATE checkpoint SET position = %s", (changes.position,))
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def _get(self, model: Model, key: str) -> Any:
+        rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
+        return _decoders[model.table].decode(rows[0][0]) if rows else None
+
+    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
+        where, params = ["TRUE"], []
+        if statuses:
+            where.append("status = ANY(%s)")
+            params.append(statuses)
+        for column, value in (("desktop_id", desktop_id), ("agent_id", agent_id)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(_text(value))
+        if project_ids is not None:
+            where.append("project_id = ANY(%s)")
+            params.append(project_ids)
+        if search:  # ILIKE: case-insensitive, as SQLite's LIKE
+            where.append("(title ILIKE %s ESCAPE '\\' OR content ILIKE %s ESCAPE '\\')")
+            params += [f"%{_escape_like(_text(search))}%"] * 2
+        if archived is not None:
+            where.append("archived = %s")
+            params.append(int(archived))
+        condition = " AND ".join(where)
+        total = (await self.log.query(f"SELECT COUNT(*) FROM tasks WHERE {condition}", params))[0][0]
+        rows = await self.log.query(
+            f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT %s OFFSET %s",
+            [*params, limit, offset],
+        )
+        return [_decoders["tasks"].decode(r[0]) for r in rows], total
+
+    async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
+        if not task_ids:
+            return {}
+        rows = await self.log.query(
+            "SELECT task_id, state FROM presence WHERE task_id = ANY(%s) AND expires_at > %s ORDER BY id",
+            [task_ids, now_rfc3339()],
+        )
+        found: dict[str, list[str]] = {}
+        for task_id, state in rows:
+            found.setdefault(task_id, []).append(_decoders["presence"].decode(state).device_id)
+        return found
+
+    async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
+        where, params = ["TRUE"], []
+        if status is not None:
+            where.append("a.status = %s")
+            params.append(status)
+        if projects is not None:
+            where.append("t.project_id = ANY(%s)")
+            params.append(projects)
+        rows = await self.log.query(
+            "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
+            f"WHERE {' AND '.join(where)} ORDER BY a.created_position", params,
+        )
+        return [(_decoders["approvals"].decode(a), _decoders["tasks"].decode(t)) for a, t in rows]
+
+    async def agents(self) -> list[Agent]:
+        rows = await self.log.query("SELECT state FROM agents ORDER BY created_at, id")
+        return [_decoders["agents"].decode(r[0]) for r in rows]
+
+    async def projects(self) -> list[Project]:
+        rows = await self.log.query("SELECT state FROM projects ORDER BY created_at, id")
+        return [_decoders["projects"].decode(r[0]) for r in rows]
+
+    async def api_key_by_hash(self, token_hash: str) -> ApiKey | None:
+        rows = await self.log.query(f"SELECT state FROM {APIKEYS.table} WHERE token_hash = %s", (token_hash,))
+        return _decoders["apikeys"].decode(rows[0][0]) if rows else None
+
+    async def api_keys(self) -> list[ApiKey]:
+        # The apikeys table has no created_at column; keys are few, so they are sorted here.
+        rows = await self.log.query("SELECT state FROM apikeys")
+        return sorted((_decoders["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
+
+    async def counters(self) -> Counters:
+        rows = dict(await self.log.query("SELECT name, value FROM counters"))
+        position = (await self.log.query("SELECT position FROM checkpoint"))[0][0]
+        return Counters(
+            tasks={s: rows.get(f"tasks.{s}", 0) for s in STATUSES},
+            active_desktops=rows.get("desktops.online", 0),
+            active_agents=rows.get("agents.active", 0),
+            approvals_pending=rows.get("approvals.pending", 0),
+            streams=rows.get("log.streams", 0),
+            checkpoint=position,
+        )
+
+    async def running_count(self) -> int:
+        rows = await self.log.query(
+            "SELECT COALESCE(SUM(value), 0)::BIGINT FROM counters WHERE name = ANY(%s)", [_RUNNING]
+        )
+        return rows[0][0]
+
+    async def desktops(self) -> list[Desktop]:
+        rows = await self.log.query("SELECT state FROM desktops ORDER BY id")
+        return [_decoders["desktops"].decode(r[0]) for r in rows]
+
+    async def active_runs(self, desktop_id: str | None = None) -> list[TaskState]:
+        # Tasks holding a run slot are at most the concurrency limit: the status index finds them.
+        rows = await self.log.query("SELECT state FROM tasks WHERE status = ANY(%s)", [_ACTIVE])
+        found = [_decoders["tasks"].decode(r[0]) for r in rows]
+        if desktop_id is not None:
+            found = [task for task in found if task.run_desktop_id == desktop_id]
+        return sorted(found, key=lambda task: task.placed_position)
