@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 WEBHOOKS = "webhooks"
+SETTINGS = "settings"
+"""The settings every node of one log must share (settings.recorded)."""
 
 
 def task(task_id: str) -> str:
@@ -42,6 +44,6 @@ class Name(NamedTuple):
 
 
 def parse(stream: str) -> Name:
-    """The kind and id a stream name was built from (`webhooks` has kind `webhooks` and no id)."""
+    """The kind and id a stream name was built from (`webhooks` and `settings` have no id)."""
     kind, _, ident = stream.partition("-")
     return Name(kind, ident)

@@ -326,6 +326,15 @@ class WebhookAttempted(EventData):
 # The log's own history
 
 
+class SettingsRecorded(EventData):
+    """The settings that shape the contract, as the first node on this log ran with them (stream
+    `settings`): every later node must run with the same, or it refuses to start."""
+
+    event_type: ClassVar[str] = "settings.recorded"
+    max_concurrent: int
+    lease_seconds: float
+
+
 class LogRechained(EventData):
     """`import --rechain` carried a log hashed with code-point key order (before RFC 8785) forward:
     the old chain's head, so that an export or digest taken before stays traceable."""
@@ -348,6 +357,6 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         AgentRegistered, AgentUpdated, AgentPaused, AgentResumed,
         ProjectCreated, ProjectUpdated, ApiKeyIssued, ApiKeyRevoked, WebhookAttempted,
         DesktopRegistered, DesktopOnline, DesktopOffline, DesktopDraining, DesktopRemoved,
-        LogRechained,
+        SettingsRecorded, LogRechained,
     )
 }

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-from events import RecordedEvent, StorageError, open_log
+from events import IdempotencyConflict, Meta, RecordedEvent, StorageError, WrongExpectedVersion, open_log, streams
+from events import types as t
+from events.envelope import decode
 from events.verify import ChainBroken, Rechain, verify_chain
 from projections.readmodels import read_models
 from service.http import auth
@@ -78,13 +80,23 @@ def _progress(description: str, unit: str = "events") -> Iterator[Callable[[int,
 # --- serve ---------------------------------------------------------------------
 
 
+BOOTSTRAP_KEY = "mission-control:first-admin-key"
+"""The idempotency key of the first admin key: nodes starting together on an empty log all
+issue with it, the log takes the first and refuses the others (their tokens differ)."""
+
+
 async def first_admin_key(settings: Settings) -> str | None:
-    """On an empty log: issue an admin key, write it to a 0600 file, return it (once)."""
+    """On a log without keys: issue an admin key, write it to a 0600 file, return it (once, on
+    one node however many start together)."""
 
     async def work(log, models):
-        if await log.read_head() > 0 and await models.api_keys():
+        if await models.api_keys():
             return None
-        _, token = await auth.issue_key(log, models, "admin", ["admin"], actor="mission-control:serve")
+        try:
+            _, token = await auth.issue_key(log, models, "admin", ["admin"], actor="mission-control:serve",
+                                            idempotency_key=BOOTSTRAP_KEY)
+        except IdempotencyConflict:  # another node issued it first
+            return None
         path = Path(settings.data_dir) / ADMIN_TOKEN_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # a file left from an earlier data dir keeps its mode otherwise
@@ -93,6 +105,40 @@ async def first_admin_key(settings: Settings) -> str | None:
         return token
 
     return await _with_log(settings, work)
+
+
+CONTRACT_SETTINGS = ("max_concurrent", "lease_seconds")
+"""Settings every node of one log must share: they shape what the API promises (the limit on
+runs at once, how long a lease lasts), and nodes that differ would break it between them."""
+
+
+async def agree_settings(log, settings: Settings, accept: bool) -> None:
+    """Record this node's contract settings on a log that has none (of nodes starting together,
+    the first to append is kept); on a log that has others, refuse to serve (_Failed), or with
+    `accept` record this node's as the log's from now on."""
+    ours = t.SettingsRecorded(**{name: getattr(settings, name) for name in CONTRACT_SETTINGS})
+    while True:
+        recorded = await log.last_event(streams.SETTINGS)
+        theirs = None if recorded is None else decode(recorded)
+        differ = [] if theirs is None else [
+            (name, getattr(ours, name), getattr(theirs, name))
+            for name in CONTRACT_SETTINGS if getattr(ours, name) != getattr(theirs, name)
+        ]
+        if theirs is not None and not differ:
+            return
+        if differ and not accept:
+            raise _Failed(
+                ", and ".join(f"{name} ({env_name(name)}) is {mine:g} on this node but {other:g} in the log"
+                              for name, mine, other in differ)
+                + f" at {settings.log_name}: every node of one log runs with the same; to change it, stop every "
+                "node and start one with --accept-settings"
+            )
+        try:
+            await log.append(streams.SETTINGS, [ours], expected=0 if recorded is None else recorded.version,
+                             meta=Meta(actor="mission-control:serve"))
+            return
+        except WrongExpectedVersion:  # another node recorded its settings meanwhile: compare with those
+            continue
 
 
 def serve(args) -> int:
@@ -111,6 +157,7 @@ def serve(args) -> int:
     except serving.AddressInUse as exc:
         return _fail(str(exc))
     _fit_data_dir(settings, create=True)
+    asyncio.run(_with_log(settings, lambda log, _: agree_settings(log, settings, args.accept_settings)))
     token = asyncio.run(first_admin_key(settings))
     if token is not None:
         print(f"Issued the first admin key (also in {Path(settings.data_dir) / ADMIN_TOKEN_FILE}, mode 0600):")
@@ -351,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the name of this node's own desktop (default local; env MC_LOCAL_DESKTOP)")
     sub.add_argument("--no-local-desktop", action="store_true", default=None,
                      help="run nothing in this process: every run goes to a worker (env MC_NO_LOCAL_DESKTOP)")
+    sub.add_argument("--accept-settings", action="store_true",
+                     help="record this node's MC_MAX_CONCURRENT and MC_LEASE_SECONDS as the log's, where they differ "
+                          "(stop every other node first)")
     data_dir(sub)
 
     token = command("token", None, "Issue, list and revoke API keys.",

@@ -125,12 +125,13 @@ def is_desktop_name(name: str) -> bool:
 
 async def issue_key(
     log: EventLog, models: ReadModels, user: str, scopes: list[str], project: str | None = None,
-    actor: str | None = None, desktop: str | None = None,
+    actor: str | None = None, desktop: str | None = None, idempotency_key: str | None = None,
 ) -> tuple[str, str]:
     """Issue a key (and the user's default project, the first time); returns (key id, token).
     `project` (an id or a name) restricts the key to it and makes the user a member; `desktop`
-    names a `worker` key's desktop. Everything is checked before the first append: a refused key
-    appends nothing."""
+    names a `worker` key's desktop; with an `idempotency_key` another issue took already, it
+    raises IdempotencyConflict (the tokens differ) and issues nothing. Everything is checked
+    before the first append: a refused key appends nothing."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
@@ -153,7 +154,7 @@ async def issue_key(
         streams.apikey(key_id),
         [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token),
                         desktop_id=desktop)],
-        expected=0, meta=meta,
+        expected=0, meta=meta, idempotency_key=idempotency_key,
     )
     return key_id, token
 
