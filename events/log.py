@@ -65,6 +65,12 @@ class Page(NamedTuple):
     next: int
     """The position to pass as `after` for the next page."""
 
+    @classmethod
+    def read(cls, events: list[RecordedEvent], after: int, until: int, limit: int) -> Page:
+        """`events`, read after `after` up to `until` at most `limit` of them: a full page goes on
+        from its last event, a short one has reached `until`."""
+        return cls(events, events[-1].position if len(events) == limit else max(after, until))
+
 
 class TypeFilter:
     """`types` as API.md defines it: exact names, or prefixes ending in `.` or `*`."""

@@ -429,8 +429,7 @@ class PostgresLog(GroupCommitLog):
             "ORDER BY position LIMIT %s",
             [after, until, *params, limit],
         )
-        events = [row_event(r) for r in rows]
-        return Page(events, events[-1].position if len(events) == limit else max(after, until))
+        return Page.read([row_event(r) for r in rows], after, until, limit)
 
     async def read_stream(self, stream, after_version=0, *, types=None, until_position=None, limit=None):
         where, params = _filters(None, types)

@@ -24,6 +24,7 @@ from projections.approvals import Approval
 from projections.desktops import Desktop, Placement
 from projections.projects import Project
 from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
+from projections.lifecycle import STATUSES
 from projections.tasks import Task, TaskState, evolve
 
 T = TypeVar("T")
@@ -173,8 +174,20 @@ class ReadModels(ABC):
         """Oldest first (by created_at, then id)."""
 
     @abstractmethod
+    async def _counter_values(self) -> tuple[dict[str, int], int]:
+        """Every counter by name, and the checkpoint: two reads, whatever the size of the log."""
+
     async def counters(self) -> Counters:
-        """The overview's figures: a handful of reads, whatever the size of the log."""
+        """The overview's figures."""
+        values, checkpoint = await self._counter_values()
+        return Counters(
+            tasks={s: values.get(f"tasks.{s}", 0) for s in STATUSES},
+            active_desktops=values.get("desktops.online", 0),
+            active_agents=values.get("agents.active", 0),
+            approvals_pending=values.get("approvals.pending", 0),
+            streams=values.get("log.streams", 0),
+            checkpoint=checkpoint,
+        )
 
     @abstractmethod
     async def running_count(self) -> int:

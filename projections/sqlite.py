@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import msgspec
-
 from events import now_rfc3339
 from events.sqlite import SqliteLog
 from projections.agents import Agent
@@ -18,14 +16,13 @@ from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop
 from projections.projects import Project
-from projections.readmodels import Counters, ReadModels
-from projections.store import APIKEYS, COUNTER_TABLES, MODELS, Changes, Model
-from projections.lifecycle import ACTIVE, STATUSES
+from projections.readmodels import ReadModels
+from projections.store import APIKEYS, COUNTER_TABLES, DECODERS, MODELS, Changes, Model
+from projections.lifecycle import ACTIVE
 from projections.tasks import Task, TaskState
 
 T = TypeVar("T")
 
-_decoders = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 _RUNNING = tuple(f"tasks.{s}" for s in sorted(ACTIVE))
 
 
@@ -111,7 +108,7 @@ class SqliteReadModels(ReadModels):
 
     async def _get(self, model: Model, key: str) -> Any:
         rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
-        return _decoders[model.table].decode(rows[0][0]) if rows else None
+        return DECODERS[model.table].decode(rows[0][0]) if rows else None
 
     async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
         where, params = ["1"], []
@@ -137,7 +134,7 @@ class SqliteReadModels(ReadModels):
             f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
-        return [_decoders["tasks"].decode(r[0]) for r in rows], total
+        return [DECODERS["tasks"].decode(r[0]) for r in rows], total
 
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
         if not task_ids:
@@ -148,7 +145,7 @@ class SqliteReadModels(ReadModels):
         )
         found: dict[str, list[str]] = {}
         for task_id, state in rows:
-            found.setdefault(task_id, []).append(_decoders["presence"].decode(state).device_id)
+            found.setdefault(task_id, []).append(DECODERS["presence"].decode(state).device_id)
         return found
 
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
@@ -163,36 +160,28 @@ class SqliteReadModels(ReadModels):
             "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
             f"WHERE {' AND '.join(where)} ORDER BY a.created_position", params,
         )
-        return [(_decoders["approvals"].decode(a), _decoders["tasks"].decode(t)) for a, t in rows]
+        return [(DECODERS["approvals"].decode(a), DECODERS["tasks"].decode(t)) for a, t in rows]
 
     async def agents(self) -> list[Agent]:
         rows = await self.log.query("SELECT state FROM agents ORDER BY created_at, id")
-        return [_decoders["agents"].decode(r[0]) for r in rows]
+        return [DECODERS["agents"].decode(r[0]) for r in rows]
 
     async def projects(self) -> list[Project]:
         rows = await self.log.query("SELECT state FROM projects ORDER BY created_at, id")
-        return [_decoders["projects"].decode(r[0]) for r in rows]
+        return [DECODERS["projects"].decode(r[0]) for r in rows]
 
     async def api_key_by_hash(self, token_hash: str) -> ApiKey | None:
         rows = await self.log.query(f"SELECT state FROM {APIKEYS.table} WHERE token_hash = ?", (token_hash,))
-        return _decoders["apikeys"].decode(rows[0][0]) if rows else None
+        return DECODERS["apikeys"].decode(rows[0][0]) if rows else None
 
     async def api_keys(self) -> list[ApiKey]:
         # The apikeys table has no created_at column; keys are few, so they are sorted here.
         rows = await self.log.query("SELECT state FROM apikeys")
-        return sorted((_decoders["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
+        return sorted((DECODERS["apikeys"].decode(r[0]) for r in rows), key=lambda k: (k.created_at, k.id))
 
-    async def counters(self) -> Counters:
-        rows = dict(await self.log.query("SELECT name, value FROM counters"))
-        position = (await self.log.query("SELECT position FROM checkpoint"))[0][0]
-        return Counters(
-            tasks={s: rows.get(f"tasks.{s}", 0) for s in STATUSES},
-            active_desktops=rows.get("desktops.online", 0),
-            active_agents=rows.get("agents.active", 0),
-            approvals_pending=rows.get("approvals.pending", 0),
-            streams=rows.get("log.streams", 0),
-            checkpoint=position,
-        )
+    async def _counter_values(self) -> tuple[dict[str, int], int]:
+        values = dict(await self.log.query("SELECT name, value FROM counters"))
+        return values, (await self.log.query("SELECT position FROM checkpoint"))[0][0]
 
     async def running_count(self) -> int:
         rows = await self.log.query(_RUNNING_SQL, _RUNNING)
@@ -200,13 +189,13 @@ class SqliteReadModels(ReadModels):
 
     async def desktops(self) -> list[Desktop]:
         rows = await self.log.query("SELECT state FROM desktops ORDER BY id")
-        return [_decoders["desktops"].decode(r[0]) for r in rows]
+        return [DECODERS["desktops"].decode(r[0]) for r in rows]
 
     async def active_runs(self, desktop_id: str | None = None) -> list[TaskState]:
         # Tasks holding a run slot are at most the concurrency limit: the status index finds them,
         # and the desktop is read from their state rather than from a column older tables lack.
         rows = await self.log.query(_ACTIVE_SQL, _ACTIVE)
-        found = [_decoders["tasks"].decode(r[0]) for r in rows]
+        found = [DECODERS["tasks"].decode(r[0]) for r in rows]
         if desktop_id is not None:
             found = [task for task in found if task.run_desktop_id == desktop_id]
         return sorted(found, key=lambda task: task.placed_position)

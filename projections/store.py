@@ -69,6 +69,8 @@ DESKTOPS = Model(
     "desktops", desktops.Desktop, desktops.desktop_id_of, desktops.evolve, {"status": lambda s: s.status},
 )
 MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS)
+DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
+"""Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 
 
 COUNTER_TABLES = ("counters", "checkpoint")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,10 +70,13 @@ def assignment(kind: str, content: str = "", prompt: str = "", timeout: int = 30
 
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    """The async twin of api_helpers.wait_for: polls until `condition()` is truthy, bounded."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not (found := condition()):
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
     return found
 
 
