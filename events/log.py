@@ -116,6 +116,7 @@ class EventLog(ABC):
         """Optional observer of each commit a backend makes: (appends in it, seconds it took)."""
         self.projector: Projector | None = None
         """Run inside every append's transaction (the read models kept beside the log)."""
+        self._exclusives: dict[str, asyncio.Lock] = {}
 
     # --- storage, per backend -------------------------------------------------
 
@@ -182,6 +183,38 @@ class EventLog(ABC):
         raised and nothing of the import is written. The projector runs as for appends.
         `events` is consumed on the backend's writer, so it may lazily read a file; anything
         it raises aborts the import as well. Returns the new head."""
+
+    @abstractmethod
+    async def _acquire(self, name: str) -> None:
+        """Wait until this process holds the lock `name` that every process on this storage shares."""
+
+    @abstractmethod
+    async def _release(self, name: str) -> None:
+        """Give the lock `name` back (it is held)."""
+
+    # --- one holder at a time, whichever process ---------------------------------
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Held by one holder at a time among all the processes on this log, for a decision that
+        must see the events of every one decided before it (admitting a run under the concurrency
+        limit). A process's own holders queue in memory first, so it waits on the backend's lock
+        once at a time."""
+        local = self._exclusives.setdefault(name, asyncio.Lock())
+        async with local:
+            acquiring = asyncio.ensure_future(self._acquire(name))
+            try:
+                await asyncio.shield(acquiring)
+            except asyncio.CancelledError:
+                # Cancelled while waiting: the lock may be granted all the same, and must go back.
+                with contextlib.suppress(Exception):
+                    await acquiring
+                    await self._release(name)
+                raise
+            try:
+                yield
+            finally:
+                await self._release(name)
 
     # --- the live tail, shared by every backend -------------------------------
 

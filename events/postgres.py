@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -150,6 +151,11 @@ def _key(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
 
 
+def _lock_key(name: str) -> int:
+    """An advisory lock's key: the name's digest as a signed 64-bit integer."""
+    return int.from_bytes(hashlib.sha256(f"mission-control:{name}".encode()).digest()[:8], "big", signed=True)
+
+
 def _in_transaction(conn: psycopg.Connection) -> bool:
     """Whether a ROLLBACK is owed (never on a connection that broke: there is nothing to roll back)."""
     return not conn.closed and not conn.broken and conn.info.transaction_status != _IDLE
@@ -183,6 +189,7 @@ class PostgresLog(GroupCommitLog):
         self._reader_conns: list[psycopg.Connection] = []
         self._conn: psycopg.Connection | None = None
         self._tasks: list[asyncio.Task] = []
+        self._lock_conns: dict[str, psycopg.Connection] = {}
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -257,11 +264,37 @@ class PostgresLog(GroupCommitLog):
                     await task
         loop = asyncio.get_running_loop()
         self._reader_threads.shutdown(wait=True)
-        for conn in self._reader_conns:
-            conn.close()
+        for conn in [*self._reader_conns, *self._lock_conns.values()]:
+            conn.close()  # a lock still held goes with its session
         if self._conn is not None:
             await loop.run_in_executor(self._writer_thread, self._conn.close)
         self._writer_thread.shutdown(wait=True)
+
+    # --- locks shared by the nodes on this database ----------------------------------
+
+    async def _acquire(self, name: str) -> None:
+        """A session advisory lock, on a connection of the lock's own: the database gives it back
+        when that session ends, with the node that held it."""
+
+        def take() -> None:
+            conn = self._lock_conns.get(name)
+            if conn is None or conn.closed or conn.broken:
+                conn = self._lock_conns[name] = self._connect()
+            conn.execute("SELECT pg_advisory_lock(%s)", (_lock_key(name),))
+
+        with _translated():
+            await asyncio.to_thread(take)
+
+    async def _release(self, name: str) -> None:
+        def give() -> None:
+            conn = self._lock_conns[name]
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(name),))
+            except psycopg.Error:  # what was decided under it stands: ending the session frees the lock
+                logger.warning("could not release the advisory lock %r; closing its session", name, exc_info=True)
+                conn.close()
+
+        await asyncio.to_thread(give)
 
     # --- appends -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -143,6 +144,7 @@ class SqliteLog(GroupCommitLog):
         self._next_reader = 0
         self._conn: sqlite3.Connection | None = None
         self._tasks: list[asyncio.Task] = []
+        self._lock_files: dict[str, int] = {}
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -195,11 +197,27 @@ class SqliteLog(GroupCommitLog):
                     await task
         for reader in self._readers:
             await reader.close()
+        for descriptor in self._lock_files.values():
+            os.close(descriptor)  # gives back a lock still held
         self._local.close()
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._writer_thread, self._conn.close)
         self._writer_thread.shutdown(wait=True)
+
+    # --- locks shared by the processes on this file ---------------------------------
+
+    async def _acquire(self, name: str) -> None:
+        """An exclusive flock on a file beside the database's, `<file>-<name>.lock`: the kernel
+        gives it back when the process dies, however it dies."""
+        descriptor = self._lock_files.get(name)
+        if descriptor is None:
+            path = self.path.with_name(f"{self.path.name}-{name}.lock")
+            descriptor = self._lock_files[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+
+    async def _release(self, name: str) -> None:
+        fcntl.flock(self._lock_files[name], fcntl.LOCK_UN)
 
     def _commit(self, batch: list[_Append]) -> list[_Outcome]:
         conn = self._conn

@@ -448,6 +448,60 @@ async def test_tail_sees_another_writer_on_the_same_storage(log_factory):
     assert audit(await everything(writer)) == 22
 
 
+async def test_exclusive_has_one_holder_across_logs_on_one_storage(log_factory):
+    """Holders in two logs on one storage (two processes, or two nodes) never overlap: each
+    read-then-append under the lock sees every earlier holder's append."""
+    first = await log_factory()
+    second = await log_factory.reopen(first)
+    inside, most = 0, 0
+
+    async def decide(log: EventLog, n: int) -> None:
+        nonlocal inside, most
+        async with log.exclusive("admission"):
+            inside += 1
+            most = max(most, inside)
+            seen = (await log.last_event("task-count") or None)
+            await log.append("task-count", [output(n, "count")], expected=seen.version if seen else NO_STREAM)
+            await asyncio.sleep(0.001)  # another holder would be let in here
+            inside -= 1
+
+    await asyncio.gather(*(decide(log, n) for n, log in enumerate([first, second] * 10)))
+    assert most == 1
+    assert len(await first.read_stream("task-count")) == 20  # no expected version was ever stale
+
+
+async def test_exclusive_is_given_back_by_a_waiter_cancelled_and_by_a_closed_log(log_factory):
+    first = await log_factory()
+    second = await log_factory.reopen(first)
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with first.exclusive("admission"):
+            held.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await held.wait()
+    waiter = asyncio.create_task(second.exclusive("admission").__aenter__())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # the other log holds it
+    waiter.cancel()
+    release.set()
+    await holder
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    async with asyncio.timeout(10):
+        async with second.exclusive("admission"):  # the cancelled waiter gave it back
+            pass
+        third = await log_factory.reopen(first)
+        holding = first.exclusive("admission")
+        await holding.__aenter__()
+        await first.close()  # a process that ends holding it (a killed one too) frees it
+        async with third.exclusive("admission"):
+            pass
+
+
 async def test_a_tailer_sees_every_position_once_in_order_while_two_logs_append(log_factory):
     """Two logs on one storage (two processes, or two nodes) appending at once: positions stay
     gapless, one chain, and a third log's tail never sees a position before an earlier one."""

@@ -224,7 +224,7 @@ async def run_task(request: Request, who: Principal) -> Response:
             desktops=await models.placements(),
         )
 
-    async with commands.admission:  # the run reaches its desktop by that desktop's poll
+    async with commands.admission():  # the run reaches its desktop by that desktop's poll
         started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
     return task_response(started)
 

@@ -33,10 +33,13 @@ class Commands:
     def __init__(self, log: EventLog, models: ReadModels):
         self.log = log
         self.models = models
-        self.admission = asyncio.Lock()
-        """Held while a run is admitted, so the concurrency limit holds at every position."""
         self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
         """Idempotency keys in use, with their lock and how many requests hold or await it."""
+
+    def admission(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while a run is admitted, by one request at a time in every process on the log, so
+        the concurrency limit and each desktop's capacity hold at every position."""
+        return self.log.exclusive("admission")
 
     async def task(
         self,
