@@ -112,17 +112,23 @@ class _Tx:
         return [row_event(r) for r in rows]
 
 
+def _storable(names: Iterable[str]) -> list[str]:
+    """The names a column of text can hold: one with a NUL names nothing stored (PostgreSQL's text
+    cannot hold NUL, and refuses it as a parameter)."""
+    return [name for name in names if "\x00" not in name]
+
+
 def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
     sql, params = [], []
     if streams is not None:  # [] matches nothing
         sql.append("stream = ANY(%s)")
-        params.append(list(streams))
+        params.append(_storable(streams))
     if types is not None:
         alternatives = []
-        if types.exact:
+        if exact := _storable(types.exact):
             alternatives.append("type = ANY(%s)")
-            params.append(sorted(types.exact))
-        for prefix in types.prefixes:
+            params.append(sorted(exact))
+        for prefix in _storable(types.prefixes):
             alternatives.append("starts_with(type, %s)")
             params.append(prefix)
         sql.append("(" + (" OR ".join(alternatives) or "FALSE") + ")")

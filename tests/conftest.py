@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     repeated = [nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1]
     if repeated:
         raise pytest.UsageError(f"tests that share a node id (only one of each would run in parallel): {repeated}")
+    if os.environ.get("MC_TEST_BACKEND") == "postgres":
+        _keep_the_api_suite(items)
+
+
+def _keep_the_api_suite(items: list[pytest.Item]) -> None:
+    """MC_TEST_BACKEND=postgres runs the suite again with every server on PostgreSQL
+    (tests/server.py), but for the tests that run on both backends by themselves (`nodes`,
+    `log_factory`, `postgres_database`) and those of the SQLite file itself (`sqlite_file`)."""
+    def api(item: pytest.Item) -> bool:
+        names = set(getattr(item, "fixturenames", ()))
+        return not names & {"nodes", "log_factory", "postgres_database"} and item.get_closest_marker("sqlite_file") is None
+
+    items[:] = [item for item in items if api(item)]
 
 # --- event logs ----------------------------------------------------------------
 #

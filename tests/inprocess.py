@@ -35,7 +35,7 @@ from service.app import create_app
 from service.cli import first_admin_key
 from service.http.logs import configure
 from service.settings import from_env
-from tests.server import API, starter
+from tests.server import API, starter, storage_env
 
 
 class _LogSink(io.TextIOBase):
@@ -156,7 +156,7 @@ class InProcess:
 
     def __init__(self, data_dir: Path, env: dict[str, object] | None = None):
         self.data_dir = data_dir
-        self.env = {k: str(v) for k, v in (env or {}).items()}
+        self.env = {k: str(v) for k, v in {**storage_env(data_dir), **(env or {})}.items()}
         self.base_url = "http://in-process"
         self.log_path = data_dir.parent / f"{data_dir.name}-in-process.log"
         self.admin_token = ""

@@ -6,10 +6,14 @@ real SQLite file, so a test can also SIGKILL one and start another on the same d
 `Process`: a free port on 127.0.0.1, started and waited for until it answers.
 
 `server` gives each test a fresh one; `shared_server` one per test module.
+
+With MC_TEST_BACKEND=postgres every server (and `cli`) keeps its log in a PostgreSQL database of
+its own instead, named after its data dir: the API suite's run on PostgreSQL (scripts/test).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -23,6 +27,36 @@ import pytest
 
 API = "/api/mission-control"
 ROOT = Path(__file__).resolve().parent.parent
+BACKEND = os.environ.get("MC_TEST_BACKEND", "sqlite")
+_databases: set[str] = set()
+"""The PostgreSQL databases this process made for servers' data dirs, dropped at the end."""
+
+
+def storage_env(data_dir: Path) -> dict[str, str]:
+    """The settings that put a server's log on the suite's backend: none for SQLite (the file in
+    its data dir); for PostgreSQL, the URL of the data dir's own database, made on first use."""
+    if BACKEND == "sqlite":
+        return {}
+    from tests.conftest import POSTGRES_SERVER, _postgres_admin, require_postgres
+
+    require_postgres()
+    name = "mc_api_" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:24]
+    if name not in _databases:
+        with _postgres_admin() as admin:
+            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                admin.execute(f'CREATE DATABASE "{name}"')
+        _databases.add(name)
+    return {"MC_DATABASE_URL": f"{POSTGRES_SERVER}/{name}"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_server_databases():
+    yield
+    if _databases:
+        from tests.conftest import _postgres_drop, POSTGRES_SERVER
+
+        for name in _databases:
+            _postgres_drop(f"{POSTGRES_SERVER}/{name}")
 
 
 def free_port() -> int:
@@ -35,7 +69,8 @@ def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None, check: bo
     """Run `mission-control ARGS --data-dir DATA_DIR` as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args, "--data-dir", str(data_dir)],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=check, timeout=60,
+        capture_output=True, text=True, env={**os.environ, **storage_env(data_dir), **(env or {})}, check=check,
+        timeout=60,
     )
 
 
@@ -135,7 +170,7 @@ class Server(Process):
     """`mission-control serve` on `data_dir`; `admin_token` is the key its first start issued."""
 
     def __init__(self, data_dir: Path, env: dict[str, object] | None = None):
-        super().__init__(data_dir, "server", env)
+        super().__init__(data_dir, "server", {**storage_env(data_dir), **(env or {})})
         self.data_dir = data_dir
         self.admin_token = ""
         self._clients: list[httpx.Client] = []

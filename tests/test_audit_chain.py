@@ -22,6 +22,8 @@ from tests.audit_tools import rehashed, settled, standalone
 from tests.inprocess import InProcess
 from tests.server import cli
 
+pytestmark = pytest.mark.sqlite_file
+
 K, J = 6, 10  # the positions the cases tamper with
 
 

@@ -22,6 +22,8 @@ from tests.audit_sqlite import database, read_models, recorded
 from tests.audit_tools import differences, fill, settled, standalone, with_terminal_stderr
 from tests.server import cli
 
+pytestmark = pytest.mark.sqlite_file
+
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-log.ndjson"
 ROUND_TRIP_EVENTS = int(os.environ.get("MC_AUDIT_EVENTS", 12_000))
 

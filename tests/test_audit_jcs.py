@@ -22,6 +22,8 @@ from tests.chain_audit import audit, verify_export
 from tests.inprocess import InProcess
 from tests.server import cli
 
+pytestmark = pytest.mark.sqlite_file
+
 # 😀 and 🚀 sort after U+E000-U+FFFF by code point, before them by UTF-16 code unit.
 MIXED = {
     "\U0001F600": 1, "\ue000": 2, "\U000E0067": "tag",

@@ -7,6 +7,7 @@ import asyncio
 import random
 
 import httpx
+import pytest
 
 from events import Meta, open_log
 from events import types as t
@@ -122,6 +123,7 @@ class Driver:
         wait_for(quiet, 30, "every run to end")
 
 
+@pytest.mark.sqlite_file  # reads or holds the SQLite file itself
 def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
     server = make_app_server(MC_RATE_LIMIT_PER_SECOND="0")  # the driver is a busy client, not the subject
     driver = Driver(server.client(), seed=7)
@@ -156,6 +158,7 @@ async def _append_without_projector(db, count: int) -> None:
         await log.close()
 
 
+@pytest.mark.sqlite_file  # reads or holds the SQLite file itself
 def test_readyz_is_503_while_the_read_models_lag_the_log(server):
     # A server's startup folds any backlog before it listens (uvicorn binds after the
     # lifespan), so the lag is observable only with a server already running.

@@ -21,6 +21,8 @@ from tests.audit_tools import differences, settled
 from tests.inprocess import InProcess
 from tests.server import cli
 
+pytestmark = pytest.mark.sqlite_file
+
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-log.ndjson"
 LINES = FIXTURE.read_bytes().splitlines(keepends=True)
 RECORDED = [json.loads(line) for line in LINES]

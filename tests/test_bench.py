@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.sqlite_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {  # arguments ("{dir}" is the test's own directory), and the line the benchmark prints last

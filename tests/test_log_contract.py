@@ -419,6 +419,16 @@ async def test_tail_joined_midway_during_appends(log_factory, recent_capacity):
     assert got[-1].stream == "sentinel"
 
 
+async def test_a_filter_naming_a_nul_matches_nothing_rather_than_failing(log_factory):
+    """A client's `stream` or `types` may hold any character; one that no backend can store
+    names nothing stored."""
+    log = await log_factory()
+    await log.append("task-a", [created("a")])
+    assert (await log.read_all(streams=["task-a\x00", "a\x00b"])).events == []
+    assert (await log.read_all(types=TypeFilter(["task.created\x00", "ta\x00sk."]))).events == []
+    assert len((await log.read_all(streams=["task-a", "a\x00b"])).events) == 1
+
+
 async def test_tail_filters(log_factory):
     log = await log_factory()
     recorded = await _mixed_log(log)

@@ -21,6 +21,8 @@ from events.types import TaskCreated, TaskOutput
 from tests.chain_audit import audit
 from tests.server import cli
 
+pytestmark = pytest.mark.sqlite_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

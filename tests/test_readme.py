@@ -25,6 +25,7 @@ def test_every_document_the_readme_names_is_in_the_repository():
 
 
 @pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the tour needs curl and jq")
+@pytest.mark.sqlite_file  # the tour is the one-machine tour, on the SQLite file
 def test_the_tour_runs_as_written_and_leaves_the_checkout_clean(tmp_path):
     tour = README[README.index("## A five-minute tour"):README.index("## Following the activity stream")]
     script = "\n".join(re.findall(r"```sh\n(.*?)```", tour, re.S))

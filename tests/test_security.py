@@ -15,6 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from starlette.routing import Mount, Route
 
 from service.app import create_app
@@ -223,6 +224,7 @@ def test_metrics_are_public_only_when_configured(make_app_server):
 # --- keys are shown once and stored as hashes ----------------------------------------------
 
 
+@pytest.mark.sqlite_file  # reads the SQLite file for the hash
 def test_a_key_is_stored_only_as_its_hash_and_the_first_admin_key_in_a_0600_file(server):
     token = server.token("carol", "task:read,task:write")
     event = issued(server, token)  # found by the token's SHA-256

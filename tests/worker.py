@@ -33,7 +33,8 @@ def worker_keys(server: Server, desktops: list[str]) -> dict[str, tuple[str, str
         return {name: await auth.issue_key(log, models, f"worker-{name}", ["worker"], actor="mission-control:cli",
                                            desktop=name) for name in desktops}
 
-    return asyncio.run(_with_log(from_env(data_dir=str(server.data_dir)), issue))
+    settings = from_env(data_dir=str(server.data_dir), database_url=server.env.get("MC_DATABASE_URL", ""))
+    return asyncio.run(_with_log(settings, issue))
 
 
 def worker_key(server: Server, desktop: str) -> tuple[str, str]:
