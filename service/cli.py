@@ -171,13 +171,13 @@ def serve(args) -> int:
         print(f"Mission Control is listening on {where}{processes} with {data}its data in "
               f"{Path(settings.data_dir).resolve()}", flush=True)
 
-    def run(node: Settings, sock, on_ready: Callable[[], None]) -> int:
+    def run(node: Settings, sock, on_ready: Callable[[], None], webhooks: bool = True) -> int:
         # uvicorn stops gracefully on SIGTERM (and SIGINT), then raises the signal again so that the
         # process dies by it (status -15). A graceful stop is a success: exit 0 on that signal instead.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         if settings.processes > 1:  # a child: its parent says when to stop, and that is no interruption either
             signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-        serving.run(create_app(node), node, sock, on_ready)
+        serving.run(create_app(node, webhooks=webhooks), node, sock, on_ready)
         return 0
 
     if settings.processes == 1:
@@ -187,7 +187,9 @@ def serve(args) -> int:
     def child(number: int, on_ready: Callable[[], None]) -> int:
         for other in sockets[:number - 1] + sockets[number:]:
             other.close()  # this child's copies: the parent keeps every slot's socket
-        return run(nodes[number - 1], sockets[number - 1], on_ready)
+        # Process 1 alone sends webhooks: every process folds the same log, and each would send
+        # every delivery before it saw another's record of it. Deliveries wait while it restarts.
+        return run(nodes[number - 1], sockets[number - 1], on_ready, webhooks=number == 1)
 
     given_up = supervisor.supervise(settings.processes, child, ready)
     return 0 if given_up is None else _fail(given_up)

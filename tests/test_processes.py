@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import httpx
 import psutil
@@ -190,3 +191,32 @@ def test_one_process_serves_as_before(make_server):
     assert children(server) == []  # no supervisor: the process itself serves
     desktops = [d["id"] for d in server.client().get("/desktops").json()]
     assert desktops == ["local"]
+
+
+def test_each_webhook_is_sent_by_one_process_only(tmp_path):
+    """Receivers drop duplicates by X-MC-Delivery, but N processes must not make every delivery N."""
+    from tests.test_webhooks import SETTINGS, Receiver, ReceiverHandler
+
+    class Slow(ReceiverHandler):  # slower than another process's tail: each process would see the delivery due
+        def do_POST(self) -> None:
+            time.sleep(1)
+            super().do_POST()
+
+    receiver = Receiver()
+    receiver.RequestHandlerClass = Slow
+    threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = Server(tmp_path / "data", {**SETTINGS, "MC_PROCESSES": 2}).start()
+    try:
+        client = server.client()
+        for n in range(2):  # the second's delivery comes after the first's in every process's fold
+            task = client.post("/tasks", json={"type": "prompt", "content": "x",
+                                               "webhookUrl": f"{receiver.url}/hook-{n}"}).json()
+            assert client.post(f"/tasks/{task['id']}/cancel").status_code == 200
+            wait_for(lambda: receiver.got(f"/hook-{n}"), what=f"delivery {n}")
+        attempted = client.get("/events", params={"types": "webhook.attempted"}).json()["events"]
+        assert [len(receiver.got(f"/hook-{n}")) for n in range(2)] == [1, 1]
+        assert len(attempted) == 2, attempted
+    finally:
+        server.stop()
+        receiver.shutdown()
+        receiver.server_close()
