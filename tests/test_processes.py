@@ -17,13 +17,12 @@ import psutil
 import pytest
 
 from events import Meta
-from projections.readmodels import read_models
 from service.cli import _with_log
 from service.commands.desktops import Register
 from service.commands.handling import Commands
 from service.settings import from_env
 from tests.api_helpers import UNLIMITED, wait_for
-from tests.server import API, Server, cli
+from tests.server import API, Server, cli, free_port
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -220,3 +219,20 @@ def test_each_webhook_is_sent_by_one_process_only(tmp_path):
         server.stop()
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_a_busy_port_or_disagreeing_settings_fail_in_one_sentence_before_any_process_starts(two, database_env):
+    same_port = cli(two.data_dir, "serve", "--processes", "2", "--port", str(two.port), env=database_env,
+                    check=False)  # held by the first's processes, which SO_REUSEPORT alone would let it share
+    assert same_port.returncode == 2
+    assert same_port.stderr.strip() == f"mission-control: cannot listen on http://127.0.0.1:{two.port}/: " \
+                                       "Address already in use"
+    differing = cli(two.data_dir, "serve", "--processes", "2", "--port", str(free_port()),
+                    env={**database_env, "MC_MAX_CONCURRENT": "3"}, check=False)
+    assert differing.returncode == 2
+    assert differing.stderr.strip().startswith("mission-control: max_concurrent (MC_MAX_CONCURRENT) is 3 on this "
+                                               "node but 5 in the log")
+    assert "listening" not in differing.stdout
+    bad = cli(two.data_dir, "serve", "--processes", "0", env=database_env, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip() == (
+        "mission-control: the setting processes (MC_PROCESSES) is invalid: 0 is not allowed, expected `int` >= 1.")
