@@ -57,6 +57,8 @@ def supervise(count: int, child: Callable[[int, Callable[[], None]], int], on_re
 
     def start(slot: _Slot) -> None:
         parent = os.getpid()
+        sys.stdout.flush()  # else the child would write the parent's buffered lines again
+        sys.stderr.flush()
         signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # none is taken by the child's copy of our handlers
         try:
             pid = os.fork()
