@@ -110,6 +110,24 @@ def test_both_processes_answer_and_what_one_acknowledged_the_other_reads_at_once
     second.close()
 
 
+def test_the_activity_stream_of_one_process_carries_what_another_appended(two):
+    pids = sorted(child.pid for child in children(two))
+    watcher, writer = connection_to(two, pids[0]), connection_to(two, pids[1])
+    head = watcher.request("GET", "/events?limit=1")[1]["head"]
+    watcher.http.request("GET", f"{API}/activity/stream?after={head}&types=task.created",
+                         headers={"Authorization": f"Bearer {two.admin_token}"})
+    stream = watcher.http.getresponse()
+    assert stream.status == 200
+    status, created = writer.request("POST", "/tasks", {"type": "prompt", "content": "streamed"})
+    assert status == 201
+    while not (line := stream.readline()).startswith(b"data:"):  # bounded by the connection's timeout
+        assert line, "the stream ended"
+    event = json.loads(line[5:])
+    assert event["position"] > head and event["stream"] == f"task-{created['id']}"
+    watcher.close()
+    writer.close()
+
+
 def test_a_process_killed_is_started_again_and_nothing_acknowledged_is_lost(two):
     acknowledged: list[str] = []
     stop = threading.Event()
