@@ -81,7 +81,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "Something went wrong on our side; it has been logged.")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
+    """The app on `settings`; `webhooks=False` for a process that leaves sending webhooks to
+    another process on the same log (`serve --processes`): each would send every delivery."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         log = open_log(settings.log_url, durable=settings.durable)
@@ -101,8 +104,9 @@ def create_app(settings: Settings) -> Starlette:
         node_desktop = None if desktop is None else desktop.name
         keeper = Keeper(log, models, commands, leases, settings.lease_seconds, node_desktop)
         await keeper.start()
-        webhooks = WebhookWorker(log, models, settings)
-        webhooks.start()
+        sender = WebhookWorker(log, models, settings) if webhooks else None
+        if sender is not None:
+            sender.start()
         app.state.ready = True
         try:
             yield {  # request.state.*
@@ -116,7 +120,8 @@ def create_app(settings: Settings) -> Starlette:
                 await desktop.close()
             await keeper.close()
             await reports.close()
-            await webhooks.close()
+            if sender is not None:
+                await sender.close()
             await log.close()
 
     metrics = Metrics()

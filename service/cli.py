@@ -149,11 +149,12 @@ def serve(args) -> int:
     configure()
     settings = from_env(
         data_dir=args.data_dir, database_url=args.database_url, host=args.host, port=args.port,
-        local_desktop=args.local_desktop,
-        no_local_desktop=args.no_local_desktop,
+        processes=args.processes, local_desktop=args.local_desktop, no_local_desktop=args.no_local_desktop,
     )
+    nodes = _nodes(settings)
     try:  # the address first: a busy port must not cost an admin key or an admin-token file
-        sock = serving.listen(settings.host, settings.port)
+        sockets = ([serving.listen(settings.host, settings.port)] if settings.processes == 1
+                   else serving.listen_shared(settings.host, settings.port, settings.processes))
     except serving.AddressInUse as exc:
         return _fail(str(exc))
     _fit_data_dir(settings, create=True)
@@ -166,14 +167,50 @@ def serve(args) -> int:
     def ready() -> None:
         where = serving.url(settings.host, settings.port)
         data = f"its log in {settings.log_name}, " if settings.database_url else ""
-        print(f"Mission Control is listening on {where} with {data}its data in {Path(settings.data_dir).resolve()}",
-              flush=True)
+        processes = f" in {settings.processes} processes" if settings.processes > 1 else ""
+        print(f"Mission Control is listening on {where}{processes} with {data}its data in "
+              f"{Path(settings.data_dir).resolve()}", flush=True)
 
-    # uvicorn stops gracefully on SIGTERM, then raises the signal again so that the process
-    # dies by it (status -15). A graceful stop is a success: exit 0 on that signal instead.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serving.run(create_app(settings), settings, sock, ready)
-    return 0
+    def run(node: Settings, sock, on_ready: Callable[[], None], webhooks: bool = True) -> int:
+        # uvicorn stops gracefully on SIGTERM (and SIGINT), then raises the signal again so that the
+        # process dies by it (status -15). A graceful stop is a success: exit 0 on that signal instead.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        if settings.processes > 1:  # a child: its parent says when to stop, and that is no interruption either
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+        serving.run(create_app(node, webhooks=webhooks), node, sock, on_ready)
+        return 0
+
+    if settings.processes == 1:
+        return run(settings, sockets[0], ready)
+    from service.http import supervisor
+
+    def child(number: int, on_ready: Callable[[], None]) -> int:
+        for other in sockets[:number - 1] + sockets[number:]:
+            other.close()  # this child's copies: the parent keeps every slot's socket
+        # Process 1 alone sends webhooks: every process folds the same log, and each would send
+        # every delivery before it saw another's record of it. Deliveries wait while it restarts.
+        return run(nodes[number - 1], sockets[number - 1], on_ready, webhooks=number == 1)
+
+    given_up = supervisor.supervise(settings.processes, child, ready)
+    return 0 if given_up is None else _fail(given_up)
+
+
+def _nodes(settings: Settings) -> list[Settings]:
+    """The settings of each process of `serve --processes N`: every one a node of the log, with a
+    desktop of its own, NAME-1 ... NAME-N (a node's desktop is that node's: it recovers and keeps
+    its runs alone, and a restarted process ends only its own desktop's runs)."""
+    import msgspec
+
+    count = settings.processes
+    if count == 1:
+        return [settings]
+    longest = f"{settings.local_desktop}-{count}"
+    if not settings.no_local_desktop and len(longest) > 63:
+        raise _Failed(f"the local desktop's name {settings.local_desktop!r} is too long for --processes {count}: "
+                      f"each process's desktop is named after it, up to {longest!r}, and a name has at most 63 "
+                      "characters")
+    return [msgspec.structs.replace(settings, local_desktop=f"{settings.local_desktop}-{n}")
+            for n in range(1, count + 1)]
 
 
 # --- tokens ----------------------------------------------------------------------
@@ -394,6 +431,9 @@ def parser() -> argparse.ArgumentParser:
                   "mission-control serve --host 127.0.0.1 --port 8000 --data-dir ./var")
     sub.add_argument("--host", default=_env("host"), help="address to listen on (default 127.0.0.1; env MC_HOST)")
     sub.add_argument("--port", type=int, default=_env("port"), help="port (default 8000; env MC_PORT)")
+    sub.add_argument("--processes", type=int, default=None, metavar="N",
+                     help="serve from N processes on the one port, each a node of the log with a desktop of its own, "
+                          "NAME-1 ... NAME-N (default 1; env MC_PROCESSES)")
     sub.add_argument("--local-desktop", default=None,
                      help="the name of this node's own desktop (default local; env MC_LOCAL_DESKTOP)")
     sub.add_argument("--no-local-desktop", action="store_true", default=None,

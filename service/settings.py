@@ -20,6 +20,8 @@ class Settings(msgspec.Struct, kw_only=True):
     empty, the embedded SQLite file in the data dir."""
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+    processes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """`serve` processes on the one port, each a node of the same log (`serve --processes N`)."""
     max_header_bytes: Positive = 64 * 1024
     """The request line and headers together; a larger block is answered 431 and closed."""
     header_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0

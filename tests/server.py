@@ -102,6 +102,7 @@ class Process:
         """Start the process without waiting for it (`wait_ready`): many start at once that way."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.log_path, "ab")
+        self.output_from = self.log_file.tell()  # the log may hold an earlier process's output
         self.process = subprocess.Popen(
             self.argv(), env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
@@ -132,6 +133,12 @@ class Process:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def own_output(self) -> str:
+        """What this process has written (not an earlier one on the same port)."""
+        with open(self.log_path, "rb") as written:
+            written.seek(self.output_from)
+            return written.read().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         if self.process is None:
@@ -178,6 +185,14 @@ class Server(Process):
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--data-dir", str(self.data_dir)]
+
+    @property
+    def waiting_for(self) -> str:
+        return "its line saying it listens"
+
+    def ready(self) -> bool:
+        # Printed once every process serves (`--processes N`), where /healthz answers once one does.
+        return "Mission Control is listening on" in self.own_output()
 
     def start(self, timeout: float = 30) -> Server:
         super().start(timeout)

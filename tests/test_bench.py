@@ -21,6 +21,7 @@ TINY = {  # arguments ("{dir}" is the test's own directory), and the line the be
     "sse": (["--subscribers", "20", "--seconds", "0.5", "--catchup", "2000"], "events lost (mission-control)"),
     "desktops": (["--runs", "20", "--lines", "50", "--idle-workers", "2", "--idle-seconds", "1"],
                  "log events per hour per idle worker"),
+    "processes": (["--duration", "1", "--rounds", "1", "--dir", "{dir}"], "CPU seconds of each process"),
     "http": (["--duration", "1", "--rounds", "1", "--small", "50", "--big", "200", "--dir", "{dir}"], "difference 50 vs 200"),
 }
 

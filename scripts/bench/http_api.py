@@ -140,12 +140,14 @@ def ensure_wrk() -> str:
     return found
 
 
+UNLIMITED = {"MC_RATE_LIMIT_PER_SECOND": "1000000000", "MC_RATE_LIMIT_BURST": "1000000000"}
+"""The per-key rate limit would answer most of the load 429: it is not what is measured here."""
+
+
 @contextlib.contextmanager
 def mission_control(data_dir: Path) -> Iterator[tuple[str, str]]:
     """`mission-control serve` on loopback: (base url, admin token)."""
-    # The per-key rate limit would answer most of the load 429: it is not what is measured here.
-    env = {"MC_RATE_LIMIT_PER_SECOND": "1000000000", "MC_RATE_LIMIT_BURST": "1000000000"}
-    with Server(data_dir, env).start(START_TIMEOUT) as server:
+    with Server(data_dir, UNLIMITED).start(START_TIMEOUT) as server:
         yield server.base_url, server.admin_token
 
 

@@ -145,9 +145,36 @@ class AddressInUse(Exception):
 
 def listen(host: str, port: int) -> socket.socket:
     """The bound socket `serve` hands uvicorn, taken before anything is written to the data dir."""
+    return _bound(host, port, shared=False)
+
+
+def listen_shared(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets bound to one address with SO_REUSEPORT, one for each process of `serve
+    --processes`: the kernel spreads new connections over those listening by a hash of each
+    connection's addresses, so long-lived keep-alive connections spread as evenly as short ones
+    (one socket shared by all would go to whichever process accepts first, and asyncio accepts
+    all that are waiting at once). A socket kept by the supervisor while its process restarts holds
+    the connections waiting on it for the new one. The address is first taken as `listen` takes it,
+    so that a port held by anything, another `serve --processes` of the same user included (which
+    SO_REUSEPORT alone would let share it), is refused as a busy one."""
+    _bound(host, port, shared=False).close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(_bound(host, port, shared=True))
+    except AddressInUse:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bound(host: str, port: int, shared: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
