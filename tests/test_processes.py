@@ -230,9 +230,12 @@ def test_each_webhook_is_sent_by_one_process_only(tmp_path):
                                                "webhookUrl": f"{receiver.url}/hook-{n}"}).json()
             assert client.post(f"/tasks/{task['id']}/cancel").status_code == 200
             wait_for(lambda: receiver.got(f"/hook-{n}"), what=f"delivery {n}")
-        attempted = client.get("/events", params={"types": "webhook.attempted"}).json()["events"]
+        def attempted() -> list[dict]:  # recorded once the receiver has answered: it may lag its receipt
+            return client.get("/events", params={"types": "webhook.attempted"}).json()["events"]
+
+        wait_for(lambda: len(attempted()) >= 2, what="both attempts recorded")
         assert [len(receiver.got(f"/hook-{n}")) for n in range(2)] == [1, 1]
-        assert len(attempted) == 2, attempted
+        assert len(attempted()) == 2, attempted()
     finally:
         server.stop()
         receiver.shutdown()
