@@ -1,7 +1,8 @@
 """What only the PostgreSQL backend promises: the database's guards, and refusing a database that
 is not its own or is newer than it (issue 15). The contracts every backend keeps are
-tests/test_log_contract.py's and tests/test_readmodels_contract.py's, run on PostgreSQL too. Every command that takes --database
-refuses a bad one (unreachable, missing, another app's, newer) in one sentence, writing nothing."""
+tests/test_log_contract.py's and tests/test_readmodels_contract.py's, run on PostgreSQL too. Every
+command that takes --database refuses a bad one (unreachable, missing, another app's, newer) in one
+sentence, writing nothing."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_nodes_answer_503_while_postgresql_restarts_under_load_and_lose_nothing(
             private_postgres.stop("immediate")  # a crash: no checkpoint, recovery from the WAL
             down = len(writers.answers)
             for n in range(2):
-                wait_for(lambda: writers.count(503, n, since=down) >= 3, 30, f"node {n} to answer 503")
+                wait_for(lambda: writers.count(503, n, since=down) >= 20, 30, f"node {n} to answer 503")
                 ready = serving[n].http().get("/readyz")
                 assert ready.status_code == 503, ready.text
                 assert not ready.json()["ready"] and "database cannot be reached" in ready.json()["detail"]
