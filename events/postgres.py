@@ -263,7 +263,8 @@ class PostgresLog(GroupCommitLog):
         except psycopg.OperationalError:
             if not conn.broken:
                 raise
-            conn = self._begin()
+            conn = self._writer()
+            conn.execute("BEGIN")
         return conn
 
     async def close(self) -> None:
