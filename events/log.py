@@ -103,6 +103,8 @@ class EventLog(ABC):
 
     recent_capacity = 20_000
     """How many of the newest events the tail keeps at hand for live readers."""
+    storage_retry_seconds = 0.5
+    """How long a tail waits before reading storage again when it failed."""
     recent_bytes = 8 * 1024 * 1024
     """And at most about this many bytes of their payloads: a run printing megabytes of output
     must not pile up in memory (a reader that far behind reads from storage instead)."""
@@ -298,7 +300,11 @@ class EventLog(ABC):
             if position < head:
                 recent = self._recent_after(position, page)
                 if recent is None:
-                    got = await self.read_all(position, page, streams=streams, types=types, until=head)
+                    try:
+                        got = await self.read_all(position, page, streams=streams, types=types, until=head)
+                    except StorageError:  # the storage away for a moment: the tail waits, never ends
+                        await asyncio.sleep(self.storage_retry_seconds)
+                        continue
                     events = got.events
                     position = got.next
                 else:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,11 @@ SCHEMA = [
         last_position BIGINT NOT NULL
     )""",
 ]
+
+_CONNECTION = dict(connect_timeout=5, keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
+LISTEN_PROBE_SECONDS = 5.0
+"""With no notification for this long, the listener's connection is asked a cheap query: a
+connection that died unnoticed (its server restarted or killed it) is then made again."""
 
 _INSERT = f"INSERT INTO events ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 _IDLE = pq.TransactionStatus.IDLE
@@ -209,8 +215,14 @@ class PostgresLog(GroupCommitLog):
             asyncio.create_task(self._watch_other_writers(), name="mc-log-watch"),
         ]
 
+    def _options(self, role: str) -> dict[str, Any]:
+        """How every connection is made: failing within seconds when the server is away, and with
+        TCP keepalives, so one whose server vanished without a word is found dead, not waited on.
+        The application name tells this process's connections apart in pg_stat_activity."""
+        return dict(autocommit=True, application_name=f"mission-control-{role} {os.getpid()}", **_CONNECTION)
+
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True, application_name="mission-control")
+        return psycopg.connect(self.url, **self._options("log"))
 
     def _open_writer(self) -> None:
         conn = self._connect()
@@ -254,6 +266,19 @@ class PostgresLog(GroupCommitLog):
             self._open_writer()
         assert self._conn is not None
         return self._conn
+
+    def _begin(self) -> psycopg.Connection:
+        """The writer's connection in a new transaction. A connection found broken only now (the
+        server restarted since its last use) is made again once: nothing was sent on it yet."""
+        conn = self._writer()
+        try:
+            conn.execute("BEGIN")
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            conn = self._writer()
+            conn.execute("BEGIN")
+        return conn
 
     async def close(self) -> None:
         if self._closed:
@@ -305,8 +330,7 @@ class PostgresLog(GroupCommitLog):
     # --- appends -----------------------------------------------------------------
 
     def _commit(self, batch: list[_Append]) -> list[_Outcome]:
-        conn = self._writer()
-        conn.execute("BEGIN")
+        conn = self._begin()
         try:
             staged = self._stage(conn, batch)
             if staged.rows:
@@ -381,8 +405,7 @@ class PostgresLog(GroupCommitLog):
     def _import(self, events: Iterable[RecordedEvent], chunk: int = 5000) -> list[RecordedEvent]:
         """Runs on the writer thread, in one transaction: a broken event leaves nothing behind.
         Returns the last chunk written, for the tail."""
-        conn = self._writer()
-        conn.execute("BEGIN")
+        conn = self._begin()
         try:
             chain = Chain(*self._lock_head(conn), version_of=lambda stream: self._stream_version(conn, stream))
             batch: list[RecordedEvent] = []
@@ -422,8 +445,7 @@ class PostgresLog(GroupCommitLog):
         holds the head's lock (the PostgreSQL read models create, refold and rebuild so)."""
 
         def run() -> T:
-            conn = self._writer()
-            conn.execute("BEGIN")
+            conn = self._begin()
             try:
                 self._lock_head(conn)
                 result = fn(_Tx(conn))
@@ -440,13 +462,27 @@ class PostgresLog(GroupCommitLog):
     # --- reads -----------------------------------------------------------------
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        """On a reader thread, with that thread's connection (made again if it broke)."""
+        """On a reader thread, with that thread's connection (made again if it broke). A read is
+        tried once more on a new connection if the old one is found broken by it: reads repeat
+        safely, and the first after the server restarted need not fail."""
+        conn = self._reader()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            return self._reader().execute(sql, params).fetchall()
+
+    def _reader(self) -> psycopg.Connection:
         conn = getattr(self._reader_local, "conn", None)
         if conn is None or conn.closed or conn.broken:
-            conn = self._connect()
-            self._reader_local.conn = conn
+            if conn is not None:
+                self._reader_local.conn = None
+                self._reader_conns.remove(conn)
+                conn.close()
+            conn = self._reader_local.conn = self._connect()
             self._reader_conns.append(conn)
-        return conn.execute(sql, params).fetchall()
+        return conn
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """A read of the tables kept beside the log (projections/postgres.py's read models)."""
@@ -500,24 +536,40 @@ class PostgresLog(GroupCommitLog):
     async def _watch_other_writers(self) -> None:
         """Other processes' commits reach this one's tails: woken by NOTIFY on a connection of
         its own, and looking every `poll_interval` anyway (a notification lost with a broken
-        connection, or a commit made before LISTEN)."""
+        connection, or a commit made before LISTEN). A listener quiet for LISTEN_PROBE_SECONDS
+        is probed; one found dead is made again. Losing the database is logged once, and so is
+        finding it again."""
         listener: psycopg.AsyncConnection | None = None
+        lost: str | None = None  # why the database was last lost, until it is back
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
         try:
             while True:
                 try:
                     if listener is None or listener.closed or listener.broken:
-                        listener = await psycopg.AsyncConnection.connect(
-                            self.url, autocommit=True, application_name="mission-control-listen"
-                        )
+                        listener = await psycopg.AsyncConnection.connect(self.url, **self._options("listen"))
                         await listener.execute(f"LISTEN {CHANNEL}")
+                        heard = loop.time()
                     async for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
-                        pass
+                        heard = loop.time()
+                    if loop.time() - heard >= LISTEN_PROBE_SECONDS:
+                        await asyncio.wait_for(listener.execute("SELECT 1"), LISTEN_PROBE_SECONDS)
+                        heard = loop.time()
                     head = await self.read_head()
                     while self._head < head:
                         page = await self.read_all(self._head, self.recent_capacity, until=head)
                         self._committed(page.events)
-                except Exception:  # the server away for a moment: look again, never stop watching
-                    logger.warning("could not follow the log's head; retrying", exc_info=True)
+                    if lost is not None:
+                        logger.warning("reached the database again; following the log's head")
+                        lost = None
+                except Exception as exc:  # the server away for a moment: look again, never stop watching
+                    if listener is not None:  # broken, or a probe that timed out: never trusted again
+                        with contextlib.suppress(Exception):
+                            await listener.close()
+                        listener = None
+                    if lost is None:
+                        lost = " ".join(str(exc).split()) or type(exc).__name__
+                        logger.warning("lost the database (%s); reconnecting every %s s", lost, self.poll_interval)
                     await asyncio.sleep(self.poll_interval)
         finally:
             if listener is not None:

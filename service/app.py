@@ -11,14 +11,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Mount, Route
 
-from events import IdempotencyConflict, InvalidEvent, LogClosed, WrongExpectedVersion, open_log
+from events import IdempotencyConflict, InvalidEvent, LogClosed, StorageError, WrongExpectedVersion, open_log
 from projections.readmodels import read_models
 from service.api import (
     API_PREFIX, agents, approvals, desktops, health, log as log_routes, overview, projects, stream, tasks, worker,
 )
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
-from service.http.errors import HttpError, error_response, refusal_response
+from service.http.errors import HttpError, error_response, refusal_response, storage_unavailable
 from service.http.endpoints import walk
 from service.http.metrics import Metrics
 from service.http.middleware import ApiMiddleware
@@ -50,6 +50,12 @@ async def _invalid_event(request: Request, exc: InvalidEvent) -> Response:
 
 async def _closed(request: Request, exc: LogClosed) -> Response:
     return error_response(503, "shutting_down", "The service is shutting down.", {"Retry-After": "5"})
+
+
+async def _storage_failed(request: Request, exc: StorageError) -> Response:
+    logger.warning("the log's storage failed; answered 503", error=str(exc),
+                   request_id=getattr(request.state, "request_id", None))
+    return await _http_error(request, storage_unavailable())
 
 
 async def _http(request: Request, exc: HTTPException) -> Response:
@@ -134,13 +140,14 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             HttpError: _http_error, Refused: _refused, WrongExpectedVersion: _conflict, IdempotencyConflict: _conflict,
-            InvalidEvent: _invalid_event, LogClosed: _closed, HTTPException: _http, ClientDisconnect: _disconnected,
-            Exception: _server_error,
+            InvalidEvent: _invalid_event, LogClosed: _closed, StorageError: _storage_failed, HTTPException: _http,
+            ClientDisconnect: _disconnected, Exception: _server_error,
         },
     )
     app.state.settings = settings
     app.state.ready = False
     app.state.catching_up = None
+    app.state.projected = 0  # the read models' checkpoint as /readyz last read it
     app.state.metrics = metrics
     app.add_middleware(ApiMiddleware, state=app.state)
     return app

@@ -15,8 +15,9 @@ from events import EventLog
 
 # Fixtures for tests that talk HTTP: to a real server, `server`, `make_server`, `shared_server`
 # (tests/server.py); to the app in this process, `app_server`, `make_app_server`,
-# `shared_app_server` (tests/inprocess.py); and `api_server` (tests/api_helpers.py).
-pytest_plugins = ["tests.server", "tests.inprocess", "tests.api_helpers"]
+# `shared_app_server` (tests/inprocess.py); and `api_server` (tests/api_helpers.py). `private_postgres`
+# is a PostgreSQL cluster of a test's own, to restart and crash (tests/pgcluster.py).
+pytest_plugins = ["tests.server", "tests.inprocess", "tests.api_helpers", "tests.pgcluster"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

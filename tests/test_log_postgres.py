@@ -1,6 +1,8 @@
 """What only the PostgreSQL backend promises: the database's guards, and refusing a database that
 is not its own or is newer than it (issue 15). The contracts every backend keeps are
-tests/test_log_contract.py's and tests/test_readmodels_contract.py's, run on PostgreSQL too."""
+tests/test_log_contract.py's and tests/test_readmodels_contract.py's, run on PostgreSQL too. Every
+command that takes --database refuses a bad one (unreachable, missing, another app's, newer) in one
+sentence, writing nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import pytest
 from events import StorageError
 from events.postgres import SCHEMA_VERSION, PostgresLog
 from events.types import TaskCreated
-from tests.test_cli import one_sentence, run
+from tests.conftest import POSTGRES_SERVER
+from tests.server import free_port
+from tests.test_cli import FIXTURE, one_sentence, run
 
 
 def created(task_id: str) -> TaskCreated:
@@ -64,3 +68,73 @@ async def test_a_schema_newer_than_this_code_is_refused(postgres_database):
     with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}, newer than"):
         await opened(postgres_database)
     assert "newer than this Mission Control knows" in one_sentence(run("token", "list", "--database", postgres_database))
+
+
+# --- bad configuration, for every command that takes --database ---------------------------------
+
+
+def _closed_port(url: str) -> str:
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+
+
+def _no_database(url: str) -> str:
+    return f"{url}_absent"
+
+
+def _no_user(url: str) -> str:
+    return url.replace("postgres@", "mc_no_such_role@")
+
+
+def _foreign_tables(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total BIGINT)")
+        conn.execute("INSERT INTO invoices VALUES (1, 100)")
+    return url
+
+
+def _newer_schema(url: str) -> str:
+    run("import", str(FIXTURE), "--database", url, "--data-dir", "unused").check_returncode()
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE mission_control SET schema_version = %s", (SCHEMA_VERSION + 1,))
+    return url
+
+
+def contents(url: str) -> dict[str, str]:
+    """Every table of the database with a digest of its rows: what a refused command must leave as it was."""
+    with psycopg.connect(url) as conn:
+        return {name: conn.execute(
+            f"SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {name} t"
+        ).fetchone()[0] for name in tables(url)}
+
+
+def database_exists(name: str) -> bool:
+    with psycopg.connect(f"{POSTGRES_SERVER}/test") as conn:
+        return conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,)).fetchone()[0] == 1
+
+
+COMMANDS = {
+    "serve": lambda: ["serve", "--port", str(free_port())],
+    "token-create": lambda: ["token", "create", "--user", "alice", "--scopes", "admin"],
+    "verify": lambda: ["verify"],
+    "export": lambda: ["export"],
+    "import": lambda: ["import", str(FIXTURE)],
+    "rebuild": lambda: ["rebuild"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("fault", [_closed_port, _no_database, _no_user, _foreign_tables, _newer_schema],
+                         ids=["closed-port", "no-database", "no-user", "foreign-tables", "newer-schema"])
+def test_a_bad_database_is_refused_in_one_sentence_and_left_untouched(fault, command, postgres_database, tmp_path):
+    url = fault(postgres_database)
+    before = contents(postgres_database)
+    refused = run(*COMMANDS[command](), "--database", url, "--data-dir", str(tmp_path / "data"))
+    sentence = one_sentence(refused)
+    assert "Traceback" not in refused.stdout and not refused.stdout.strip() or command == "export", refused.stdout
+    assert {
+        _closed_port: "Connection refused", _no_database: "does not exist", _no_user: 'role "mc_no_such_role"',
+        _foreign_tables: "1 tables that are not a Mission Control log", _newer_schema: "newer than this",
+    }[fault] in sentence
+    assert contents(postgres_database) == before
+    assert not database_exists(_no_database(postgres_database).rpartition("/")[2])  # none made where there was none
+    assert not (tmp_path / "data" / "admin-token").exists()

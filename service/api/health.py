@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from events import StorageError
 from projections.readmodels import ReadModels
 from service.api import schemas
 from service.http import openapi
@@ -35,8 +36,14 @@ async def healthz(request: Request, who: Principal | None) -> Response:
           answer=schemas.Readiness, same_answer=(503,))
 async def readyz(request: Request, who: Principal | None) -> Response:
     app = request.app.state
-    figures = await request.state.models.counters()
-    head = await request.state.log.read_head()
+    try:
+        figures = await request.state.models.counters()
+        head = await request.state.log.read_head()
+    except StorageError as exc:  # the database unreachable: not ready, whatever was folded before
+        body = {"ready": False, "head": request.state.log.head, "projected": app.projected,
+                "detail": f"The database cannot be reached: {exc}"}
+        return JSONResponse(body, 503)
+    app.projected = figures.checkpoint
     ready = app.ready and figures.checkpoint >= head
     if app.ready and not ready and (app.catching_up is None or app.catching_up.done()):
         # Events appended by a process without a projector are otherwise folded only by the

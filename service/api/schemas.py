@@ -205,6 +205,8 @@ class Readiness(msgspec.Struct):
     head: int
     projected: int
     """The log position the read models have folded up to."""
+    detail: str | None = None
+    """Why not ready, when the database cannot be reached (head and projected as last read)."""
 
 
 class Accepted(msgspec.Struct, rename="camel"):

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from events import RecordedEvent
+from events import RecordedEvent, StorageError
 from events import streams as stream_names
 from service.api.tenancy import Tenancy
 from service.http.auth import Principal
@@ -143,21 +143,25 @@ async def activity_stream(request: Request, who: Principal) -> Response:
         yield HELLO
         if streams == []:
             await anyio.sleep_forever()  # nothing can match: heartbeats only
-        async with contextlib.aclosing(log.tail_pages(after, streams=streams, types=types, page=PAGE)) as pages:
-            async for events in pages:
-                if not await key_still_valid():
-                    return
-                chunk: list[bytes] = []
-                size = 0
-                for event in events:
-                    if tenancy.everything or await tenancy.admits(event):
-                        chunk.append(data := frame(event))
-                        size += len(data)
-                        if size >= CHUNK_BYTES:
-                            yield b"".join(chunk)
-                            chunk, size = [], 0
-                if chunk:
-                    yield b"".join(chunk)
+        try:
+            async with contextlib.aclosing(log.tail_pages(after, streams=streams, types=types, page=PAGE)) as pages:
+                async for events in pages:
+                    if not await key_still_valid():
+                        return
+                    chunk: list[bytes] = []
+                    size = 0
+                    for event in events:
+                        if tenancy.everything or await tenancy.admits(event):
+                            chunk.append(data := frame(event))
+                            size += len(data)
+                            if size >= CHUNK_BYTES:
+                                yield b"".join(chunk)
+                                chunk, size = [], 0
+                    if chunk:
+                        yield b"".join(chunk)
+        except StorageError:  # the database away: end cleanly, and the client resumes from its Last-Event-ID
+            logger.warning("stream ended: the log's storage failed",
+                           request_id=getattr(request.state, "request_id", None))
 
     return EventStream(
         body(), ping=settings.heartbeat_seconds, send_timeout=settings.send_timeout_seconds,

@@ -61,3 +61,12 @@ def bad_request(detail: str, code: str = "invalid_request") -> HttpError:
 
 def body_too_large(limit: int) -> HttpError:
     return HttpError(413, "body_too_large", f"The request body is over the limit of {limit} bytes.")
+
+
+def storage_unavailable() -> HttpError:
+    """The log's storage failed (PostgreSQL restarting, unreachable): nothing of the request was
+    acknowledged, and the log reconnects by itself, so the client may send it again shortly."""
+    return HttpError(
+        503, "storage_unavailable", "The service cannot reach its database just now; try again shortly.",
+        {"Retry-After": "1"},
+    )

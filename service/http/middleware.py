@@ -13,9 +13,10 @@ import structlog
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from events import StorageError
 from service.http.auth import authenticate
 from service.http.bodies import whole_number
-from service.http.errors import HttpError, body_too_large, error_response
+from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
 from service.api.stream import PATH as STREAM_PATH
 
@@ -97,6 +98,8 @@ class ApiMiddleware:
             principal = await authenticate(scope["state"]["models"], token)  # the lifespan state
         except HttpError as rejected:
             return rejected
+        except StorageError:  # the key cannot be looked up just now: the app's own answer to it
+            return storage_unavailable()
         if self.limiter is None:
             self.limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
         wait = self.limiter.take(principal.key_id)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from events import EventLog, Meta, RecordedEvent, TypeFilter, decode
+from events import EventLog, Meta, RecordedEvent, StorageError, TypeFilter, decode
 from events import types as t
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
@@ -190,6 +190,8 @@ class Keeper:
             await asyncio.sleep(self.lease_seconds / 4)
             try:
                 await self.sweep()
+            except StorageError as exc:  # the database away: the next sweep does what this could not
+                log.warning("lease sweep failed: the log's storage failed", error=str(exc))
             except Exception:
                 log.exception("lease sweep failed")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from events import EventLog, Meta, WrongExpectedVersion, streams
+from events import EventLog, Meta, StorageError, WrongExpectedVersion, streams
 from events import types as t
 from projections.agents import AGENT_KINDS
 from projections.readmodels import ReadModels
@@ -157,6 +157,11 @@ class LocalDesktop:
                     continue
             except asyncio.CancelledError:
                 raise
+            except StorageError as exc:  # the database away: the log reconnects, this polls again
+                log.warning("local desktop poll failed: the log's storage failed", desktop=self.name,
+                            error=str(exc))
+                await asyncio.sleep(1)
+                continue
             except Exception:  # the log closing, a bad moment: never a busy loop, never the loop's end
                 log.exception("local desktop poll failed", desktop=self.name)
                 await asyncio.sleep(1)
