@@ -545,7 +545,8 @@ def _patience(args) -> float:
 
 
 def _retrying(error: ApiError, seconds: float) -> None:
-    print(f"mission-control: {error} Trying again in {seconds:g} s.", file=sys.stderr, flush=True)
+    stop = "" if str(error).endswith((".", "?", "!", ")")) else "."
+    print(f"mission-control: {error}{stop} Trying again in {seconds:g} s.", file=sys.stderr, flush=True)
 
 
 def _run(fn: Callable[[Client, Any, Out], int]) -> Callable[[Any], int]:
