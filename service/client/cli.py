@@ -13,7 +13,6 @@ import argparse
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -344,7 +343,7 @@ class _Display:
         self.live = Live(self, console=self.console, transient=True, refresh_per_second=8) \
             if self.console.is_terminal else None
         self.through_live = self.live is not None and on_stdout
-        self.partial = ""
+        self.partial, self.partial_style = "", ""
         self.spinner = Spinner("dots")
 
     def __rich__(self) -> Spinner:
@@ -370,20 +369,23 @@ class _Display:
         self.started_at = datetime.fromisoformat(recorded_at.replace("Z", "+00:00"))
 
     def write(self, stream: str, chunk: str) -> None:
-        if stream == "stderr":
+        """The agent's stderr goes to stderr (in red above the status line), the rest to stdout."""
+        if not self.through_live:
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            out.write(chunk)
+            out.flush()
+            return
+        style = "red" if stream == "stderr" else ""
+        if style != self.partial_style:
             self.flush()
-            Console(stderr=True, highlight=False).print(Text(chunk, style="red"), end="")
-        elif not self.through_live:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        else:
-            lines, newline, self.partial = (self.partial + chunk).rpartition("\n")
-            if newline:
-                self.console.print(Text(lines), soft_wrap=True)
+        self.partial_style = style
+        lines, newline, self.partial = (self.partial + chunk).rpartition("\n")
+        if newline:
+            self.console.print(Text(lines, style=style), soft_wrap=True)
 
     def flush(self) -> None:
         if self.partial:
-            self.console.print(Text(self.partial), soft_wrap=True)
+            self.console.print(Text(self.partial, style=self.partial_style), soft_wrap=True)
             self.partial = ""
 
     def ask(self, question: str) -> str | None:

@@ -222,7 +222,7 @@ class _Base:
         )
 
     def _request(self, call: Call) -> httpx.Request:
-        params = {k: v for k, v in call.params.items() if v is not None}
+        params = _present(call.params)
         content = None if call.body is None else msgspec.json.encode(call.body)
         headers = {**call.headers, **({"Content-Type": "application/json"} if content is not None else {})}
         return self._http.build_request(call.method, call.path, params=params, content=content, headers=headers)
