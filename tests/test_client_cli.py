@@ -330,16 +330,16 @@ def positions(text: str) -> list[int]:
 
 def test_tail_prints_events_as_ndjson_or_lines_with_its_filters(shared_server):
     task = create(shared_server, "Tail me")
-    ran = ok(shared_server, "tail", "--from", "0", "--json", "--until-idle", "1")
+    ran = ok(shared_server, "tail", "--from", "0", "--json", "--until-idle", "2")
     seen = positions(ran.stdout)
     assert seen == list(range(1, len(seen) + 1)) and len(seen) >= 3  # the admin sees every event, in order
     only = [msgspec.json.decode(line) for line in
             ok(shared_server, "tail", "--from", "0", "--task", task.id, "--types", "task.", "--json", "--until-idle",
-               "1").stdout.splitlines()]
+               "2").stdout.splitlines()]
     assert [(e["type"], e["payload"]["taskId"]) for e in only] == [("task.created", task.id)]
-    lines = ok(shared_server, "tail", "--from", "0", "--task", task.id, "--until-idle", "1").stdout
+    lines = ok(shared_server, "tail", "--from", "0", "--task", task.id, "--until-idle", "2").stdout
     assert re.search(rf"^\s*\d+\s+\S+Z\s+task\.created\s+task-{task.id}\s+\{{", lines, re.M), lines
-    assert ok(shared_server, "tail", "--until-idle", "1", "--json").stdout == ""  # from now: nothing new
+    assert ok(shared_server, "tail", "--until-idle", "2", "--json").stdout == ""  # from now: nothing new
 
 
 def test_tail_resume_across_a_server_restart_loses_nothing_and_repeats_nothing(server, tmp_path):
@@ -369,7 +369,7 @@ def test_tail_resume_across_a_server_restart_loses_nothing_and_repeats_nothing(s
     assert first.returncode == 130, err
     for n in range(2):
         create(server, f"while no tail runs {n}")
-    second = ok(server, "tail", "--resume", str(saved), "--json", "--until-idle", "1")
+    second = ok(server, "tail", "--resume", str(saved), "--json", "--until-idle", "2")
     seen = positions(out) + positions(second.stdout)
     assert seen == list(range(1, head() + 1))  # every event once, in order, across both
     assert saved.read_text().strip() == str(head())
@@ -378,17 +378,30 @@ def test_tail_resume_across_a_server_restart_loses_nothing_and_repeats_nothing(s
 # --- the concurrency limit ---------------------------------------------------------------------------
 
 
-def test_a_run_at_the_concurrency_limit_waits_out_retry_after_then_starts(make_server):
+def test_a_run_at_the_concurrency_limit_waits_out_retry_after_then_starts(make_server, tmp_path):
     server = make_server(MC_MAX_CONCURRENT=1)
-    busy = create(server, "Hold the slot", "--metadata", '{"echo": {"delayMs": 4000}}')
+    busy = create(server, "Hold the slot", "--metadata", '{"echo": {"delayMs": 600000}}')
     ok(server, "task", "run", busy.id)
     waiting = create(server, "Wait for the slot")
     refused(mc(server, "task", "run", waiting.id, "--patience", "0"), "Maximum concurrent tasks (1) reached")
-    ran = mc(server, "task", "run", waiting.id, "--follow")
-    assert ran.returncode == 0, ran.stderr
-    assert "Maximum concurrent tasks (1) reached. Trying again in 5 s." in ran.stderr  # the server's Retry-After
-    assert ran.stdout == "Wait for the slot"
-    assert status_of(server, busy.id) == "done"
+
+    told = tmp_path / "stderr"
+    with told.open("w") as stderr:
+        following = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "task", "run", waiting.id, "--follow"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "MC_SERVER": server.base_url, "MC_TOKEN": server.admin_token},
+        )
+        try:
+            wait_for(lambda: "Trying again" in told.read_text(), "the client to wait out a 429")
+            ok(server, "task", "cancel", busy.id)  # the slot frees while it waits
+            out, _ = following.communicate(timeout=60)
+        finally:
+            following.kill()
+    assert following.returncode == 0, told.read_text()
+    # The server's sentence, and its Retry-After honoured.
+    assert "Maximum concurrent tasks (1) reached. Trying again in 5 s." in told.read_text()
+    assert out == "Wait for the slot"
 
 
 # --- the library ------------------------------------------------------------------------------------
@@ -397,13 +410,18 @@ def test_a_run_at_the_concurrency_limit_waits_out_retry_after_then_starts(make_s
 def test_the_sync_client_decodes_the_servers_models_and_tells_of_each_429(make_server):
     server = make_server(MC_MAX_CONCURRENT=1)
     told: list[tuple[str, float]] = []
-    with Client(server.base_url + "/api/mission-control", server.admin_token,
-                on_retry=lambda error, wait: told.append((error.code, wait))) as client:
-        busy = client.create_task("prompt", "Hold", metadata={"echo": {"delayMs": 3000}})
+    admin = server.client()
+
+    def retrying(error: ApiError, wait: float) -> None:
+        told.append((error.code, wait))
+        assert admin.post(f"/tasks/{busy.id}/cancel").status_code == 200  # the slot frees while it waits
+
+    with Client(server.base_url + "/api/mission-control", server.admin_token, on_retry=retrying) as client:
+        busy = client.create_task("prompt", "Hold", metadata={"echo": {"delayMs": 600000}})
         assert isinstance(busy, Task) and client.run_task(busy.id).status == "running"
         second = client.create_task("prompt", "Next")
         started = client.run_task(second.id)  # waits out the limit
-        assert started.status in ("running", "done") and told and told[0] == ("concurrency_limit", 5.0)
+        assert started.status == "running" and told == [("concurrency_limit", 5.0)]
         watch = RunWatch(started.run_id)
         for event in client.stream(started.created_position - 1, task_id=second.id):
             watch.see(event)
