@@ -17,6 +17,7 @@ from events import types as t
 from events.envelope import decode
 from events.verify import ChainBroken, Rechain, verify_chain
 from projections.readmodels import read_models
+from service.client import cli as client_commands
 from service.http import auth
 from service.settings import Settings, env_name, from_env
 
@@ -501,6 +502,8 @@ def parser() -> argparse.ArgumentParser:
                      help="how many runs at once (default 1; env MC_CAPACITY)")
     sub.add_argument("--workdir", default=_env("workdir", "./mission-control-worker"),
                      help="where the runs' working directories live (default ./mission-control-worker; env MC_WORKDIR)")
+
+    client_commands.register(commands)
 
     sub = command("rebuild", rebuild, "Drop every read model and refold it from the log.",
                   "mission-control rebuild --data-dir ./var")

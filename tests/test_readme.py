@@ -45,6 +45,14 @@ def test_the_tour_runs_as_written_and_leaves_the_checkout_clean(tmp_path):
     assert '{"status":"done","result":"hello from Linux\\n"}' in out
     assert '{"number":1,"desktopId":"local","status":"done","exitCode":null,"reason":null}' in out
     assert "draining\nonline\n" in out
+    # Each flow again with `mission-control`, a client of the same server.
+    assert "Say hello to Mission ControlHello\n\nSay hello from the CLIHello\n\nSay hello from the CLI" in out
+    assert "Plan the trip\nMarsPlan the trip\nMars" in out  # the curl output, then --follow's own
+    assert '{"status":"pending","runs":2}' in out and "Write the FAQexit 3\ndone\n" in out
+    assert '["rejected","approved","approved","rejected"]' in out
+    assert re.search(r"^local\s+online\s+shell,exec,openai,echo\s+0/5\s", out, re.M)
+    assert "task.completed  task-" in out and "\nLinux\n" in out
+    assert out.endswith("exit 4\n") and "mission-control: Task id 'not-a-uuid' is not a valid UUID." in ran.stderr
     assert re.search(r"ok: \d+ events, head \d+; the digest checked: event \d+ still carries its hash\n", out), (
         out, ran.stderr)
     assert re.search(r"imported \d+ events into ", out), ran.stderr
