@@ -117,6 +117,7 @@ def create_app(settings: Settings) -> Starlette:
             await keeper.close()
             await reports.close()
             await webhooks.close()
+            await leases.close()
             await log.close()
 
     metrics = Metrics()

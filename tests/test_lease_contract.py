@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 
+import pytest
+
 from service.work.leases import LeaseStore, open_leases
 
 HOLDS = 3600.0
@@ -15,25 +17,35 @@ LAPSED = -1.0
 """A lease granted for this long has lapsed already."""
 
 
-async def _store(log) -> LeaseStore:
-    leases = open_leases(log)
-    await leases.prepare()
-    return leases
+@pytest.fixture
+async def opened():
+    """Opens a log's lease store, prepared; closes every one it opened at teardown."""
+    stores: list[LeaseStore] = []
+
+    async def open_(log, prepare: bool = True) -> LeaseStore:
+        stores.append(open_leases(log))
+        if prepare:
+            await stores[-1].prepare()
+        return stores[-1]
+
+    yield open_
+    for store in stores:
+        await store.close()
 
 
-async def _two(log_factory) -> tuple[LeaseStore, LeaseStore]:
+async def _two(log_factory, opened) -> tuple[LeaseStore, LeaseStore]:
     """Two nodes' stores: each on a log of its own, both on one database."""
     first = await log_factory()
     second = await log_factory.reopen(first)
-    return await _store(first), await _store(second)
+    return await opened(first), await opened(second)
 
 
 async def _lapsed(leases: LeaseStore, *run_ids: str) -> list[str]:
     return sorted(lapse.run_id for lapse in await leases.lapsed(list(run_ids) if run_ids else None))
 
 
-async def test_a_lease_lapses_once_its_deadline_has_passed_and_says_when(log_factory):
-    leases = await _store(await log_factory())
+async def test_a_lease_lapses_once_its_deadline_has_passed_and_says_when(log_factory, opened):
+    leases = await opened(await log_factory())
     assert await leases.lapsed() == []
     await leases.grant("r1", "t1", HOLDS)
     await leases.grant("r2", "t2", LAPSED)
@@ -43,8 +55,8 @@ async def test_a_lease_lapses_once_its_deadline_has_passed_and_says_when(log_fac
     assert lapse.deadline < datetime.datetime.now(datetime.UTC)
 
 
-async def test_lapsed_asked_for_some_runs_answers_of_those_alone(log_factory):
-    leases = await _store(await log_factory())
+async def test_lapsed_asked_for_some_runs_answers_of_those_alone(log_factory, opened):
+    leases = await opened(await log_factory())
     for run_id in ("r1", "r2", "r3"):
         await leases.grant(run_id, "t", LAPSED)
     await leases.grant("r4", "t", HOLDS)
@@ -53,34 +65,43 @@ async def test_lapsed_asked_for_some_runs_answers_of_those_alone(log_factory):
     assert await _lapsed(leases) == ["r1", "r2", "r3"]
 
 
-async def test_a_lease_is_never_shortened(log_factory):
-    leases = await _store(await log_factory())
+async def test_a_lease_is_never_shortened(log_factory, opened):
+    leases = await opened(await log_factory())
     await leases.grant("r1", "t1", HOLDS)
     await leases.grant("r1", "t1", LAPSED)  # a late grant (another node's tail) keeps the later deadline
-    await leases.renew(["r1"], LAPSED)
+    await leases.renew("d1", ["r1"], LAPSED)
     assert await leases.lapsed() == []
 
 
-async def test_a_renewal_revives_no_lapsed_lease_and_creates_none(log_factory):
-    leases = await _store(await log_factory())
+async def test_a_renewal_revives_no_lapsed_lease_and_creates_none(log_factory, opened):
+    leases = await opened(await log_factory())
     await leases.grant("r1", "t1", LAPSED)
-    await leases.renew(["r1", "ended"], HOLDS)
+    await leases.renew("d1", ["r1", "ended"], HOLDS)
     assert await _lapsed(leases) == ["r1"]  # to be recorded lost, not renewed
     await leases.grant("ended", "t2", LAPSED)  # had the renewal made a lease, this one would hold
     assert await _lapsed(leases) == ["ended", "r1"]
-    await leases.renew([], HOLDS)
 
 
-async def test_a_dropped_lease_is_gone(log_factory):
-    leases = await _store(await log_factory())
+async def test_a_renewal_is_its_desktop_heard_from_even_holding_no_run(log_factory, opened):
+    leases = await opened(await log_factory())
+    await leases.renew("d1", [], HOLDS)
+    heard = await leases.last_heard("d1")
+    assert heard is not None
+    await leases.grant("r1", "t1", HOLDS)
+    await leases.renew("d1", ["r1"], HOLDS)
+    assert await leases.last_heard("d1") >= heard and set(await leases.silences()) == {"d1"}
+
+
+async def test_a_dropped_lease_is_gone(log_factory, opened):
+    leases = await opened(await log_factory())
     await leases.grant("r1", "t1", LAPSED)
     await leases.drop("r1")
     await leases.drop("r1")  # every node's tail drops it: again is nothing
     assert await leases.lapsed() == []
 
 
-async def test_a_desktop_heard_from_is_last_heard_then_and_silent_since(log_factory):
-    leases = await _store(await log_factory())
+async def test_a_desktop_heard_from_is_last_heard_then_and_silent_since(log_factory, opened):
+    leases = await opened(await log_factory())
     assert await leases.last_heard("d1") is None
     assert await leases.silences() == {}
     await leases.heard("d1")
@@ -93,28 +114,28 @@ async def test_a_desktop_heard_from_is_last_heard_then_and_silent_since(log_fact
     assert set(await leases.silences()) == {"d1"}
 
 
-async def test_two_stores_on_one_database_see_each_others_leases_and_hearings(log_factory):
-    a, b = await _two(log_factory)
+async def test_two_stores_on_one_database_see_each_others_leases_and_hearings(log_factory, opened):
+    a, b = await _two(log_factory, opened)
     await a.grant("r1", "t1", LAPSED)
     await a.grant("r2", "t2", HOLDS)
     assert await _lapsed(b) == ["r1"]  # a lapse either node can record
-    await b.renew(["r1"], HOLDS)
+    await b.renew("d1", ["r1"], HOLDS)
     assert await _lapsed(a) == ["r1"]  # renewed through the other node: still not revived
     await b.grant("r2", "t2", LAPSED)
-    await a.renew(["r2"], LAPSED)
+    await a.renew("d1", ["r2"], LAPSED)
     assert await _lapsed(b) == ["r1"]  # held by the first node's grant
     await b.drop("r1")
     assert await a.lapsed() == []
 
-    await b.heard("d1")
-    assert await a.last_heard("d1") == await b.last_heard("d1")
-    assert set(await a.silences()) == {"d1"}
+    await b.heard("d2")
+    assert await a.last_heard("d2") == await b.last_heard("d2")
+    assert set(await a.silences()) == {"d1", "d2"}
 
 
-async def test_stores_prepared_at_once_on_one_database_share_one_table(log_factory):
+async def test_stores_prepared_at_once_on_one_database_share_one_table(log_factory, opened):
     first = await log_factory()
     logs = [first, *[await log_factory.reopen(first) for _ in range(2)]]
-    stores = [open_leases(log) for log in logs]
+    stores = [await opened(log, prepare=False) for log in logs]
     await asyncio.gather(*(store.prepare() for store in stores))  # nodes starting together
     await stores[0].grant("r1", "t1", LAPSED)
     for store in stores:

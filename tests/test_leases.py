@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from events import Meta, TypeFilter, decode, streams
 from events import types as t
 from projections.readmodels import read_models
@@ -46,10 +48,20 @@ class Node:
         return node
 
 
-async def _nodes(log_factory, n: int, clock: Clock | None = None) -> list[Node]:
-    first = await log_factory()
-    logs = [first, *[await log_factory.reopen(first) for _ in range(n - 1)]]
-    return [await Node.on(log, clock) for log in logs]
+@pytest.fixture
+async def make_nodes(log_factory):
+    """`await make_nodes(n, clock)`: n nodes on one fresh log's storage; their stores closed at teardown."""
+    made: list[Node] = []
+
+    async def make(n: int, clock: Clock | None = None) -> list[Node]:
+        first = await log_factory()
+        logs = [first, *[await log_factory.reopen(first) for _ in range(n - 1)]]
+        made.extend([await Node.on(log, clock) for log in logs])
+        return made[-n:]
+
+    yield make
+    for node in made:
+        await node.leases.close()
 
 
 async def _register(commands: Commands, desktop_id: str, key_id: str | None = None) -> None:
@@ -77,8 +89,8 @@ async def _offline_reasons(log, desktop_id: str) -> list[str]:
     return [decode(e).reason for e in offline]
 
 
-async def test_a_lapsed_lease_is_recorded_lost_once_and_a_live_one_never(log_factory):
-    node, = await _nodes(log_factory, 1)
+async def test_a_lapsed_lease_is_recorded_lost_once_and_a_live_one_never(make_nodes):
+    node, = await make_nodes(1)
     await _register(node.commands, "d1")
     await node.leases.heard("d1")  # its worker still polls: only the run lapses
     await node.keeper.prepare()
@@ -104,9 +116,9 @@ async def test_a_lapsed_lease_is_recorded_lost_once_and_a_live_one_never(log_fac
     assert await _failures(node.log, live_task) == [] and (await node.models.desktop("d1")).status == "online"
 
 
-async def test_two_nodes_keepers_that_see_one_lapse_at_once_record_it_once(log_factory):
+async def test_two_nodes_keepers_that_see_one_lapse_at_once_record_it_once(make_nodes):
     clock = Clock()
-    nodes = await _nodes(log_factory, 2, clock)
+    nodes = await make_nodes(2, clock)
     await _register(nodes[0].commands, "d1")
     task_id, run_id, _ = await _placed(nodes[0].log, "d1")
     for node in nodes:
@@ -122,8 +134,8 @@ async def test_two_nodes_keepers_that_see_one_lapse_at_once_record_it_once(log_f
     assert len(await _offline_reasons(nodes[0].log, "d1")) == 1
 
 
-async def test_a_renewal_through_one_node_keeps_the_run_from_the_other_nodes_keeper(log_factory):
-    a, b = await _nodes(log_factory, 2)
+async def test_a_renewal_through_one_node_keeps_the_run_from_the_other_nodes_keeper(make_nodes):
+    a, b = await make_nodes(2)
     await _register(a.commands, "d1")
     task_id, run_id, started = await _placed(a.log, "d1")
     await a.keeper.seen(started)
@@ -134,9 +146,9 @@ async def test_a_renewal_through_one_node_keeps_the_run_from_the_other_nodes_kee
     assert await _failures(a.log, task_id) == [] and (await a.models.desktop("d1")).status == "online"
 
 
-async def test_a_desktop_silent_past_a_lease_goes_offline_and_its_runs_are_lost(log_factory):
+async def test_a_desktop_silent_past_a_lease_goes_offline_and_its_runs_are_lost(make_nodes):
     clock = Clock()
-    node, = await _nodes(log_factory, 1, clock)
+    node, = await make_nodes(1, clock)
     await _register(node.commands, "quiet")
     await _register(node.commands, "chatty")
     task_id, run_id, _ = await _placed(node.log, "quiet")
@@ -155,8 +167,8 @@ async def test_a_desktop_silent_past_a_lease_goes_offline_and_its_runs_are_lost(
     assert len(await node.log.read_stream(streams.desktop("quiet"))) == 2  # registered, offline: once
 
 
-async def test_a_revoked_worker_key_ends_its_desktops_runs_at_once(log_factory):
-    node, = await _nodes(log_factory, 1)  # its clock never moves
+async def test_a_revoked_worker_key_ends_its_desktops_runs_at_once(make_nodes):
+    node, = await make_nodes(1)  # its clock never moves
     log, models, keeper = node.log, node.models, node.keeper
     await _register(node.commands, "w1", key_id="k1")
     task_id, run_id, _ = await _placed(log, "w1")

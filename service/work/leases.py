@@ -1,5 +1,5 @@
-"""Lease deadlines and when each desktop was last heard from: in a table of the log's database
-that every node sharing it reads and writes (never as events), so a worker may renew through any
+"""Lease deadlines and when each desktop was last heard from: in tables of the log's database (a
+file beside the log's, on SQLite) that every node sharing it reads and writes (never as events), so a worker may renew through any
 node and any node's `Keeper` may end what lapsed. The database computes and compares the
 deadlines (PostgreSQL by its own clock, one for every machine: a node's skewed clock cannot lapse
 a lease early); each backend's SQL is in service/work/leasestore/<backend>.py.
@@ -53,12 +53,15 @@ class LeaseStore(Protocol):
     async def prepare(self) -> None:
         """Its tables, made if the database has none yet."""
 
+    async def close(self) -> None: ...
+
     async def grant(self, run_id: str, task_id: str, seconds: float) -> None:
         """The run (of the task) holds a lease until `seconds` from now at least: never shortened."""
 
-    async def renew(self, run_ids: Sequence[str], seconds: float) -> None:
-        """Those of the runs whose lease has not lapsed hold it until `seconds` from now at least;
-        an ended run holds none and a lapsed one is not revived (it is to be recorded lost)."""
+    async def renew(self, desktop_id: str, run_ids: Sequence[str], seconds: float) -> None:
+        """A report from the desktop's worker: it was heard from now, and those of the runs whose
+        lease has not lapsed hold it until `seconds` from now at least. An ended run holds none
+        and a lapsed one is not revived (it is to be recorded lost)."""
 
     async def drop(self, run_id: str) -> None:
         """The run ended: it holds no lease."""

@@ -184,9 +184,8 @@ class Reports:
         `poll_seconds`. Arriving, it marks the desktop heard from and renews the listed runs' leases."""
         desktop = await self._registered(who, body.epoch)
         now = self.clock()
-        await self.leases.heard(desktop.id)
         held = {run.run_id: run for run in body.runs}
-        await self.leases.renew(list(held), self.lease_seconds)  # a lapsed one is not revived: lost below
+        await self.leases.renew(desktop.id, list(held), self.lease_seconds)  # a lapsed one is not revived: lost below
         waiter = _Waiter(desktop.id, set(held))
         self._waiters.add(waiter)
         try:
@@ -333,8 +332,7 @@ class Reports:
                 last_seq=body.last_seq, exit_code=body.exit_code, result=body.result, output=output,
             )
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), idem, known=task)
-        await self.leases.drop(run_id)
-        await self.leases.heard(who.desktop_id)
+        await self.leases.heard(who.desktop_id)  # its lease is dropped by the keepers, which follow every ending
         return wire.RunStatus(status=updated.status)
 
     async def _leased(self, who: WorkerIdentity, run_id: str, lease: str) -> tuple[TaskState, Fence]:
@@ -377,8 +375,7 @@ class Reports:
         await lose(self.commands, task, lapsed(task.run_desktop_id or "(unnamed)", deadline))
 
     async def _renew(self, who: WorkerIdentity, run_id: str) -> None:
-        await self.leases.renew([run_id], self.lease_seconds)
-        await self.leases.heard(who.desktop_id)
+        await self.leases.renew(who.desktop_id, [run_id], self.lease_seconds)
 
     def _meta(self, desktop_id: str) -> Meta:
         return Meta(actor=worker_actor(desktop_id))

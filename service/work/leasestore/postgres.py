@@ -19,6 +19,10 @@ SCHEMA = [
     'CREATE TABLE IF NOT EXISTS heard (desktop_id TEXT COLLATE "C" PRIMARY KEY, at TIMESTAMPTZ NOT NULL)',
 ]
 _FROM_NOW = "clock_timestamp() + make_interval(secs => %s)"
+_HEARD = (
+    "INSERT INTO heard VALUES (%s, clock_timestamp()) ON CONFLICT (desktop_id) DO UPDATE SET at = excluded.at "
+    "RETURNING desktop_id"
+)
 
 
 def open_leases(log: PostgresLog) -> PostgresLeases:
@@ -41,6 +45,9 @@ class PostgresLeases:
 
         await self.log.transact(create)
 
+    async def close(self) -> None:
+        """Nothing of its own: it speaks through the log's connections."""
+
     # Writes answer a row (RETURNING) or none: `query` fetches what a statement answers.
 
     async def grant(self, run_id: str, task_id: str, seconds: float) -> None:
@@ -50,13 +57,12 @@ class PostgresLeases:
             (run_id, task_id, seconds),
         )
 
-    async def renew(self, run_ids: Sequence[str], seconds: float) -> None:
-        if run_ids:
-            await self.log.query(
-                f"UPDATE leases SET deadline = GREATEST(deadline, {_FROM_NOW}) "
-                "WHERE run_id = ANY(%s) AND deadline >= clock_timestamp() RETURNING run_id",
-                (seconds, list(run_ids)),
-            )
+    async def renew(self, desktop_id: str, run_ids: Sequence[str], seconds: float) -> None:
+        await self.log.query(  # one statement: heard, and renewed
+            f"WITH heard AS ({_HEARD}) UPDATE leases SET deadline = GREATEST(deadline, {_FROM_NOW}) "
+            "WHERE run_id = ANY(%s) AND deadline >= clock_timestamp() RETURNING run_id",
+            (desktop_id, seconds, list(run_ids)),
+        )
 
     async def drop(self, run_id: str) -> None:
         await self.log.query("DELETE FROM leases WHERE run_id = %s RETURNING run_id", (run_id,))
@@ -76,11 +82,7 @@ class PostgresLeases:
         return [Lapse(run_id, task_id, _utc(deadline)) for run_id, task_id, deadline in rows]
 
     async def heard(self, desktop_id: str) -> None:
-        await self.log.query(
-            "INSERT INTO heard VALUES (%s, clock_timestamp()) ON CONFLICT (desktop_id) "
-            "DO UPDATE SET at = excluded.at RETURNING desktop_id",
-            (desktop_id,),
-        )
+        await self.log.query(_HEARD, (desktop_id,))
 
     async def last_heard(self, desktop_id: str) -> datetime.datetime | None:
         rows = await self.log.query("SELECT at FROM heard WHERE desktop_id = %s", (desktop_id,))
