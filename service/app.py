@@ -24,7 +24,7 @@ from service.http.metrics import Metrics
 from service.http.middleware import ApiMiddleware
 from service.settings import Settings
 from service.work import local
-from service.work.leases import Keeper, MemoryLeases
+from service.work.leases import Keeper, open_leases
 from service.work.reports import Reports
 from service.work.webhooks import WebhookWorker
 
@@ -101,14 +101,14 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         await local.ensure_echo_agent(log, models)
         commands = Commands(log, models)
         await local.recover(models, commands, settings)  # before this node's desktop starts a new session
-        leases = MemoryLeases()
+        leases = open_leases(log)  # shared by every node on the log's database
+        await leases.prepare()
         reports = Reports(log, models, commands, leases, settings)
         reports.start()
         desktop = None if settings.no_local_desktop else local.LocalDesktop(reports, models, commands, settings)
         if desktop is not None:
             await desktop.start()
-        node_desktop = None if desktop is None else desktop.name
-        keeper = Keeper(log, models, commands, leases, settings.lease_seconds, node_desktop)
+        keeper = Keeper(log, models, commands, leases, settings.lease_seconds)
         await keeper.start()
         sender = WebhookWorker(log, models, settings) if webhooks else None
         if sender is not None:
@@ -128,6 +128,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
             await reports.close()
             if sender is not None:
                 await sender.close()
+            await leases.close()
             await log.close()
 
     metrics = Metrics()

@@ -1,10 +1,15 @@
 """Several `serve` processes on one log (issue 15), on both backends: one SQLite data dir shared,
 or one PostgreSQL database with a data dir each. Nodes starting together issue one admin key,
-and a node whose contract settings differ from the log's refuses to start."""
+a node whose contract settings differ from the log's refuses to start, and the nodes share the
+leases: a worker may renew through any node, and a lapse is recorded once, by whichever node's
+keeper sees it first (leases of 2 s; every wait bounded)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -12,9 +17,12 @@ import pytest
 
 from service.cli import _Failed, _with_log, agree_settings, first_admin_key
 from service.settings import from_env
+from tests.api_helpers import UNLIMITED
 from tests.server import Server, cli, free_port
+from tests.worker import Worker, gone, last_run, shell_agent, start_task, wait_desktop, wait_file, wait_status
 
 BACKENDS = ["sqlite", "postgres"]
+LEASE = {"MC_LEASE_SECONDS": "2", **UNLIMITED}
 
 
 class Nodes:
@@ -49,6 +57,12 @@ class Nodes:
         """`serve` in the foreground: for a node that must refuse to start."""
         return cli(self.data_dir(n), "serve", "--port", str(free_port()), *options,
                    env={**self.env, "MC_LOCAL_DESKTOP": f"node-{n}", **env}, check=False)
+
+    def worker_token(self, n: int, desktop: str) -> str:
+        """A worker key for `desktop`, made by `token create` on node n's log."""
+        made = cli(self.data_dir(n), "token", "create", "--user", f"worker-{desktop}", "--scopes", "worker",
+                   "--desktop", desktop, env=self.env)
+        return made.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -142,3 +156,70 @@ def test_of_three_nodes_recording_different_settings_at_once_the_first_is_kept_a
         assert isinstance(refused, _Failed), refused
         assert f"but {kept} in the log" in str(refused)
     assert len(logged(nodes.start(0, MC_MAX_CONCURRENT=str(kept)), "settings.recorded")) == 1
+
+
+def _killed(pid_file: Path) -> None:
+    """The process a run left when whatever ran it was killed -9 (nothing is left to stop it)."""
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _lapses_recorded(node: Server, task_id: str, desktop: str) -> tuple[list[dict], list[dict]]:
+    """The task's `task.failed` and the desktop's `desktop.offline` events, as the log holds them."""
+    failed = [e for e in logged(node, "task.failed") if e["payload"]["taskId"] == task_id]
+    offline = [e for e in logged(node, "desktop.offline") if e["payload"]["desktopId"] == desktop]
+    return failed, offline
+
+
+def test_a_worker_renewing_through_one_node_keeps_a_run_another_started_and_its_lapse_is_recorded_once(
+    nodes, tmp_path,
+):
+    a, b = nodes.start(0, **LEASE), nodes.start(1, **LEASE)
+    worker = Worker(b, "box", tmp_path / "box", agents="shell", token=nodes.worker_token(1, "box")).start()
+    client = a.client()
+    agent = shell_agent(client, "sh")
+    pid_file = tmp_path / "sleep.pid"
+    try:
+        # Three leases long, and nothing reported but polls (to b) until the end: a keeps it only
+        # by the leases b renews.
+        slept = start_task(client, agent, "sleep 6; echo slept", desktop="box")
+        done = wait_status(client, slept, "done", "failed")
+        assert (done["status"], done["result"]) == ("done", "slept\n"), last_run(client, slept)
+
+        task_id = start_task(client, agent, f"echo $$ > {pid_file}; exec sleep 60", desktop="box")
+        wait_file(pid_file)
+        worker.stop(signal.SIGKILL)
+
+        wait_status(client, task_id, "failed")
+        wait_desktop(b.client(), "box", "offline")
+        for node in (a, b):  # both keepers saw the lapse; one recorded it
+            failed, offline = _lapses_recorded(node, task_id, "box")
+            assert [e["payload"]["reason"] for e in failed] == ["lost"], failed
+            assert [e["payload"]["reason"] for e in offline] == ["silent"], offline
+    finally:
+        worker.stop(signal.SIGKILL)
+        _killed(pid_file)
+
+
+def test_a_node_killed_for_good_has_its_own_desktops_run_recorded_lost_once_by_another(nodes, tmp_path):
+    a, b = nodes.start(0, **LEASE), nodes.start(1, **LEASE)
+    client = a.client()
+    agent = shell_agent(client, "sh")
+    pid_file = tmp_path / "sleep.pid"
+    try:
+        task_id = start_task(client, agent, f"echo $$ > {pid_file}; exec sleep 60", desktop="node-0")
+        wait_file(pid_file)
+        a.stop(signal.SIGKILL)
+
+        survivor = b.client()
+        wait_status(survivor, task_id, "failed")
+        assert last_run(survivor, task_id)["reason"] == "lost"
+        wait_desktop(survivor, "node-0", "offline")
+        failed, offline = _lapses_recorded(b, task_id, "node-0")
+        assert [e["payload"]["reason"] for e in failed] == ["lost"], failed
+        assert [e["payload"]["reason"] for e in offline] == ["silent"], offline
+    finally:
+        _killed(pid_file)

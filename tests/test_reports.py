@@ -168,8 +168,9 @@ def test_a_report_past_its_deadline_ends_the_run_lost_first_and_is_refused(app):
     worker.register()
     run = _placed(app, app.client(), worker)
     worker.output(run, 1)
-    reports = worker.reports
-    reports.leases.renew(run.run_id, reports.clock() - 1)  # its deadline passed; the keeper not there yet
+    leases = worker.reports.leases
+    app.call(leases.drop(run.run_id))
+    app.call(leases.grant(run.run_id, run.task_id, -1))  # its deadline passed; no keeper there yet
     with pytest.raises(Refused) as refused:
         worker.output(run, 2)
     assert refused.value.code == "lease_lost" and "lease lapsed" in refused.value.detail

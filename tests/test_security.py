@@ -257,7 +257,8 @@ def test_serve_creates_a_private_data_dir_under_the_usual_umask(tmp_path):
     try:
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), 30, "the server to be ready")
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data_dir.iterdir() if p.is_file()}
-        assert modes == dict.fromkeys(["admin-token", *(f"mission-control.db{s}" for s in ("", "-wal", "-shm"))], 0o600)
+        databases = [f"mission-control{name}.db{s}" for name in ("", "-leases") for s in ("", "-wal", "-shm")]
+        assert modes == dict.fromkeys(["admin-token", *databases], 0o600)
         assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     finally:
         process.terminate()

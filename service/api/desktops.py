@@ -3,9 +3,6 @@ removes them. (A desktop's own worker speaks service/api/worker.py.)"""
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -18,27 +15,18 @@ from service.commands.requests import meta
 from service.http.auth import Principal, is_desktop_name, visible_projects
 from service.http.errors import bad_request, json_response
 from service.http.endpoints import declared_body, endpoint
-
-
-_WALL_AT_ZERO = time.time() - time.monotonic()
-"""The wall clock at monotonic 0, read once: every answer converts an instant to the same time."""
-
-
-def _wall_time(monotonic: float) -> str:
-    """A monotonic instant (the LeaseStore's clock) as RFC 3339 UTC."""
-    return datetime.fromtimestamp(_WALL_AT_ZERO + monotonic, UTC).isoformat(timespec="microseconds").replace(
-        "+00:00", "Z")
+from service.work.leases import utc_text
 
 
 async def desktop_view(request: Request, desktop: Desktop, allowed: list[str] | None) -> schemas.DesktopOut:
     """The desktop as served: `busy` counts every run placed on it, `running` lists the runs of
     the projects in `allowed` (None: every project)."""
     runs = await request.state.models.active_runs(desktop.id)
-    heard = request.state.reports.leases.last_heard(desktop.id)
+    heard = await request.state.reports.leases.last_heard(desktop.id)
     return schemas.DesktopOut(
         id=desktop.id, status=desktop.status, agents=desktop.agents, capacity=desktop.capacity, busy=len(runs),
         running=[task.run_id for task in runs if allowed is None or task.project_id in allowed],
-        last_seen_at=desktop.changed_at if heard is None else _wall_time(heard), version=desktop.version,
+        last_seen_at=desktop.changed_at if heard is None else utc_text(heard, "microseconds"), version=desktop.version,
     )
 
 

@@ -1,8 +1,14 @@
-"""Lease deadlines and when each desktop was last heard from: kept in memory, never as events.
+"""Lease deadlines and when each desktop was last heard from: in tables of the log's database (a
+file beside the log's, on SQLite) that every node sharing it reads and writes (never as events), so a worker may renew through any
+node and any node's `Keeper` may end what lapsed. The database computes and compares the
+deadlines (PostgreSQL by its own clock, one for every machine: a node's skewed clock cannot lapse
+a lease early); each backend's SQL is in service/work/leasestore/<backend>.py.
 
-Behind `LeaseStore` so that nodes sharing one database can keep them in a table instead. The
-`Keeper` (one per node) ends what lapses: a run whose lease passed its deadline, a desktop not
-heard from within a lease, and every run of a desktop whose worker key was revoked.
+The `Keeper` (one per node) ends what lapses, on every desktop including other nodes' own (a node
+killed for good has its runs recorded lost by another): a run whose lease passed its deadline, a
+desktop not heard from within a lease, and every run of a desktop whose worker key was revoked.
+Keepers racing on one lapse record it once: `lose` is fenced by the run and its lease epoch,
+`MarkOffline` by the desktop's epoch.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -33,54 +40,53 @@ ENDINGS = frozenset({"task.completed", "task.review", "task.failed", "task.cance
 FOLLOWED = TypeFilter(["task.started", *ENDINGS, "apikey.revoked"])
 
 
-class LeaseStore(Protocol):
-    def renew(self, run_id: str, deadline: float) -> None:
-        """The run's lease now lasts until `deadline` (a monotonic time)."""
+class Lapse(NamedTuple):
+    run_id: str
+    task_id: str
+    deadline: datetime.datetime
+    """When it lapsed (UTC)."""
 
-    def drop(self, run_id: str) -> None:
+
+class LeaseStore(Protocol):
+    """Shared by every node on the log's database; every duration is measured by the database."""
+
+    async def prepare(self) -> None:
+        """Its tables, made if the database has none yet."""
+
+    async def close(self) -> None: ...
+
+    async def grant(self, run_id: str, task_id: str, seconds: float) -> None:
+        """The run (of the task) holds a lease until `seconds` from now at least: never shortened."""
+
+    async def renew(self, desktop_id: str, run_ids: Sequence[str], seconds: float) -> None:
+        """A report from the desktop's worker: it was heard from now, and those of the runs whose
+        lease has not lapsed hold it until `seconds` from now at least. An ended run holds none
+        and a lapsed one is not revived (it is to be recorded lost)."""
+
+    async def drop(self, run_id: str) -> None:
         """The run ended: it holds no lease."""
 
-    def deadline(self, run_id: str) -> float | None: ...
+    async def lapsed(self, run_ids: Sequence[str] | None = None) -> list[Lapse]:
+        """The leases, of these runs or of all, whose deadline has passed."""
 
-    def lapsed(self, now: float) -> list[str]:
-        """The runs whose lease deadline has passed."""
+    async def heard(self, desktop_id: str) -> None:
+        """The desktop's worker was heard from now."""
 
-    def heard(self, desktop_id: str, at: float) -> None:
-        """The desktop's worker was heard from at `at` (monotonic)."""
+    async def last_heard(self, desktop_id: str) -> datetime.datetime | None:
+        """When it was last heard from (UTC)."""
 
-    def last_heard(self, desktop_id: str) -> float | None: ...
-
-
-class MemoryLeases:
-    """A node's leases in its own memory (one node per database)."""
-
-    def __init__(self) -> None:
-        self._deadlines: dict[str, float] = {}
-        self._heard: dict[str, float] = {}
-
-    def renew(self, run_id: str, deadline: float) -> None:
-        self._deadlines[run_id] = deadline
-
-    def drop(self, run_id: str) -> None:
-        self._deadlines.pop(run_id, None)
-
-    def deadline(self, run_id: str) -> float | None:
-        return self._deadlines.get(run_id)
-
-    def lapsed(self, now: float) -> list[str]:
-        return [run_id for run_id, deadline in self._deadlines.items() if deadline < now]
-
-    def heard(self, desktop_id: str, at: float) -> None:
-        self._heard[desktop_id] = at
-
-    def last_heard(self, desktop_id: str) -> float | None:
-        return self._heard.get(desktop_id)
+    async def silences(self) -> dict[str, float]:
+        """Each desktop heard from: the seconds since it was last."""
 
 
-def wall_time(monotonic_at: float, now: float) -> str:
-    """A monotonic instant as the UTC time it was (or will be), for sentences."""
-    at = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=now - monotonic_at)
-    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
+def open_leases(log_: EventLog) -> LeaseStore:
+    """The lease store of `log_`'s backend, in its database. `prepare` it before use."""
+    return importlib.import_module(f"service.work.leasestore.{log_.backend}").open_leases(log_)
+
+
+def utc_text(at: datetime.datetime, timespec: str = "seconds") -> str:
+    """An instant as RFC 3339 UTC."""
+    return at.astimezone(datetime.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 async def lose(commands: Commands, task: TaskState, error: str) -> bool:
@@ -97,22 +103,20 @@ class Keeper:
     """One task per node, waking every lease/4, so a lapse is recorded between one lease and 1.25
     leases after the last renewal; and a follower of the log's tail, which grants each placed run
     its first lease, drops an ended run's, and acts on a revoked worker key at once (whichever
-    process appended the revocation: the tail sees other writers' appends too)."""
+    process appended the revocation: the tail sees other writers' appends too). Every node's
+    keeper does all of it: the store's writes are idempotent and the appends fenced."""
 
     def __init__(
-        self, log_: EventLog, models: ReadModels, commands: Commands, leases: LeaseStore,
-        lease_seconds: float, node_desktop: str | None, clock: Callable[[], float] = time.monotonic,
+        self, log_: EventLog, models: ReadModels, commands: Commands, leases: LeaseStore, lease_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.log, self.models, self.commands, self.leases = log_, models, commands, leases
         self.lease_seconds = lease_seconds
-        self.node_desktop = node_desktop
-        """This node's own desktop: its runs were ended by recovery and it is heard by polling."""
         self.clock = clock
         self.counted_from: dict[str, float] = {}
-        """Each desktop's silence is counted from here at the earliest (this node's start, or when
-        the node first saw it): never shown as a time it was heard from."""
-        self.runs: dict[str, str] = {}
-        """Each run holding a lease, to its task."""
+        """Each desktop's silence, as this node sees it, is counted from here at the earliest (this
+        node's start, or when it first saw the desktop; its monotonic clock): never shown as a time
+        it was heard from."""
         self._jobs: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -123,15 +127,15 @@ class Keeper:
         ]
 
     async def prepare(self) -> int:
-        """After a restart: every active run not on this node's desktop gets one fresh lease, every
-        desktop not offline has its silence counted from now: both get one period to be heard from. Returns the
-        log position the tail is to follow from (taken before the snapshot: it replays anything newer)."""
+        """At this node's start: every active run holds a lease of one period from now at least,
+        and every desktop not offline has its silence counted from now: both get one period to be
+        heard from (through any node). Returns the log position the tail is to follow from (taken
+        before the snapshot: it replays anything newer)."""
         after = self.log.head
-        now = self.clock()
         for task in await self.models.active_runs():
-            if task.run_id and not await self._anothers_node(task.run_desktop_id):
-                self.runs[task.run_id] = task.id
-                self.leases.renew(task.run_id, now + self.lease_seconds)
+            if task.run_id:
+                await self.leases.grant(task.run_id, task.id, self.lease_seconds)
+        now = self.clock()
         for desktop in await self.models.desktops():
             if desktop.status != "offline":
                 self.counted_from[desktop.id] = now
@@ -145,13 +149,6 @@ class Keeper:
                 await job
         self._jobs = []
 
-    async def _anothers_node(self, desktop_id: str | None) -> bool:
-        """A desktop of another node sharing the database: that node keeps its leases."""
-        if desktop_id is None or desktop_id == self.node_desktop:
-            return False
-        desktop = await self.models.desktop(desktop_id)
-        return desktop is not None and desktop.node
-
     async def _follow(self, after: int) -> None:
         async with contextlib.aclosing(self.log.tail(after, types=FOLLOWED)) as events:
             async for event in events:
@@ -163,16 +160,12 @@ class Keeper:
     async def seen(self, event: RecordedEvent) -> None:
         data = decode(event)
         if isinstance(data, t.TaskStarted):
-            if not await self._anothers_node(data.desktop_id):
-                self.runs[data.run_id] = data.task_id
-                # Measured from now, never shortened: a report may have renewed it already.
-                deadline = self.clock() + self.lease_seconds
-                self.leases.renew(data.run_id, max(deadline, self.leases.deadline(data.run_id) or 0))
+            # Never shortened: a report through another node may have renewed it already.
+            await self.leases.grant(data.run_id, data.task_id, self.lease_seconds)
         elif event.type in ENDINGS:
             run_id = getattr(data, "run_id", None)
             if run_id:
-                self.runs.pop(run_id, None)
-                self.leases.drop(run_id)
+                await self.leases.drop(run_id)
         elif isinstance(data, t.ApiKeyRevoked):
             for desktop in await self.models.desktops():
                 if desktop.key_id == data.key_id and desktop.status != "offline":
@@ -197,32 +190,31 @@ class Keeper:
 
     async def sweep(self) -> None:
         """Once: end every run whose lease lapsed, and turn silent desktops offline."""
-        now = self.clock()
-        for run_id in self.leases.lapsed(now):
-            deadline = self.leases.deadline(run_id)
-            task = await self.models.task(self.runs.get(run_id, ""), with_watchers=False)
-            if task is not None and task.run_id == run_id and deadline is not None:
-                desktop = task.run_desktop_id or "(unnamed)"
-                await lose(self.commands, task, lapsed(desktop, deadline, now))
-            self.runs.pop(run_id, None)
-            self.leases.drop(run_id)
+        for lapse in await self.leases.lapsed():
+            task = await self.models.task(lapse.task_id, with_watchers=False)
+            if task is not None and task.run_id == lapse.run_id:
+                await lose(self.commands, task, lapsed(task.run_desktop_id or "(unnamed)", lapse.deadline))
+            await self.leases.drop(lapse.run_id)
+        silences, now = await self.leases.silences(), self.clock()
         for desktop in await self.models.desktops():
-            if desktop.status == "offline" or await self._anothers_node(desktop.id):
+            if desktop.status == "offline":
                 continue
-            heard = self.leases.last_heard(desktop.id)
-            since = max(heard or 0.0, self.counted_from.setdefault(desktop.id, now))
-            if since + self.lease_seconds < now:
-                await self.silent(desktop, since + self.lease_seconds, now)
+            counted = now - self.counted_from.setdefault(desktop.id, now)
+            overdue = min(silences.get(desktop.id, counted), counted) - self.lease_seconds
+            if overdue > 0:
+                await self.silent(desktop, overdue)
 
-    async def silent(self, desktop: Desktop, since: float, now: float) -> None:
+    async def silent(self, desktop: Desktop, overdue: float) -> None:
+        """The desktop was not heard from within a lease, which ended `overdue` seconds ago."""
         _, recorded = await self.commands.desktop(
             desktop.id, MarkOffline(reason="silent", epoch=desktop.epoch), Meta(actor=KEEPER_ACTOR)
         )
         if recorded:
             log.warning("desktop went silent", desktop=desktop.id)
+        ended = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=overdue)
         for task in await self.models.active_runs(desktop.id):
-            await lose(self.commands, task, lapsed(desktop.id, since, now))
+            await lose(self.commands, task, lapsed(desktop.id, ended))
 
 
-def lapsed(desktop_id: str, deadline: float, now: float) -> str:
-    return f"Desktop {desktop_id} stopped reporting on this run; its lease lapsed at {wall_time(deadline, now)}."
+def lapsed(desktop_id: str, deadline: datetime.datetime) -> str:
+    return f"Desktop {desktop_id} stopped reporting on this run; its lease lapsed at {utc_text(deadline)}."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import time
 import uuid
@@ -132,7 +133,7 @@ class Reports:
         )
         desktop, recorded = await self.commands.desktop(who.desktop_id, command, self._meta(who.desktop_id))
         assert desktop is not None  # a registration never removes
-        self.leases.heard(desktop.id, self.clock())
+        await self.leases.heard(desktop.id)
         if any(event.type == "desktop.registered" for event in recorded):
             for task in await self.models.active_runs(desktop.id):
                 if task.lease_epoch != desktop.epoch:
@@ -149,7 +150,7 @@ class Reports:
         desktop, _ = await self.commands.desktop(who.desktop_id, Drain(by="worker"), self._meta(who.desktop_id))
         if desktop is None:
             raise Refused("not_found", f"Desktop {who.desktop_id} is not registered.")
-        self.leases.heard(desktop.id, self.clock())
+        await self.leases.heard(desktop.id)
         return desktop
 
     async def leave(self, who: WorkerIdentity, reason: t.DesktopOfflineReason = "left") -> None:
@@ -183,12 +184,8 @@ class Reports:
         `poll_seconds`. Arriving, it marks the desktop heard from and renews the listed runs' leases."""
         desktop = await self._registered(who, body.epoch)
         now = self.clock()
-        self.leases.heard(desktop.id, now)
         held = {run.run_id: run for run in body.runs}
-        for run_id in held:
-            deadline = self.leases.deadline(run_id)
-            if deadline is not None and deadline >= now:  # an ended run holds none; a lapsed one is lost below
-                self.leases.renew(run_id, now + self.lease_seconds)
+        await self.leases.renew(desktop.id, list(held), self.lease_seconds)  # a lapsed one is not revived: lost below
         waiter = _Waiter(desktop.id, set(held))
         self._waiters.add(waiter)
         try:
@@ -208,23 +205,23 @@ class Reports:
                     break
         finally:
             self._waiters.discard(waiter)
-        self.leases.heard(desktop.id, self.clock())
+        await self.leases.heard(desktop.id)
         return answer
 
     async def _due(self, desktop: Desktop, body: wire.Poll, held: dict[str, wire.HeldRun]) -> wire.PollAnswer:
         active = await self.models.active_runs(desktop.id)
         mine = {task.run_id: task for task in active if task.lease_epoch == desktop.epoch}
         answer = wire.PollAnswer(drain=desktop.status == "draining")
+        lapses = {lapse.run_id: lapse for lapse in await self.leases.lapsed(list(held))}
         for run_id, run in held.items():
             task = mine.get(run_id)
-            if task is not None and self._lapsed(task):
-                await self._lose_lapsed(task)
+            if task is not None and run_id in lapses:
+                await self._lose_lapsed(task, lapses[run_id].deadline)
                 task = None
             if task is None:
                 answer.ended.append(wire.Ended(run_id=run_id, reason=await self._why_ended(run_id, desktop)))
             elif task.messages > run.messages_seen:
                 answer.messages += await self._messages(task, run.messages_seen)
-        now = self.clock()
         for task in active:
             if len(answer.assignments) >= body.free:
                 break
@@ -232,7 +229,7 @@ class Reports:
                 continue
             assignment = await self._assignment(task, desktop)
             if assignment is not None:
-                self.leases.renew(assignment.run_id, now + self.lease_seconds)  # a fresh lease to start on
+                await self.leases.grant(assignment.run_id, task.id, self.lease_seconds)  # a fresh lease to start on
                 answer.assignments.append(assignment)
         return answer
 
@@ -294,7 +291,7 @@ class Reports:
         task, fence = await self._leased(who, run_id, lease)
         command = RecordOutput(run_id=run_id, chunks=_chunks(body.chunks), fence=fence)
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), known=task)
-        self._renew(who, run_id)
+        await self._renew(who, run_id)
         return wire.OutputAck(acked_seq=updated.output_seq)  # type: ignore[attr-defined]
 
     async def ask(self, who: WorkerIdentity, run_id: str, lease: str, body: wire.Ask) -> wire.RunStatus:
@@ -303,7 +300,7 @@ class Reports:
             run_id=run_id, prompt=body.prompt, fence=fence, number=body.number, after_seq=body.after_seq,
         )
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), known=task)
-        self._renew(who, run_id)
+        await self._renew(who, run_id)
         return wire.RunStatus(status=updated.status)
 
     async def finish(
@@ -335,8 +332,7 @@ class Reports:
                 last_seq=body.last_seq, exit_code=body.exit_code, result=body.result, output=output,
             )
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), idem, known=task)
-        self.leases.drop(run_id)
-        self.leases.heard(who.desktop_id, self.clock())
+        await self.leases.heard(who.desktop_id)  # its lease is dropped by the keepers, which follow every ending
         return wire.RunStatus(status=updated.status)
 
     async def _leased(self, who: WorkerIdentity, run_id: str, lease: str) -> tuple[TaskState, Fence]:
@@ -355,10 +351,10 @@ class Reports:
                 "lease_lost", f"The lease of run {run_id} is of epoch {epoch} of desktop {who.desktop_id}, which is "
                 f"at {current} now: a newer worker session superseded it.",
             )
-        if task.run_id == run_id and self._lapsed(task):
-            deadline = self.leases.deadline(run_id) or self.clock()
-            await self._lose_lapsed(task)
-            raise Refused("lease_lost", lapsed(who.desktop_id, deadline, self.clock()))
+        lapse = await self.leases.lapsed([run_id]) if task.run_id == run_id else []
+        if lapse:
+            await self._lose_lapsed(task, lapse[0].deadline)
+            raise Refused("lease_lost", lapsed(who.desktop_id, lapse[0].deadline))
         return task, Fence(desktop_id=who.desktop_id, epoch=epoch)
 
     async def _task_of(self, desktop_id: str, run_id: str) -> TaskState:
@@ -374,20 +370,12 @@ class Reports:
             raise Refused("not_found", f"Run {run_id} is not placed on desktop {desktop_id}.")
         return task  # type: ignore[return-value]
 
-    def _lapsed(self, task: TaskState) -> bool:
-        deadline = self.leases.deadline(task.run_id or "")
-        return deadline is not None and deadline < self.clock()
+    async def _lose_lapsed(self, task: TaskState, deadline: datetime.datetime) -> None:
+        """A lapse no keeper has handled yet: decided here, once, by whoever sees it first."""
+        await lose(self.commands, task, lapsed(task.run_desktop_id or "(unnamed)", deadline))
 
-    async def _lose_lapsed(self, task: TaskState) -> None:
-        """A lapse the keeper has not handled yet: decided here, once, by whoever sees it first."""
-        run_id = task.run_id or ""
-        deadline = self.leases.deadline(run_id) or self.clock()
-        await lose(self.commands, task, lapsed(task.run_desktop_id or "(unnamed)", deadline, self.clock()))
-
-    def _renew(self, who: WorkerIdentity, run_id: str) -> None:
-        now = self.clock()
-        self.leases.renew(run_id, now + self.lease_seconds)
-        self.leases.heard(who.desktop_id, now)
+    async def _renew(self, who: WorkerIdentity, run_id: str) -> None:
+        await self.leases.renew(who.desktop_id, [run_id], self.lease_seconds)
 
     def _meta(self, desktop_id: str) -> Meta:
         return Meta(actor=worker_actor(desktop_id))
