@@ -3,9 +3,9 @@ node, then through two nodes on the same PostgreSQL database, under wrk.
 
     .venv/bin/python scripts/bench.py http-nodes [--duration 5] [--rounds 3] [--database URL]
 
-One node alone first (the second not yet started, so nothing else follows the log), then both,
-each loaded by a wrk of its own at the same time; the two rates are summed, and the figure is
-two nodes against one. Each node has a data dir and a desktop of its own (tests/server.py
+One node alone (the second stopped, so nothing else follows the log), then both, each loaded
+by a wrk of its own at the same time, in alternating rounds (the best of each kept); the two
+rates are summed, and the figure is two nodes against one. Each node has a data dir and a desktop of its own (tests/server.py
 `Nodes`), and no per-key rate limit. Everything runs on this machine, PostgreSQL and the wrks
 included, so on a small machine the nodes share its cores: the ratio says what a second node
 buys here, not on machines of their own. Every step is bounded: wrk by --duration, each start
@@ -33,19 +33,17 @@ class Measured(NamedTuple):
     bad: int  # of them, not 2xx
 
 
-def at_once(load: Load, targets: list[Target], rounds: int) -> Measured:
-    """Every target under a wrk of its own at the same time, for `rounds` rounds; the round with
-    the best summed rate is kept."""
-    best: list[tuple[float, int, int]] = []
-    requests = bad = 0
+def at_once(load: Load, targets: list[Target]) -> list[tuple[float, int, int]]:
+    """One round: every target under a wrk of its own at the same time."""
     with ThreadPoolExecutor(len(targets)) as pool:
-        for _ in range(rounds):
-            measured = list(pool.map(lambda target: load.run(target.url, target.token, target.body), targets))
-            requests += sum(m[1] for m in measured)
-            bad += sum(m[2] for m in measured)
-            if sum(m[0] for m in measured) > sum(m[0] for m in best):
-                best = measured
-    return Measured([m[0] for m in best], requests, bad)
+        return list(pool.map(lambda target: load.run(target.url, target.token, target.body), targets))
+
+
+def best(rounds: list[list[tuple[float, int, int]]]) -> Measured:
+    """The round with the best summed rate (the one least disturbed by the rest of the machine)."""
+    kept = max(rounds, key=lambda measured: sum(m[0] for m in measured))
+    every = [m for measured in rounds for m in measured]
+    return Measured([m[0] for m in kept], sum(m[1] for m in every), sum(m[2] for m in every))
 
 
 def show(label: str, measured: Measured, rounds: int) -> float:
@@ -88,11 +86,17 @@ def bench_http_nodes(args: argparse.Namespace) -> None:
         def get(node: Server) -> Target:
             return Target("GET /tasks/{id}", f"{node.base_url}{API}/tasks/{task_id}", token)
 
-        one = [first]
-        one_post, one_get = at_once(load, [post(n) for n in one], rounds), at_once(load, [get(n) for n in one], rounds)
-        both = [first, nodes.start(1)]
-        two_post, two_get = at_once(load, [post(n) for n in both], rounds), at_once(load, [get(n) for n in both], rounds)
-        created = pending(both[1]) - before  # read on the second node: it sees the first's tasks too
+        # Alternating rounds, so that a noisy neighbour disturbs both alike; the second node is
+        # stopped between them, so one node is one node alone, with nothing else following the log.
+        one_post, one_get, two_post, two_get = [], [], [], []
+        for _ in range(rounds):
+            one_post.append(at_once(load, [post(first)]))
+            one_get.append(at_once(load, [get(first)]))
+            with nodes.start(1) as second:
+                two_post.append(at_once(load, [post(first), post(second)]))
+                two_get.append(at_once(load, [get(first), get(second)]))
+        created = pending(first) - before
+        one_post, one_get, two_post, two_get = map(best, (one_post, one_get, two_post, two_get))
 
     print("POST /tasks")
     single = show("1 node", one_post, rounds)
