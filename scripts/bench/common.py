@@ -45,7 +45,7 @@ def database_options(default: str = "sqlite") -> tuple[tuple[tuple[str, ...], di
     return (
         (("--backend",), {"choices": ("sqlite", "postgres"), "default": default,
                           "help": f"the log's backend (default {default}); postgres without --database makes a "
-                                  "database of its own on postgresql://postgres@127.0.0.1:5432 and drops it after"}),
+                                  f"database of its own on {raw_postgres.POSTGRES_SERVER} and drops it after"}),
         (("--database",), {"metavar": "URL", "help": "an empty PostgreSQL database to run on (implies --backend "
                                                      "postgres; the benchmark's log is left in it)"}),
     )
