@@ -3,7 +3,8 @@
 `Server` is a `mission-control serve` process started by the same command a user runs, with a
 real SQLite file, so a test can also SIGKILL one and start another on the same data dir.
 `Uvicorn` is any other ASGI app under uvicorn (the benchmarks' bare floors). Both are a
-`Process`: a free port on 127.0.0.1, started and waited for until it answers.
+`Process`: a free port on 127.0.0.1, started and waited for until it answers. `Nodes` are
+several `serve` processes on one log (a SQLite data dir shared, or a PostgreSQL database).
 
 `server` gives each test a fresh one; `shared_server` one per test module.
 
@@ -232,6 +233,53 @@ class Server(Process):
         """Another process on the same data dir and port."""
         self.stop()
         return self.start()
+
+
+class Nodes:
+    """Nodes on one log: `env` points every node at it, `data_dir(n)` is node n's data dir."""
+
+    def __init__(self, tmp_path: Path, database_url: str | None, env: dict[str, object] | None = None):
+        self.tmp_path, self.database_url = tmp_path, database_url
+        self.env = {**(env or {}), **({"MC_DATABASE_URL": database_url} if database_url else {})}
+        self.started: list[Server] = []
+
+    def data_dir(self, n: int) -> Path:
+        return self.tmp_path / (f"data-{n}" if self.database_url else "data")
+
+    def spawn(self, n: int, *options: str, **env) -> Server:
+        """Node n started without waiting for it (`serve OPTIONS`); each has a desktop of its own name."""
+        node = Server(self.data_dir(n), {**self.env, "MC_LOCAL_DESKTOP": f"node-{n}", **env})
+        node.argv = lambda: [*Server.argv(node), *options]
+        self.started.append(node.spawn())
+        return node
+
+    def start(self, n: int, *options: str, **env) -> Server:
+        node = self.spawn(n, *options, **env).wait_ready()
+        node.admin_token = self.admin_token()
+        return node
+
+    def admin_token(self) -> str:
+        tokens = [p.read_text().strip() for p in self.tmp_path.glob("data*/admin-token")]
+        assert len(tokens) == 1, f"{len(tokens)} admin-token files"
+        return tokens[0]
+
+    def serve(self, n: int, *options: str, **env) -> subprocess.CompletedProcess:
+        """`serve` in the foreground: for a node that must refuse to start."""
+        return cli(self.data_dir(n), "serve", "--port", str(free_port()), *options,
+                   env={**self.env, "MC_LOCAL_DESKTOP": f"node-{n}", **env}, check=False)
+
+    def worker_token(self, n: int, desktop: str) -> str:
+        """A worker key for `desktop`, made by `token create` on node n's log."""
+        made = cli(self.data_dir(n), "token", "create", "--user", f"worker-{desktop}", "--scopes", "worker",
+                   "--desktop", desktop, env=self.env)
+        return made.stdout.strip().splitlines()[-1]
+
+    def __enter__(self) -> Nodes:  # `with Nodes(...) as nodes:` stops every node it started at the end
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for node in self.started:
+            node.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,61 +17,19 @@ import pytest
 from service.cli import _Failed, _with_log, agree_settings, first_admin_key
 from service.settings import from_env
 from tests.api_helpers import UNLIMITED
-from tests.server import Server, cli, free_port
+from tests.server import Nodes, Server
 from tests.worker import Worker, gone, last_run, shell_agent, start_task, wait_desktop, wait_file, wait_status
 
 BACKENDS = ["sqlite", "postgres"]
 LEASE = {"MC_LEASE_SECONDS": "2", **UNLIMITED}
 
 
-class Nodes:
-    """Nodes on one log: `env` points every node at it, `data_dir(n)` is node n's data dir."""
-
-    def __init__(self, tmp_path: Path, database_url: str | None):
-        self.tmp_path, self.database_url = tmp_path, database_url
-        self.env = {"MC_DATABASE_URL": database_url} if database_url else {}
-        self.started: list[Server] = []
-
-    def data_dir(self, n: int) -> Path:
-        return self.tmp_path / (f"data-{n}" if self.database_url else "data")
-
-    def spawn(self, n: int, *options: str, **env) -> Server:
-        """Node n started without waiting for it (`serve OPTIONS`); each has a desktop of its own name."""
-        node = Server(self.data_dir(n), {**self.env, "MC_LOCAL_DESKTOP": f"node-{n}", **env})
-        node.argv = lambda: [*Server.argv(node), *options]
-        self.started.append(node.spawn())
-        return node
-
-    def start(self, n: int, *options: str, **env) -> Server:
-        node = self.spawn(n, *options, **env).wait_ready()
-        node.admin_token = self.admin_token()
-        return node
-
-    def admin_token(self) -> str:
-        tokens = [p.read_text().strip() for p in self.tmp_path.glob("data*/admin-token")]
-        assert len(tokens) == 1, f"{len(tokens)} admin-token files"
-        return tokens[0]
-
-    def serve(self, n: int, *options: str, **env) -> subprocess.CompletedProcess:
-        """`serve` in the foreground: for a node that must refuse to start."""
-        return cli(self.data_dir(n), "serve", "--port", str(free_port()), *options,
-                   env={**self.env, "MC_LOCAL_DESKTOP": f"node-{n}", **env}, check=False)
-
-    def worker_token(self, n: int, desktop: str) -> str:
-        """A worker key for `desktop`, made by `token create` on node n's log."""
-        made = cli(self.data_dir(n), "token", "create", "--user", f"worker-{desktop}", "--scopes", "worker",
-                   "--desktop", desktop, env=self.env)
-        return made.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(params=BACKENDS)
 def nodes(request, tmp_path):
     # postgres_database first: its database is dropped after the nodes have stopped
     url = request.getfixturevalue("postgres_database") if request.param == "postgres" else None
-    made = Nodes(tmp_path, url)
-    yield made
-    for node in made.started:
-        node.stop()
+    with Nodes(tmp_path, url) as made:
+        yield made
 
 
 def logged(node: Server, types: str) -> list[dict]:

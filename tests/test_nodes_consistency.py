@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.server import API, Server, cli
-from tests.test_nodes import Nodes, nodes  # noqa: F401  (the fixture, on both backends)
+from tests.server import API, Nodes, Server, cli
+from tests.test_nodes import nodes  # noqa: F401  (the fixture, on both backends)
 
 ASKING = {"echo": {"ask": "Which colour?"}}
 """An echo run that asks and waits for its answer: it holds a slot (awaiting_input) for good."""

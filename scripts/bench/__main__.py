@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import inspect
 
-from . import append, desktops, http_api, processes, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
+from . import append, desktops, http_api, http_nodes, processes, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
 from .common import COMMANDS
 
 USAGE = """Benchmarks of Mission Control, each against the raw floor it stands on. Loopback and local files only.
 
     .venv/bin/python scripts/bench.py append [--events 100000] [--appenders 1000]
+    .venv/bin/python scripts/bench.py append --backend postgres   (or --database URL: an empty database)
+    .venv/bin/python scripts/bench.py sse --nodes 2 --backend postgres
+    .venv/bin/python scripts/bench.py http-nodes [--duration 5] [--rounds 3]
     .venv/bin/python scripts/bench.py replay [--events 1000000]
 
 A subcommand is one function registered with @command; it prints its own figures.

@@ -16,6 +16,8 @@ import psutil
 from events import Meta, open_log
 from projections.readmodels import read_models
 
+from . import raw_postgres
+
 COMMANDS: dict[str, tuple[Callable, str, tuple]] = {}
 
 FILL_TIMEOUT = 600.0
@@ -36,6 +38,31 @@ def events_option(default: int) -> tuple[tuple[str, ...], dict]:
 
 
 DIR_OPTION = (("--dir",), {"type": Path, "help": "where to put the database files (default: a temporary dir)"})
+
+
+def database_options(default: str = "sqlite") -> tuple[tuple[tuple[str, ...], dict], ...]:
+    """--backend and --database: the log a benchmark runs on (see `database`)."""
+    return (
+        (("--backend",), {"choices": ("sqlite", "postgres"), "default": default,
+                          "help": f"the log's backend (default {default}); postgres without --database makes a "
+                                  f"database of its own on {raw_postgres.POSTGRES_SERVER} and drops it after"}),
+        (("--database",), {"metavar": "URL", "help": "an empty PostgreSQL database to run on (implies --backend "
+                                                     "postgres; the benchmark's log is left in it)"}),
+    )
+
+
+@contextlib.contextmanager
+def database(args) -> Iterator[str | None]:
+    """The PostgreSQL database of --database or --backend postgres (see `database_options`), or
+    None for SQLite."""
+    if args.database:
+        raw_postgres.require_empty(args.database)
+        yield args.database
+    elif args.backend == "postgres":
+        with raw_postgres.fresh_database() as url:
+            yield url
+    else:
+        yield None
 
 
 @contextlib.contextmanager
@@ -65,8 +92,10 @@ def rate(label: str, count: int, seconds: float) -> float:
     return per_second
 
 
-def ratio(value: float, at_least: float) -> None:
-    line("ratio", f"{value:.3f}", f"({target(f'>= {at_least:.2f}', value >= at_least)})")
+def ratio(value: float, at_least: float | None) -> None:
+    """`value`, and whether it meets the target `at_least` (None: no target, a figure to note)."""
+    verdict = "" if at_least is None else f"({target(f'>= {at_least:.2f}', value >= at_least)})"
+    line("ratio", f"{value:.3f}", verdict)
 
 
 def mib(n_bytes: float) -> str:

@@ -42,11 +42,15 @@ from .common import command, fill_log, target, workdir
 
 START_TIMEOUT = 60.0
 
-HTTP_ARGUMENTS = (
+LOAD_ARGUMENTS = (  # what `Load` reads
     (("--duration",), {"type": int, "default": 5, "help": "seconds of load per wrk run (default 5)"}),
     (("--rounds",), {"type": int, "default": 3, "help": "alternating rounds per comparison, best kept (default 3)"}),
     (("--connections",), {"type": int, "default": 32, "help": "wrk connections (default 32)"}),
     (("--threads",), {"type": int, "default": 1, "help": "wrk threads (default 1: the machine may have 2 cores)"}),
+)
+
+HTTP_ARGUMENTS = (
+    *LOAD_ARGUMENTS,
     (("--small",), {"type": int, "default": 1_000, "help": "tasks in the small log for /overview (default 1,000)"}),
     (("--big",), {"type": int, "default": 100_000, "help": "tasks in the big log for /overview (default 100,000)"}),
     (("--dir",), {"type": Path, "help": "where to put the data dirs (default: a temporary dir)"}),

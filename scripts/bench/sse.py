@@ -1,16 +1,21 @@
 """`bench.py sse`: the activity stream under 1,000 subscribers, against a bare sse-starlette floor.
 
     .venv/bin/python scripts/bench.py sse [--subscribers 1000] [--rate 20] [--seconds 30] [--catchup 100000]
+                                          [--nodes 2] [--backend postgres | --database URL]
 
-1. Fan-out. A real `mission-control serve` (its own process); 1,000 subscribers in one client
-   process (asyncio protocols that parse the chunked SSE bytes themselves, so the client is not
-   the bottleneck); tasks created over HTTP at `rate`/s. Each task carries the wall time it was
-   sent (metadata.sentUs, in microseconds: the API refuses integers past 2^53), so a subscriber
-   knows append->receipt latency on arrival. Lost events are those of the log (GET /events)
-   that a subscriber did not get.
+1. Fan-out. A real `mission-control serve` (its own process), or `--nodes` of them on one log
+   (one PostgreSQL database with --backend postgres or --database, else one SQLite data dir);
+   1,000 subscribers in one client process, spread evenly over the nodes (asyncio protocols
+   that parse the chunked SSE bytes themselves, so the client is not the bottleneck); tasks
+   created over HTTP at `rate`/s, through each node in turn. Each task carries the wall time it
+   was sent (metadata.sentUs, in microseconds: the API refuses integers past 2^53), so a
+   subscriber knows append->receipt latency on arrival (through another node: the commit's
+   NOTIFY and that node's read included). Lost events are those of the log (GET /events) that
+   a subscriber did not get.
 2. The floor. The same events, at the same rate, through a bare sse-starlette endpoint (its own
    uvicorn process) that broadcasts them from an in-memory list to the same 1,000 clients.
-3. Catch-up. One client reads a log of `catchup` past events from the start.
+3. Catch-up. One client reads a log of `catchup` past events from the start, from one node on
+   SQLite (whatever --nodes and --database say: they are the fan-out's).
 
 Loopback only; every wait has a deadline.
 """
@@ -34,7 +39,9 @@ import httpx
 from events import types as t
 from tests.server import API, ROOT, Server, Uvicorn
 
-from .common import command, cpu_seconds, fill_log, line, target
+from tests.server import Nodes
+
+from .common import command, cpu_seconds, database, database_options, fill_log, line, target
 from .sse_client import SENT, Pipe, Subscriber, request_bytes
 
 STREAM_PATH = f"{API}/activity/stream"
@@ -65,18 +72,20 @@ async def paced(rate: float, seconds: float, send) -> int:
     return count
 
 
-def fan_out(label: str, conn, port: int, path: str, token: str | None, args, send, ids_after) -> dict:
-    """Subscribe, publish at the rate (`send(http, n)`, with an HTTP client to the server),
-    collect; returns the figures."""
-    conn.send(("subscribe", {"port": port, "path": path, "token": token, "count": args.subscribers}))
+def fan_out(label: str, conn, ports: list[int], path: str, token: str | None, args, send, ids_after) -> dict:
+    """Subscribe (spread over the servers on `ports`), publish at the rate (`send(http, n)`, with
+    an HTTP client to each server in turn), collect; returns the figures."""
+    conn.send(("subscribe", {"ports": ports, "path": path, "token": token, "count": args.subscribers}))
     status, seconds = conn.recv()
     line(f"{label}: {args.subscribers:,} subscribed", f"{seconds:.1f} s")
     started = time.time_ns()
 
     async def publish_all() -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as http:
-            return await paced(args.rate, args.seconds, lambda n: send(http, n))
+        async with contextlib.AsyncExitStack() as stack:
+            https = [await stack.enter_async_context(
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30)) for port in ports]
+            return await paced(args.rate, args.seconds, lambda n: send(https[n % len(https)], n))
 
     count = asyncio.run(publish_all())
     ids = ids_after()
@@ -103,15 +112,21 @@ def report(label: str, figures: dict, p99_target: float | None = None) -> None:
 
 
 def run_fan_out(args, where: Path) -> None:
-    print(f"fan-out: {args.subscribers:,} subscribers in one client process, {args.rate:g} events/s for "
-          f"{args.seconds:g} s ({args.subscribers * args.rate:,.0f} deliveries/s); load average before: "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     client = subprocess.Popen([sys.executable, "-m", "scripts.bench.sse_client"], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     parent = Pipe(client.stdout, client.stdin)
     try:
-        with mission_control(where / "fanout") as server:
-            mc, bodies = fan_out_mission_control(args, parent, server, client.pid)
+        # Room for every subscriber on one node beside the benchmark's own clients: the cap on
+        # connections (MC_MAX_CONNECTIONS, 1,000 by default) is not what is measured either.
+        room = {**NO_RATE_LIMIT, "MC_MAX_CONNECTIONS": args.subscribers + 100}
+        with database(args) as url, Nodes(where / "fanout", url, room) as nodes:
+            on = f"one PostgreSQL database ({url.rpartition('@')[2]})" if url else "one SQLite data dir"
+            print(f"fan-out: {args.subscribers:,} subscribers in one client process, {args.rate:g} events/s for "
+                  f"{args.seconds:g} s ({args.subscribers * args.rate:,.0f} deliveries/s), "
+                  f"{args.nodes} node{'s' * (args.nodes > 1)} on {on}; load average before: "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+            servers = [nodes.start(n) for n in range(args.nodes)]
+            mc, bodies = fan_out_mission_control(args, parent, servers, client.pid)
         floor_app = Uvicorn("scripts.bench.floor_sse:app", ROOT, where, "/nothing", "--timeout-graceful-shutdown", "3")
         with floor_app.start() as bare:
             floor = fan_out_floor(args, parent, bare, client.pid, bodies)
@@ -128,14 +143,17 @@ def run_fan_out(args, where: Path) -> None:
             client.kill()
 
 
+NO_RATE_LIMIT = {"MC_RATE_LIMIT_PER_SECOND": 0}  # the per-key rate limit is not what is measured here
+
+
 def mission_control(data_dir: Path) -> Server:
-    """`mission-control serve`, without the per-key rate limit (not what is measured here)."""
-    return Server(data_dir, {"MC_RATE_LIMIT_PER_SECOND": "1000000", "MC_RATE_LIMIT_BURST": "1000000"}).start()
+    """`mission-control serve`, without the per-key rate limit."""
+    return Server(data_dir, NO_RATE_LIMIT).start()
 
 
-def fan_out_mission_control(args, parent: Pipe, server: Server, client_pid: int) -> tuple[dict, list[bytes]]:
+def fan_out_mission_control(args, parent: Pipe, servers: list[Server], client_pid: int) -> tuple[dict, list[bytes]]:
     """The figures of the activity stream, and the events it delivered (for the floor to send)."""
-    api = server.client()
+    api = servers[0].client()
     start = api.get("/events", params={"limit": 1}).json()["head"]
     bodies: list[bytes] = []
 
@@ -155,18 +173,19 @@ def fan_out_mission_control(args, parent: Pipe, server: Server, client_pid: int)
             appended.append(int(recorded * 1e6 - e["payload"]["metadata"]["sentUs"]))
         return [e["position"] for e in events]
 
-    pid = server.process.pid
-    cpu, client_cpu = cpu_seconds(pid), cpu_seconds(client_pid)
+    pids = [server.process.pid for server in servers]
+    cpu, client_cpu = sum(map(cpu_seconds, pids)), cpu_seconds(client_pid)
     wall = time.perf_counter()
-    mc = fan_out("mission-control", parent, server.port, f"{STREAM_PATH}?after={start}", server.admin_token, args,
-                 create, created)
+    mc = fan_out("mission-control", parent, [server.port for server in servers], f"{STREAM_PATH}?after={start}",
+                 servers[0].admin_token, args, create, created)
     wall = time.perf_counter() - wall
-    mc_cpu, client_cpu = (cpu_seconds(pid) - cpu) / wall, (cpu_seconds(client_pid) - client_cpu) / wall
+    mc_cpu, client_cpu = (sum(map(cpu_seconds, pids)) - cpu) / wall, (cpu_seconds(client_pid) - client_cpu) / wall
     report("mission-control", mc, 100)
     appended.sort()
     line("  of which POST -> recordedAt p50", f"{percentile(appended, 0.5) / 1000:.1f} ms",
          f"p99 {percentile(appended, 0.99) / 1000:.1f} ms (the rest: commit, fan-out, client)")
-    line("mission-control: server CPU", f"{mc_cpu * 100:.0f} %", "(of one core, subscribing included)")
+    line("mission-control: server CPU", f"{mc_cpu * 100:.0f} %",
+         "(of one core, subscribing included" + (f"; {len(servers)} nodes together)" if len(servers) > 1 else ")"))
     line("mission-control: client CPU", f"{client_cpu * 100:.0f} %", "(the subscribers' process)")
     return mc, bodies
 
@@ -183,7 +202,7 @@ def fan_out_floor(args, parent: Pipe, bare: Uvicorn, client_pid: int, bodies: li
     pid = bare.process.pid
     cpu, client_cpu = cpu_seconds(pid), cpu_seconds(client_pid)
     wall = time.perf_counter()
-    floor = fan_out("bare sse-starlette", parent, bare.port, "/stream", None, args, publish, lambda: published)
+    floor = fan_out("bare sse-starlette", parent, [bare.port], "/stream", None, args, publish, lambda: published)
     wall = time.perf_counter() - wall
     floor_cpu, client_cpu = (cpu_seconds(pid) - cpu) / wall, (cpu_seconds(client_pid) - client_cpu) / wall
     report("bare sse-starlette", floor)
@@ -228,7 +247,7 @@ def busy_log(count: int):
 
 
 def run_catch_up(args, where: Path) -> None:
-    print(f"catch-up: one client reads {args.catchup:,} past events from the start", flush=True)
+    print(f"catch-up: one client reads {args.catchup:,} past events from the start (one node, SQLite)", flush=True)
     data_dir = where / "catchup"
     data_dir.mkdir()
     started = time.perf_counter()
@@ -273,4 +292,6 @@ command(
     (("--seconds",), {"type": float, "default": 30, "help": "how long to append (default 30; 0 skips)"}),
     (("--catchup",), {"type": int, "default": 100_000,
                       "help": "past events one client reads (default 100,000; 0 skips)"}),
+    (("--nodes",), {"type": int, "default": 1, "help": "serve processes on one log for the fan-out (default 1)"}),
+    *database_options(),
 )(run)

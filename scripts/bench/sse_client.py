@@ -106,19 +106,20 @@ def request_bytes(port: int, path: str, token: str | None) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n{auth}\r\n".encode()
 
 
-async def subscribe(port: int, path: str, token: str | None, count: int) -> list[Subscriber]:
+async def subscribe(ports: list[int], path: str, token: str | None, count: int) -> list[Subscriber]:
+    """`count` subscribers, spread evenly over the servers on `ports` (subscriber n on ports[n % len])."""
     loop = asyncio.get_running_loop()
-    request = request_bytes(port, path, token)
     gate = asyncio.Semaphore(64)  # connect in waves, not 1,000 SYNs at once
 
-    async def one() -> Subscriber:
+    async def one(port: int) -> Subscriber:
+        request = request_bytes(port, path, token)
         async with gate:
             ready = loop.create_future()
             _, protocol = await loop.create_connection(lambda: Subscriber(request, ready), "127.0.0.1", port)
             await asyncio.wait_for(ready, 30)
             return protocol
 
-    return await asyncio.gather(*(one() for _ in range(count)))
+    return await asyncio.gather(*(one(ports[n % len(ports)]) for n in range(count)))
 
 
 class Pipe:
