@@ -48,6 +48,10 @@ def placeable(task: TaskState, desktops: list[Placement]) -> bool:
     return True
 
 
+def _described(task: TaskState) -> str:
+    return f"{task.id} ({task.status}, priority {task.priority}, desktop {task.desktop_id}, queued {task.queued_position})"
+
+
 def check_starts(events: list[RecordedEvent], limit: int) -> dict[str, int]:
     """Folds the log and checks every start against the state just before it: a run slot was free,
     and no queued task that could have taken it was passed over (one ahead in queue order, or any
@@ -67,7 +71,9 @@ def check_starts(events: list[RecordedEvent], limit: int) -> dict[str, int]:
                 if task.status == "queued" and task.id != starting.id
                 and (starting.status != "queued" or rank(task) < rank(starting)) and placeable(task, desktops)
             ]
-            assert not passed_over, f"position {recorded.position}: {starting.id} started before {passed_over}"
+            assert not passed_over, (
+                f"position {recorded.position}: {_described(starting)} started on {data.desktop_id} before "
+                f"{[_described(fold.tasks[p]) for p in passed_over[:3]]} ({len(passed_over)} in all), with {desktops}")
             starts[data.task_id] = starts.get(data.task_id, 0) + 1
         fold.apply(recorded)
     return starts
