@@ -16,6 +16,7 @@ TINY = {  # arguments ("{dir}" is the test's own directory), and the line the be
     "replay": (["--events", "3000", "--dir", "{dir}"], "peak growth"),
     "verify": (["--events", "3000", "--dir", "{dir}"], "rebuild (drop + refold)"),
     "run": (["--tasks", "20"], "run -> done latency p99"),
+    "queue": (["--runs", "20", "--limit", "2"], "slot-free -> next-start p99"),
     "sse": (["--subscribers", "20", "--seconds", "0.5", "--catchup", "2000"], "events lost (mission-control)"),
     "desktops": (["--runs", "20", "--lines", "50", "--idle-workers", "2", "--idle-seconds", "1"],
                  "log events per hour per idle worker"),
