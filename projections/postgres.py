@@ -156,13 +156,15 @@ class PostgresReadModels(ReadModels):
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
 
     async def queued(self) -> list[TaskState]:
-        rows = await self.log.query(f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}")
+        rows = await self.log.query(
+            f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}"
+        )
         return [DECODERS["tasks"].decode(r[0]) for r in rows]
 
     async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
         rows = await self.log.query(
-            f"SELECT id, rank FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY {_QUEUE_ORDER}) AS rank FROM queue) AS ranked "
-            "WHERE id = ANY(%s)", [[_text(i) for i in task_ids]],
+            f"SELECT id, rank FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY {_QUEUE_ORDER}) AS rank FROM queue) "
+            "AS ranked WHERE id = ANY(%s)", [[_text(i) for i in task_ids]],
         )
         return dict(rows)
 

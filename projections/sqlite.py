@@ -145,7 +145,9 @@ class SqliteReadModels(ReadModels):
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
 
     async def queued(self) -> list[TaskState]:
-        rows = await self.log.query(f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}")
+        rows = await self.log.query(
+            f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}"
+        )
         return [DECODERS["tasks"].decode(r[0]) for r in rows]
 
     async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:

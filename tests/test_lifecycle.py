@@ -22,8 +22,8 @@ from service.http import openapi
 from service.work.agents.kinds import KINDS
 from service.app import create_app
 from service.commands.deciders import (
-    ArchiveTask, CancelTask, Code, Command, DispatchRun, FailRun, Fence, FinishRun, LoseRun, OutputGap, RecordOutput, Refused,
-    Renew, RequestInput, RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
+    ArchiveTask, CancelTask, Code, Command, DispatchRun, FailRun, Fence, FinishRun, LoseRun, OutputGap, RecordOutput,
+    Refused, Renew, RequestInput, RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
 from service.api import API_PREFIX
 from service.http.errors import REFUSALS, refusal_response
@@ -81,7 +81,8 @@ COMMANDS: dict[str, Command] = {
     "retry": RetryTask(),
     "message": SendMessage(message="the second one"),
     "review": Review(decision="approve"),
-    "dispatch": DispatchRun(agent=ECHO, running=0, limit=5, dependencies={}, desktops=[LOCAL], now="2026-01-01T00:01:00Z"),
+    "dispatch": DispatchRun(agent=ECHO, running=0, limit=5, dependencies={}, desktops=[LOCAL],
+                            now="2026-01-01T00:01:00Z"),
     "output": RecordOutput(run_id=RUN, chunks=[(1, "text", "hello")], fence=LEASE),
     "ask": RequestInput(run_id=RUN, prompt="sure?", number=1, fence=LEASE),
     "finish": FinishRun(run_id=RUN, approval_id="approval-2", result="the deliverable", fence=LEASE),

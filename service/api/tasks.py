@@ -57,7 +57,8 @@ def if_match(request: Request) -> set[int] | None:
 
 
 @endpoint(
-    summary="List tasks, newest first (or in queue order).", scope="task:read", answer=list[Task], headers=("X-Total-Count",),
+    summary="List tasks, newest first (or in queue order).", scope="task:read", answer=list[Task],
+    headers=("X-Total-Count",),
     params=(
         Param("status", {"type": "string", "pattern": rf"^({'|'.join(STATUSES)})(,({'|'.join(STATUSES)}))*$"},
               "One status or a comma list."),
