@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from events import Event
+from events import Event, parse_rfc3339, rfc3339
 from events import types as t
 from projections.lifecycle import LEADS_TO, Status
 
@@ -108,7 +108,8 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
     elif isinstance(data, t.TaskArchived):
         changes["archived"] = data.archived
     elif isinstance(data, t.TaskQueued):  # the run exists from here: it is counted, and started later
-        deadline = None if data.queue_timeout_seconds is None else _later(event.recorded_at, data.queue_timeout_seconds)
+        deadline = None if data.queue_timeout_seconds is None else rfc3339(
+            parse_rfc3339(event.recorded_at) + datetime.timedelta(seconds=data.queue_timeout_seconds))
         changes |= dict(
             run_id=data.run_id, agent_id=data.agent_id, started_at=None, completed_at=None, runs=task.runs + 1,
             result=None, error=None, approval_id=None, priority=data.priority, queued_position=event.position,
@@ -151,12 +152,6 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
     elif isinstance(data, t.TaskRetried):
         changes["completed_at"] = None
     return msgspec.structs.replace(task, **changes)
-
-
-def _later(recorded_at: str, seconds: int) -> str:
-    """`seconds` after an RFC 3339 UTC time, written as the log writes times."""
-    at = datetime.datetime.fromisoformat(recorded_at.replace("Z", "+00:00")) + datetime.timedelta(seconds=seconds)
-    return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def task_id_of(data: t.EventData) -> str | None:

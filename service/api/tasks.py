@@ -241,6 +241,9 @@ async def run_task(request: Request, who: Principal) -> Response:
         await request.state.dispatcher.dispatch()
         started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
     await models.place_in_queue([started])
+    deadline = getattr(started, "queue_deadline", None)  # None too for an idempotent replay's answer
+    if started.status == "queued" and deadline is not None:
+        request.state.dispatcher.due_at(deadline)
     return task_response(started, 202 if started.status == "queued" else 200)
 
 

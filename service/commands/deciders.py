@@ -8,11 +8,11 @@ so the task's state machine exists in one place. No I/O here: everything a decis
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Literal
 
 import msgspec
 
+from events import parse_rfc3339
 from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
@@ -317,8 +317,8 @@ def _startable(
 
 def _dispatch(task: TaskState, c: DispatchRun) -> list[t.EventData]:
     _admitted(task, "dispatch", "start a queued run of")
-    if task.queue_deadline is not None and _instant(c.now) >= _instant(task.queue_deadline):
-        waited = _instant(c.now) - _instant(task.queued_at or c.now)
+    if task.queue_deadline is not None and parse_rfc3339(c.now) >= parse_rfc3339(task.queue_deadline):
+        waited = parse_rfc3339(c.now) - parse_rfc3339(task.queued_at or c.now)
         return [t.TaskFailed(
             task_id=task.id, run_id=task.run_id, reason="queue_timeout",
             error=f"The run waited {waited.total_seconds():.0f} s in the queue without starting; its "
@@ -337,10 +337,6 @@ def _dispatch(task: TaskState, c: DispatchRun) -> list[t.EventData]:
         task_id=task.id, run_id=task.run_id or "", agent_id=c.agent.id, desktop_id=desktop.id,
         lease_epoch=desktop.epoch,
     )]
-
-
-def _instant(rfc3339: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
 
 
 def place(desktop_id: str | None, kind: str, desktops: list[Placement]) -> Placement:

@@ -19,7 +19,7 @@ import datetime
 
 import structlog
 
-from events import EventLog, Meta, TypeFilter, now_rfc3339
+from events import EventLog, Meta, TypeFilter, now_rfc3339, parse_rfc3339
 from events import types as t
 from projections.agents import Agent
 from projections.readmodels import ReadModels
@@ -73,6 +73,8 @@ class Dispatcher:
                     await self._due.wait()
             self._due.clear()  # before the pass: what is recorded during it makes another one due
             try:
+                if (await self.models.counters()).tasks["queued"] == 0:
+                    continue  # nothing to dispatch: the admission lock is left to admissions and endings
                 async with self.commands.admission():
                     await self.dispatch()
             except asyncio.CancelledError:
@@ -80,6 +82,12 @@ class Dispatcher:
             except Exception:  # the log closing, a bad moment: never a busy loop, never the loop's end
                 log.exception("dispatch pass failed")
                 await asyncio.sleep(1)
+
+    def due_at(self, deadline: str) -> None:
+        """A run queued just now fails at `deadline` unless started: a pass is due then, not only at the sweep."""
+        at = parse_rfc3339(deadline)
+        self._next_deadline = min(self._next_deadline or at, at)
+        self._due.set()  # the wait is measured again
 
     def _wait(self) -> float:
         """Seconds until the next pass is due without a wake-up: the sweep, or a deadline sooner."""
@@ -127,6 +135,6 @@ class Dispatcher:
                     if desktop.id == after.run_desktop_id:  # type: ignore[attr-defined]  (the fold's TaskState)
                         desktop.busy += 1
             elif not recorded and task.queue_deadline is not None:
-                deadline = datetime.datetime.fromisoformat(task.queue_deadline.replace("Z", "+00:00"))
+                deadline = parse_rfc3339(task.queue_deadline)
                 self._next_deadline = min(self._next_deadline or deadline, deadline)
         return started
