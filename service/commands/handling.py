@@ -22,7 +22,7 @@ from service.commands.deciders import (
 from service.commands.desktops import decide_desktop
 
 ATTEMPTS = 10
-ENDINGS = (FinishRun, FailRun, CancelTask, LoseRun, Review)
+ENDING_COMMANDS = (FinishRun, FailRun, CancelTask, LoseRun, Review)
 """The commands that may end a run or settle a dependency (done, failed, cancelled)."""
 
 
@@ -65,7 +65,7 @@ class Commands:
         """
         # An ending frees a slot, a desktop's slot or a dependency: decided under the admission lock
         # too, so an admission and a dispatch pass never judge a state that changes under them.
-        held = self.admission() if isinstance(command, ENDINGS) else contextlib.nullcontext()
+        held = self.admission() if isinstance(command, ENDING_COMMANDS) else contextlib.nullcontext()
         async with held:
             if idempotency is None:
                 return await self._task(task_id, command, meta, None, if_match, known)
