@@ -155,9 +155,12 @@ class PostgresReadModels(ReadModels):
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
 
-    async def queued(self) -> list[TaskState]:
+    async def queued(self, after=None, limit=None) -> list[TaskState]:
+        priority, position = after if after is not None else (2**31, 0)
         rows = await self.log.query(
-            f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}"
+            "SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id "
+            "WHERE queue.priority < %s OR (queue.priority = %s AND queue.queued_position > %s) "
+            f"ORDER BY {_QUEUE_ORDER} LIMIT %s", [priority, priority, position, limit],  # NULL: no limit
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows]
 

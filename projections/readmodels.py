@@ -152,8 +152,9 @@ class ReadModels(ABC):
         """`tasks` without their watchers nor queue positions."""
 
     @abstractmethod
-    async def queued(self) -> list[TaskState]:
-        """Every queued task in queue order: priority (highest first), then first queued first."""
+    async def queued(self, after: tuple[int, int] | None = None, limit: int | None = None) -> list[TaskState]:
+        """Queued tasks in queue order: priority (highest first), then first queued first. `after`, a
+        (priority, queued position) already read: only the tasks behind it; `limit`: at most that many."""
 
     @abstractmethod
     async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:

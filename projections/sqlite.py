@@ -144,9 +144,12 @@ class SqliteReadModels(ReadModels):
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
 
-    async def queued(self) -> list[TaskState]:
+    async def queued(self, after=None, limit=None) -> list[TaskState]:
+        priority, position = after if after is not None else (2**31, 0)
         rows = await self.log.query(
-            f"SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id ORDER BY {_QUEUE_ORDER}"
+            "SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id "
+            "WHERE queue.priority < ? OR (queue.priority = ? AND queue.queued_position > ?) "
+            f"ORDER BY {_QUEUE_ORDER} LIMIT ?", [priority, priority, position, -1 if limit is None else limit],  # -1: none
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows]
 

@@ -263,6 +263,8 @@ async def test_the_queue_in_order_with_positions_and_sorted_listings(models):
     order = [ids[1], ids[3], ids[2], ids[0]]
 
     assert [x.id for x in await models.queued()] == order
+    assert [x.id for x in await models.queued(limit=2)] == order[:2]
+    assert [x.id for x in await models.queued(after=(9, (await models.task(ids[3])).queued_position))] == order[2:]
     assert await models.queue_positions([ids[0], ids[3], ids[4], uid()]) == {ids[0]: 4, ids[3]: 2}
     assert (await models.task(ids[2])).queue_position == 3
     assert (await models.task(ids[4])).queue_position is None

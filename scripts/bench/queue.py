@@ -2,13 +2,14 @@
 started by a client that retries on 429, each on a real `mission-control serve` of its own
 (durable SQLite, a fresh data dir, its own desktop running the echo agent).
 
-Queued: every task depends on one gate task and is queued (`"queue": true`, 202) while the gate is
-pending, so all 1,000 wait; then the gate runs, and the dispatcher starts them as slots free. The
+Queued: long runs hold every slot while the 1,000 are queued (`"queue": true`, 202), so all of them
+wait; then the long runs are cancelled, and the dispatcher starts the 1,000 as slots free. The
 slot-free to next-start latency is read from the log: for each start, the time since the ending
-recorded just before it (`recordedAt`, the server's own clock). Retrying: the same 1,000 tasks
-without a gate, each `POST /tasks/{id}/run` sent again 10 ms after a 429 (a client more eager than
-the `Retry-After` it is given). Figures: runs/s, and the server's CPU per run, over the time from
-the first request that starts a run to the last ending, as the activity stream delivers it.
+recorded just before it (`recordedAt`, the server's own clock). Retrying: the same 1,000 tasks sent
+by CLIENTS concurrent senders, each `POST /tasks/{id}/run` sent again 10 ms after a 429 (a client
+more eager than the `Retry-After` it is given). Figures: runs/s, and the server's CPU per run, over
+the time from the first request that frees or takes a slot to the last ending, as the activity
+stream delivers it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .common import command, line
 from .run import _listen
 
 BACKOFF_SECONDS = 0.01
+CLIENTS = 20
 ECHO = {"echo": {"chunks": 1}}
 
 
@@ -42,15 +44,15 @@ def queue(args) -> None:
     with tempfile.TemporaryDirectory(prefix="mc-bench-queue-") as tmp:
         env = {"MC_MAX_CONCURRENT": args.limit, "MC_RATE_LIMIT_PER_SECOND": 0}
         with Server(Path(tmp) / "queued", env).start() as server:
-            queued = asyncio.run(_queued(server, args.runs))
+            queued = asyncio.run(_queued(server, args.runs, args.limit))
         with Server(Path(tmp) / "retrying", env).start() as server:
             retrying = asyncio.run(_retrying(server, args.runs))
     print(f"queue: {args.runs:,} echo runs at the concurrency limit ({args.limit}), one server on loopback each")
-    line("queued (202) before the gate ran", f"{args.runs / queued['queueing']:,.0f} req/s",
+    line("queued (202) behind the long runs", f"{args.runs / queued['queueing']:,.0f} req/s",
          f"({queued['queueing']:.2f} s, not timed below)")
     line("queued: runs/s", f"{args.runs / queued['elapsed']:,.1f}", f"({queued['elapsed']:.2f} s)")
     line("queued: runs/s, queueing included", f"{args.runs / (queued['elapsed'] + queued['queueing']):,.1f}")
-    line("retrying on 429: runs/s", f"{args.runs / retrying['elapsed']:,.1f}",
+    line(f"retrying on 429 ({CLIENTS} senders): runs/s", f"{args.runs / retrying['elapsed']:,.1f}",
          f"({retrying['elapsed']:.2f} s, {retrying['refused']:,} answers 429)")
     line("throughput ratio queued / retrying", f"{retrying['elapsed'] / queued['elapsed']:.2f}x",
          f"(queueing included: {retrying['elapsed'] / (queued['elapsed'] + queued['queueing']):.2f}x)")
@@ -89,10 +91,16 @@ def _cpu(server: Server) -> float:
     return sum(psutil.Process(server.process.pid).cpu_times()[:2])
 
 
-async def _queued(server: Server, count: int) -> dict:
+async def _queued(server: Server, count: int, limit: int) -> dict:
     async with await _client(server) as client:
-        gate = (await _tasks(client, 1))[0]
-        ids = await _tasks(client, count, dependsOn=[gate])
+        holding = [
+            (await client.post("/tasks", json={"type": "prompt", "content": "hold",
+                                               "metadata": {"echo": {"delayMs": 600_000}}})).json()["id"]
+            for _ in range(limit)
+        ]
+        for task_id in holding:
+            assert (await client.post(f"/tasks/{task_id}/run")).status_code == 200
+        ids = await _tasks(client, count)
         cpu, began = _cpu(server), time.perf_counter()
         for task_id in ids:
             answer = await client.post(f"/tasks/{task_id}/run", json={"queue": True})
@@ -100,7 +108,8 @@ async def _queued(server: Server, count: int) -> dict:
         queueing, queueing_cpu = time.perf_counter() - began, _cpu(server) - cpu
         ended, listener, head = await _listening(client, ids)
         cpu, began = _cpu(server), time.perf_counter()
-        assert (await client.post(f"/tasks/{gate}/run")).status_code == 200
+        for task_id in holding:
+            assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
         kinds = await asyncio.gather(*ended.values())
         elapsed, cpu = time.perf_counter() - began, _cpu(server) - cpu
         listener.cancel()
@@ -114,12 +123,19 @@ async def _retrying(server: Server, count: int) -> dict:
         ids = await _tasks(client, count)
         ended, listener, _ = await _listening(client, ids)
         refused = 0
+        waiting = list(reversed(ids))
+
+        async def sender() -> None:
+            nonlocal refused
+            while waiting:
+                task_id = waiting.pop()
+                while (answer := await client.post(f"/tasks/{task_id}/run")).status_code == 429:
+                    refused += 1
+                    await asyncio.sleep(BACKOFF_SECONDS)
+                assert answer.status_code == 200, answer.text
+
         cpu, began = _cpu(server), time.perf_counter()
-        for task_id in ids:
-            while (answer := await client.post(f"/tasks/{task_id}/run")).status_code == 429:
-                refused += 1
-                await asyncio.sleep(BACKOFF_SECONDS)
-            assert answer.status_code == 200, answer.text
+        await asyncio.gather(*(sender() for _ in range(CLIENTS)))
         kinds = await asyncio.gather(*ended.values())
         elapsed, cpu = time.perf_counter() - began, _cpu(server) - cpu
         listener.cancel()

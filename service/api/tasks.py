@@ -238,7 +238,7 @@ async def run_task(request: Request, who: Principal) -> Response:
 
     async with commands.admission():  # the run reaches its desktop by that desktop's poll
         # Runs already queued come first: a slot free now is theirs before it is this one's.
-        await request.state.dispatcher.dispatch()
+        await request.state.dispatcher.dispatch(full=False)
         started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
     await models.place_in_queue([started])
     deadline = getattr(started, "queue_deadline", None)  # None too for an idempotent replay's answer
