@@ -18,7 +18,7 @@ from projections.lifecycle import ACTIVE
 from projections.tasks import TaskState
 from service.commands.deciders import Refused, place
 from tests.api_helpers import UNLIMITED, Fold, read_log, wait_for
-from tests.test_nodes import Nodes, nodes  # noqa: F401  (the fixture)
+from tests.test_nodes import nodes  # noqa: F401  (the fixture)
 from tests.worker import Worker, worker_keys
 
 LIMIT = 3

@@ -84,6 +84,7 @@ class Dispatcher:
             full, self._full = self._full, False
             try:
                 if (await self.models.counters()).tasks["queued"] == 0:
+                    self._next_deadline = None  # nothing queued, no deadline left
                     continue  # nothing to dispatch: the admission lock is left to admissions and endings
                 async with self.commands.admission():
                     await self.dispatch(full)
