@@ -4,7 +4,7 @@ import importlib
 
 from events.envelope import (
     GENESIS_HASH, Event, InvalidEvent, Meta, RecordedEvent, UnknownEventType, canonical_json,
-    chain_hash, decode, decode_meta, now_rfc3339, typed,
+    chain_hash, decode, decode_meta, now_rfc3339, parse_rfc3339, rfc3339, typed,
 )
 from events.log import (
     ANY, NO_STREAM, EventLog, IdempotencyConflict, LogClosed, Page, Projector, StorageError,
@@ -16,7 +16,7 @@ __all__ = [
     "ANY", "EVENT_TYPES", "GENESIS_HASH", "Event", "NO_STREAM", "EventData", "EventLog", "IdempotencyConflict",
     "InvalidEvent", "LogClosed", "Meta", "Page", "Projector", "RecordedEvent", "StorageError",
     "Transaction", "TypeFilter", "UnknownEventType", "WrongExpectedVersion", "canonical_json", "chain_hash",
-    "decode", "decode_meta", "now_rfc3339", "open_log", "typed",
+    "decode", "decode_meta", "now_rfc3339", "open_log", "parse_rfc3339", "rfc3339", "typed",
 ]
 
 

@@ -111,7 +111,16 @@ def chain_hash(previous_hash: str, event: RecordedEvent) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
+
+
+def rfc3339(at: datetime) -> str:
+    """A UTC time as the log writes times (`recordedAt`)."""
+    return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _verifiable_float(literal: str) -> float:

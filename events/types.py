@@ -15,8 +15,12 @@ import msgspec
 TaskType = Literal["prompt", "command"]
 OutputStream = Literal["stdout", "stderr", "text"]
 Decision = Literal["approve", "reject"]
-FailureKind = Literal["error", "exit", "timeout", "interrupted", "rejected", "lost"]
-"""`lost`: the run's lease lapsed (its desktop stopped reporting, restarted, or its key was revoked)."""
+FailureKind = Literal[
+    "error", "exit", "timeout", "interrupted", "rejected", "lost", "queue_timeout", "dependency_failed",
+]
+"""`lost`: the run's lease lapsed (its desktop stopped reporting, restarted, or its key was revoked);
+`queue_timeout` and `dependency_failed`: a queued run that never started (it waited too long, or a
+task it depends on failed or was cancelled)."""
 AgentKind = Literal["shell", "exec", "openai", "echo"]
 AgentStatus = Literal["active", "paused", "stopped", "error"]
 Priority = Annotated[int, msgspec.Meta(ge=1, le=10)]
@@ -72,6 +76,20 @@ class TaskArchived(EventData):
     event_type: ClassVar[str] = "task.archived"
     task_id: str
     archived: bool = True
+
+
+class TaskQueued(EventData):
+    """The run waits its turn (`"queue": true` on run). Its `task.started`, when a slot frees, carries
+    the same `run_id`. Queue order is by `priority` (the task's when queued; a later `task.updated`
+    moves it), then by this event's log position."""
+
+    event_type: ClassVar[str] = "task.queued"
+    task_id: str
+    run_id: str
+    agent_id: str
+    priority: Priority = 5
+    queue_timeout_seconds: int | None = None
+    """Fails the run `queue_timeout` once it has waited this long without starting."""
 
 
 class TaskStarted(EventData):
@@ -351,7 +369,7 @@ class LogRechained(EventData):
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.event_type: cls
     for cls in (
-        TaskCreated, TaskUpdated, TaskArchived, TaskStarted, TaskOutput, TaskInputRequested,
+        TaskCreated, TaskUpdated, TaskArchived, TaskQueued, TaskStarted, TaskOutput, TaskInputRequested,
         TaskMessage, TaskReview, TaskCompleted, TaskFailed, TaskCancelled, TaskRetried,
         ApprovalCreated, ApprovalResolved, PresenceMarked, PresenceCleared,
         AgentRegistered, AgentUpdated, AgentPaused, AgentResumed,

@@ -12,29 +12,35 @@ from typing import Literal, get_args
 
 from events import types as t
 
-Status = Literal["pending", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
+Status = Literal["pending", "queued", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = get_args(Status)
 ACTIVE: frozenset[Status] = frozenset({"running", "awaiting_input"})
 """A run in progress: each of these statuses holds one of the `maxConcurrent` run slots."""
+QUEUED: Status = "queued"
+"""A run waiting for a slot, a desktop or its dependencies: it holds no slot."""
 
 Command = Literal[
-    "edit", "annotate", "archive", "run", "cancel", "retry", "message", "review",
-    "output", "ask", "finish", "fail", "renew", "lose",
+    "edit", "prioritise", "annotate", "archive", "run", "cancel", "retry", "message", "review",
+    "dispatch", "output", "ask", "finish", "fail", "renew", "lose",
 ]
 """What can be asked of an existing task: by a client (edit: change a field other than title,
-metadata and archived; annotate: change those three; the rest as their routes say), by the desktop
+metadata and archived; prioritise: change its priority, which moves a queued run; annotate: change
+those three; the rest as their routes say), by the dispatcher (dispatch: start a queued run, or
+fail it when it waited too long or a dependency failed), by the desktop
 holding the run's lease (output, ask for input, finish, fail, and renew: the lease check, never
 recorded), and by the lease keeper (lose: the run's lease lapsed, its worker restarted or lost its key)."""
 
 ADMITS: dict[Command, frozenset[Status]] = {
     "edit": frozenset({"pending"}),
+    "prioritise": frozenset({"pending", "queued"}),
     "annotate": frozenset(STATUSES),
     "archive": frozenset(STATUSES),
     "run": frozenset({"pending"}),
-    "cancel": frozenset({"pending", "running", "awaiting_input"}),
+    "cancel": frozenset({"pending", "queued", "running", "awaiting_input"}),
     "retry": frozenset({"failed", "cancelled"}),
     "message": ACTIVE,
     "review": frozenset({"review"}),
+    "dispatch": frozenset({"queued"}),
     "output": ACTIVE,
     "ask": ACTIVE,
     "finish": ACTIVE,
@@ -47,6 +53,7 @@ run already asked (a resend), losing a run that is over or whose lease has moved
 
 LEADS_TO: dict[type[t.EventData], Status] = {
     t.TaskCreated: "pending",
+    t.TaskQueued: "queued",
     t.TaskStarted: "running",
     t.TaskInputRequested: "awaiting_input",
     t.TaskMessage: "running",

@@ -27,8 +27,17 @@ T = TypeVar("T")
 
 _RUNNING = [f"tasks.{s}" for s in sorted(ACTIVE)]
 _ACTIVE = sorted(ACTIVE)
-_INTEGER_COLUMNS = {"archived", "created_position"}
+_INTEGER_COLUMNS = {"archived", "created_position", "priority", "queued_position"}
 """The models' columns that hold numbers; the others hold text."""
+
+
+_QUEUE_ORDER = "queue.priority DESC, queue.queued_position"
+_ORDERS = {
+    "newest": "WHERE {condition} ORDER BY created_position DESC",
+    # Queued tasks first, in queue order, then the others newest first.
+    "queue": "LEFT JOIN queue ON queue.id = tasks.id WHERE {condition} "
+             f"ORDER BY queue.id IS NULL, {_QUEUE_ORDER}, tasks.created_position DESC",
+}
 
 
 def _text(value: Any) -> Any:
@@ -119,7 +128,7 @@ class PostgresReadModels(ReadModels):
         rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
         return DECODERS[model.table].decode(rows[0][0]) if rows else None
 
-    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
+    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset, sort):
         where, params = ["TRUE"], []
         if statuses:
             where.append("status = ANY(%s)")
@@ -139,11 +148,28 @@ class PostgresReadModels(ReadModels):
             params.append(int(archived))
         condition = " AND ".join(where)
         total = (await self.log.query(f"SELECT COUNT(*) FROM tasks WHERE {condition}", params))[0][0]
+        order = _ORDERS[sort].format(condition=condition)
         rows = await self.log.query(
-            f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT %s OFFSET %s",
+            f"SELECT tasks.state FROM tasks {order} LIMIT %s OFFSET %s",
             [*params, limit, offset],
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
+
+    async def queued(self, after=None, limit=None) -> list[TaskState]:
+        priority, position = after if after is not None else (2**31, 0)
+        rows = await self.log.query(
+            "SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id "
+            "WHERE queue.priority < %s OR (queue.priority = %s AND queue.queued_position > %s) "
+            f"ORDER BY {_QUEUE_ORDER} LIMIT %s", [priority, priority, position, limit],  # NULL: no limit
+        )
+        return [DECODERS["tasks"].decode(r[0]) for r in rows]
+
+    async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        rows = await self.log.query(
+            f"SELECT id, rank FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY {_QUEUE_ORDER}) AS rank FROM queue) "
+            "AS ranked WHERE id = ANY(%s)", [[_text(i) for i in task_ids]],
+        )
+        return dict(rows)
 
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
         if not task_ids:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import msgspec
 
-from events import Event
+from events import Event, parse_rfc3339, rfc3339
 from events import types as t
 
 
@@ -19,9 +19,8 @@ class Presence(msgspec.Struct, kw_only=True, rename="camel"):
 def evolve(presence: Presence | None, event: Event) -> Presence | None:
     data = event.data
     if isinstance(data, t.PresenceMarked):
-        marked = datetime.fromisoformat(event.recorded_at)
-        expires = (marked + timedelta(seconds=data.ttl_seconds)).isoformat(timespec="microseconds")
-        return Presence(task_id=data.task_id, device_id=data.device_id, expires_at=expires.replace("+00:00", "Z"))
+        expires = rfc3339(parse_rfc3339(event.recorded_at) + timedelta(seconds=data.ttl_seconds))
+        return Presence(task_id=data.task_id, device_id=data.device_id, expires_at=expires)
     if isinstance(data, t.PresenceCleared):
         return None
     return presence

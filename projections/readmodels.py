@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -24,10 +24,11 @@ from projections.approvals import Approval
 from projections.desktops import Desktop, Placement
 from projections.projects import Project
 from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
-from projections.lifecycle import STATUSES
+from projections.lifecycle import QUEUED, STATUSES
 from projections.tasks import Task, TaskState, evolve
 
 T = TypeVar("T")
+TaskOrder = Literal["newest", "queue"]
 
 EVERYTHING = 2**62
 """A position past any head: `until` for reading every event there is."""
@@ -146,8 +147,18 @@ class ReadModels(ABC):
     async def _task_page(
         self, statuses: list[str] | None, desktop_id: str | None, agent_id: str | None,
         project_ids: list[str] | None, search: str | None, archived: bool | None, limit: int, offset: int,
+        sort: TaskOrder,
     ) -> tuple[list[Task], int]:
-        """`tasks` without their watchers."""
+        """`tasks` without their watchers nor queue positions."""
+
+    @abstractmethod
+    async def queued(self, after: tuple[int, int] | None = None, limit: int | None = None) -> list[TaskState]:
+        """Queued tasks in queue order: priority (highest first), then first queued first. `after`, a
+        (priority, queued position) already read: only the tasks behind it; `limit`: at most that many."""
+
+    @abstractmethod
+    async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        """The rank in queue order (1 first, among all queued tasks) of each of `task_ids` that is queued."""
 
     @abstractmethod
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
@@ -223,11 +234,19 @@ class ReadModels(ABC):
         ]
 
     async def task(self, task_id: str, *, with_watchers: bool = True) -> Task | None:
-        """The task; its `watchers` (one more read) only for answers that show them."""
+        """The task; its `watchers` and queue position (more reads) only for answers that show them."""
         found: Task | None = await self._get(TASKS, task_id)
         if found is not None and with_watchers:
             found.watchers = (await self.watchers([task_id])).get(task_id, [])
+            await self.place_in_queue([found])
         return found
+
+    async def place_in_queue(self, tasks: list[Task]) -> None:
+        """Sets the `queue_position` of each queued task among `tasks` (one read, if any is queued)."""
+        queued = [task.id for task in tasks if task.status == QUEUED]
+        positions = await self.queue_positions(queued) if queued else {}
+        for task in tasks:
+            task.queue_position = positions.get(task.id)
 
     async def task_as_of(self, task_id: str, position: int) -> Task | None:
         """The task as it stood at a log position, folded from its own events."""
@@ -247,15 +266,18 @@ class ReadModels(ABC):
         archived: bool | None = False,
         limit: int = 50,
         offset: int = 0,
+        sort: TaskOrder = "newest",
     ) -> tuple[list[Task], int]:
-        """Newest first, and the total that matches. `project_ids` None means every project;
-        `search` matches title or content, literally; `archived` None means either."""
+        """Newest first (`sort="queue"`: queued tasks first, in queue order, then the others newest
+        first), and the total that matches. `project_ids` None means every project; `search` matches
+        title or content, literally; `archived` None means either."""
         found, total = await self._task_page(
-            statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset
+            statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset, sort
         )
         live = await self.watchers([t.id for t in found])
         for t in found:
             t.watchers = live.get(t.id, [])
+        await self.place_in_queue(found)
         return found, total
 
     async def approval(self, approval_id: str) -> Approval | None:

@@ -12,7 +12,7 @@ from events import Event
 from events import types as t
 from projections.lifecycle import LEADS_TO
 
-RunStatus = Literal["running", "awaiting_input", "review", "done", "failed", "cancelled"]
+RunStatus = Literal["queued", "running", "awaiting_input", "review", "done", "failed", "cancelled"]
 
 OUTPUT_FREE = [
     name for name in t.EVENT_TYPES if name.startswith("task.") and name != "task.output"
@@ -28,7 +28,9 @@ class Run(msgspec.Struct, kw_only=True, rename="camel"):
     desktop_id: str | None
     status: RunStatus
     queued_at: str | None = None
-    started_at: str
+    """When it was queued (None: started at once)."""
+    started_at: str | None = None
+    """None while it waits in the queue, and for ever if it leaves the queue without starting."""
     ended_at: str | None = None
     """When the agent stopped: its finish (a review included), failure or cancel."""
     exit_code: int | None = None
@@ -42,7 +44,19 @@ def runs(events: Iterable[Event]) -> list[Run]:
     by_id: dict[str, Run] = {}
     for event in events:
         data = event.data
+        if isinstance(data, t.TaskQueued):
+            run = Run(
+                run_id=data.run_id, number=len(found) + 1, agent_id=data.agent_id, desktop_id=None,
+                status="queued", queued_at=event.recorded_at,
+            )
+            found.append(run)
+            by_id[run.run_id] = run
+            continue
         if isinstance(data, t.TaskStarted):
+            queued = by_id.get(data.run_id)
+            if queued is not None:  # its turn came
+                queued.status, queued.desktop_id, queued.started_at = "running", data.desktop_id, event.recorded_at
+                continue
             run = Run(
                 run_id=data.run_id, number=len(found) + 1, agent_id=data.agent_id, desktop_id=data.desktop_id,
                 status="running", started_at=event.recorded_at,

@@ -60,6 +60,13 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+_QUEUE_ORDER = "queue.priority DESC, queue.queued_position"
+_ORDERS = {
+    "newest": "WHERE {condition} ORDER BY created_position DESC",
+    # Queued tasks first, in queue order, then the others newest first.
+    "queue": "LEFT JOIN queue ON queue.id = tasks.id WHERE {condition} "
+             f"ORDER BY queue.id IS NULL, {_QUEUE_ORDER}, tasks.created_position DESC",
+}
 _RUNNING_SQL = f"SELECT COALESCE(SUM(value), 0) FROM counters WHERE {_one_of('name', list(_RUNNING))}"
 _ACTIVE = sorted(ACTIVE)
 _ACTIVE_SQL = f"SELECT state FROM tasks WHERE {_one_of('status', _ACTIVE)}"
@@ -110,7 +117,7 @@ class SqliteReadModels(ReadModels):
         rows = await self.log.query(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
         return DECODERS[model.table].decode(rows[0][0]) if rows else None
 
-    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset):
+    async def _task_page(self, statuses, desktop_id, agent_id, project_ids, search, archived, limit, offset, sort):
         where, params = ["1"], []
         if statuses:
             where.append(_one_of("status", statuses))
@@ -130,11 +137,28 @@ class SqliteReadModels(ReadModels):
             params.append(int(archived))
         condition = " AND ".join(where)
         total = (await self.log.query(f"SELECT COUNT(*) FROM tasks WHERE {condition}", params))[0][0]
+        order = _ORDERS[sort].format(condition=condition)
         rows = await self.log.query(
-            f"SELECT state FROM tasks WHERE {condition} ORDER BY created_position DESC LIMIT ? OFFSET ?",
+            f"SELECT tasks.state FROM tasks {order} LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
         return [DECODERS["tasks"].decode(r[0]) for r in rows], total
+
+    async def queued(self, after=None, limit=None) -> list[TaskState]:
+        priority, position = after if after is not None else (2**31, 0)
+        rows = await self.log.query(
+            "SELECT tasks.state FROM queue JOIN tasks ON tasks.id = queue.id "
+            "WHERE queue.priority < ? OR (queue.priority = ? AND queue.queued_position > ?) "
+            f"ORDER BY {_QUEUE_ORDER} LIMIT ?", [priority, priority, position, -1 if limit is None else limit],  # -1: none
+        )
+        return [DECODERS["tasks"].decode(r[0]) for r in rows]
+
+    async def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        rows = await self.log.query(
+            f"SELECT id, rank FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY {_QUEUE_ORDER}) AS rank FROM queue) "
+            f"WHERE {_one_of('id', task_ids)}", task_ids,
+        )
+        return dict(rows)
 
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
         if not task_ids:

@@ -16,7 +16,7 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, desktops, presence, projects, tasks
+from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -68,7 +68,12 @@ APIKEYS = Model(
 DESKTOPS = Model(
     "desktops", desktops.Desktop, desktops.desktop_id_of, desktops.evolve, {"status": lambda s: s.status},
 )
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS)
+QUEUE = Model(
+    "queue", queue.QueueEntry, tasks.task_id_of, queue.evolve,
+    {"priority": lambda s: s.priority, "queued_position": lambda s: s.queued_position},
+    ("priority DESC, queued_position",),
+)
+MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE)
 DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 """Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 

@@ -6,11 +6,12 @@ what that run's reports are checked against. Those are the server's own: `served
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import msgspec
 
-from events import Event
+from events import Event, parse_rfc3339, rfc3339
 from events import types as t
 from projections.lifecycle import LEADS_TO, Status
 
@@ -42,6 +43,8 @@ class Task(msgspec.Struct, kw_only=True, rename="camel"):
     error: str | None = None
     watchers: list[str] = []
     """Devices with live presence: judged at read time, never stored by `evolve`."""
+    queue_position: int | None = None
+    """While queued, its rank in queue order (1 first): judged at read time, never stored by `evolve`."""
     run_id: str | None = None
     """The current or last run."""
     approval_id: str | None = None
@@ -61,6 +64,13 @@ class TaskState(Task, kw_only=True, rename="camel"):
     """The desktop's epoch the run was placed under: its lease's fence."""
     placed_position: int = 0
     """The log position of the current run's `task.started`: the order runs were placed in."""
+    queued_position: int = 0
+    """The log position of the current run's `task.queued` (0: not queued): first queued, first started
+    within a priority."""
+    queued_at: str | None = None
+    """When the current run was queued (None: it was started at once)."""
+    queue_deadline: str | None = None
+    """While queued with a `queueTimeoutSeconds`: when it fails `queue_timeout` unless started."""
     output_seq: int = 0
     """The last output seq recorded for the current run."""
     asks: int = 0
@@ -97,13 +107,24 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
         }
     elif isinstance(data, t.TaskArchived):
         changes["archived"] = data.archived
+    elif isinstance(data, t.TaskQueued):  # the run exists from here: it is counted, and started later
+        deadline = None if data.queue_timeout_seconds is None else rfc3339(
+            parse_rfc3339(event.recorded_at) + datetime.timedelta(seconds=data.queue_timeout_seconds))
+        changes |= dict(
+            run_id=data.run_id, agent_id=data.agent_id, started_at=None, completed_at=None, runs=task.runs + 1,
+            result=None, error=None, approval_id=None, priority=data.priority, queued_position=event.position,
+            queued_at=event.recorded_at, queue_deadline=deadline,
+        )
     elif isinstance(data, t.TaskStarted):
+        was_queued = task.status == "queued" and task.run_id == data.run_id
         changes |= dict(
             run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
-            completed_at=None, runs=task.runs + 1, result=None, error=None, approval_id=None,
+            completed_at=None, runs=task.runs + (0 if was_queued else 1), result=None, error=None, approval_id=None,
             run_desktop_id=data.desktop_id, lease_epoch=data.lease_epoch, placed_position=event.position,
-            output_seq=0, asks=0, messages=0,
+            output_seq=0, asks=0, messages=0, queue_deadline=None,
         )
+        if not was_queued:
+            changes |= dict(queued_position=0, queued_at=None)
     elif isinstance(data, t.TaskOutput):
         if data.run_id == task.run_id:
             changes["output_seq"] = data.seq
@@ -120,12 +141,12 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
         if data.result is not None:
             changes["result"] = data.result
     elif isinstance(data, t.TaskFailed):
-        changes |= dict(completed_at=event.recorded_at, error=data.error, input_prompt=None)
+        changes |= dict(completed_at=event.recorded_at, error=data.error, input_prompt=None, queue_deadline=None)
         if data.result is not None:
             changes["result"] = data.result
     elif isinstance(data, t.TaskCancelled):
         changes |= dict(
-            completed_at=event.recorded_at, input_prompt=None,
+            completed_at=event.recorded_at, input_prompt=None, queue_deadline=None,
             error=f"cancelled: {data.reason}" if data.reason else "cancelled",
         )
     elif isinstance(data, t.TaskRetried):

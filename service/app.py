@@ -24,6 +24,7 @@ from service.http.metrics import Metrics
 from service.http.middleware import ApiMiddleware
 from service.settings import Settings
 from service.work import local
+from service.work.dispatch import Dispatcher
 from service.work.leases import Keeper, open_leases
 from service.work.reports import Reports
 from service.work.webhooks import WebhookWorker
@@ -113,15 +114,19 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         sender = WebhookWorker(log, models, settings) if webhooks else None
         if sender is not None:
             sender.start()
+        dispatcher = Dispatcher(log, models, commands, settings.max_concurrent)
+        await dispatcher.start()
         app.state.ready = True
         try:
             yield {  # request.state.*
                 "log": log, "models": models, "commands": commands, "reports": reports, "local": desktop,
+                "dispatcher": dispatcher,
             }
         finally:
             app.state.ready = False
             if app.state.catching_up is not None:
                 app.state.catching_up.cancel()
+            await dispatcher.close()
             if desktop is not None:
                 await desktop.close()
             await keeper.close()

@@ -285,3 +285,31 @@ def test_the_desktops_panel_lists_each_desktop_with_its_status_and_load(shared_s
         expect(item).to_have_attribute("data-status", desktop["status"])
         expect(item.locator(".desktop-name")).to_have_text(desktop["id"])
         expect(item).to_contain_text(f"/{desktop['capacity']}")
+
+
+def test_the_queue_column_shows_positions_and_a_priority_set_there_moves_a_task(make_server, open_page):
+    server = make_server(MC_MAX_CONCURRENT="1")
+    client = server.client()
+
+    def task(title: str, **run) -> str:
+        made = client.post("/tasks", json={"type": "prompt", "title": title, "content": title,
+                                          "metadata": {"echo": {"delayMs": 600_000}}}).json()
+        assert client.post(f"/tasks/{made['id']}/run", json=run).status_code == (202 if run else 200)
+        return made["id"]
+
+    task("Hold the only slot")
+    first, second = task("Queued first", queue=True), task("Queued second", queue=True)
+    page = open_page(server.base_url)
+    page.sign_in(server.admin_token)
+    position = lambda task_id: page.card(task_id, "queued").get_by_test_id("queue-position")  # noqa: E731
+    expect(position(first)).to_have_text("#1")
+    expect(position(second)).to_have_text("#2")
+
+    page.card(second, "queued").click()
+    panel = page.tab.get_by_test_id("task-panel")
+    panel.get_by_test_id("priority-input").fill("9")
+    panel.get_by_role("button", name="Set priority").click()
+    expect(position(second)).to_have_text("#1")
+    expect(position(first)).to_have_text("#2")
+    assert client.get(f"/tasks/{first}").json()["queuePosition"] == 2
+    screenshot(page, "dashboard-queue.png")

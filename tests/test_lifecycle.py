@@ -22,8 +22,8 @@ from service.http import openapi
 from service.work.agents.kinds import KINDS
 from service.app import create_app
 from service.commands.deciders import (
-    ArchiveTask, CancelTask, Code, Command, FailRun, Fence, FinishRun, LoseRun, OutputGap, RecordOutput, Refused,
-    Renew, RequestInput, RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
+    ArchiveTask, CancelTask, Code, Command, DispatchRun, FailRun, Fence, FinishRun, LoseRun, OutputGap, RecordOutput,
+    Refused, Renew, RequestInput, RetryTask, Review, RunOver, SendMessage, StartRun, UpdateTask, decide,
 )
 from service.api import API_PREFIX
 from service.http.errors import REFUSALS, refusal_response
@@ -37,6 +37,7 @@ LEASE = Fence(desktop_id=DESKTOP, epoch=EPOCH)
 # Each status as a history reaches it.
 HISTORIES: dict[str, list[t.EventData]] = {
     "pending": [],
+    "queued": [t.TaskQueued(task_id=TASK, run_id=RUN, agent_id="agent")],
     "running": [STARTED],
     "awaiting_input": [
         STARTED,
@@ -72,6 +73,7 @@ def start(agent: Agent = ECHO, admin: bool = False, running: int = 0) -> StartRu
 # One command of each kind the table names.
 COMMANDS: dict[str, Command] = {
     "edit": UpdateTask(changes={"content": "something else"}),
+    "prioritise": UpdateTask(changes={"priority": 9}),
     "annotate": UpdateTask(changes={"title": "a title"}),
     "archive": ArchiveTask(archived=True),
     "run": start(),
@@ -79,6 +81,8 @@ COMMANDS: dict[str, Command] = {
     "retry": RetryTask(),
     "message": SendMessage(message="the second one"),
     "review": Review(decision="approve"),
+    "dispatch": DispatchRun(agent=ECHO, running=0, limit=5, dependencies={}, desktops=[LOCAL],
+                            now="2026-01-01T00:01:00Z"),
     "output": RecordOutput(run_id=RUN, chunks=[(1, "text", "hello")], fence=LEASE),
     "ask": RequestInput(run_id=RUN, prompt="sure?", number=1, fence=LEASE),
     "finish": FinishRun(run_id=RUN, approval_id="approval-2", result="the deliverable", fence=LEASE),
@@ -93,21 +97,23 @@ COMMANDS: dict[str, Command] = {
 # and `-` nothing recorded, nothing refused. (The awaiting_input history has asked question 1
 # already, so asking it there again is a resend.)
 EXPECTED = """
-          pending              running                         awaiting_input                  review                               done      failed           cancelled
-edit      updated              409                             409                             409                                  409       409              409
-annotate  updated              updated                         updated                         updated                              updated   updated          updated
-archive   archived             archived                        archived                        archived                             archived  archived         archived
-run       started>running      409                             409                             409                                  409       409              409
-cancel    cancelled>cancelled  cancelled>cancelled             cancelled>cancelled             409                                  409       409              -
-retry     409                  409                             409                             409                                  409       retried>pending  retried>pending
-message   409                  message                         message>running                 409                                  409       409              409
-review    409                  409                             409                             approval.resolved+completed>done     409       409              409
-output    lost                 output                          output                          lost                                 lost      lost             lost
-ask       lost                 input_requested>awaiting_input  -                               lost                                 lost      lost             lost
-finish    lost                 completed>done                  failed>failed                   lost                                 lost      lost             lost
-fail      lost                 failed>failed                   failed>failed                   lost                                 lost      lost             lost
-renew     lost                 -                               -                               lost                                 lost      lost             lost
-lose      -                    failed>failed                   failed>failed                   -                                    -         -                -
+            pending              queued                        running                         awaiting_input       review                            done      failed           cancelled
+edit        updated              409                           409                             409                  409                               409       409              409
+prioritise  updated              updated                       409                             409                  409                               409       409              409
+annotate    updated              updated                       updated                         updated              updated                           updated   updated          updated
+archive     archived             archived+cancelled>cancelled  archived                        archived             archived                          archived  archived         archived
+run         started>running      409                           409                             409                  409                               409       409              409
+cancel      cancelled>cancelled  cancelled>cancelled           cancelled>cancelled             cancelled>cancelled  409                               409       409              -
+retry       409                  409                           409                             409                  409                               409       retried>pending  retried>pending
+message     409                  409                           message                         message>running      409                               409       409              409
+review      409                  409                           409                             409                  approval.resolved+completed>done  409       409              409
+dispatch    409                  started>running               409                             409                  409                               409       409              409
+output      lost                 lost                          output                          output               lost                              lost      lost             lost
+ask         lost                 lost                          input_requested>awaiting_input  -                    lost                              lost      lost             lost
+finish      lost                 lost                          completed>done                  failed>failed        lost                              lost      lost             lost
+fail        lost                 lost                          failed>failed                   failed>failed        lost                              lost      lost             lost
+renew       lost                 lost                          -                               -                    lost                              lost      lost             lost
+lose        -                    -                             failed>failed                   failed>failed        -                                 -         -                -
 """
 
 
@@ -167,7 +173,7 @@ def test_decide_and_evolve(status: str, command: str):
 def test_the_refusal_for_a_status_names_the_statuses_that_would_do():
     with pytest.raises(Refused) as refused:
         decide(task_in("done"), CancelTask())
-    assert refused.value.detail == "Cannot cancel a task that is done; it must be pending, running or awaiting_input."
+    assert refused.value.detail == "Cannot cancel a task that is done; it must be pending, queued, running or awaiting_input."
 
 
 def test_a_report_on_a_run_that_is_over_is_its_own_refusal_the_runner_drops():
@@ -419,7 +425,7 @@ def test_the_openapi_document_names_the_statuses_each_task_operation_needs():
         return paths[f"{API_PREFIX}{path}"]["post"]["responses"]["409"]["description"]
 
     assert conflict("/tasks/{task_id}/run").startswith("The task's status is not pending,")
-    assert conflict("/tasks/{task_id}/cancel").startswith("The task's status is not pending, running or awaiting_input,")
+    assert conflict("/tasks/{task_id}/cancel").startswith("The task's status is not pending, queued, running or awaiting_input,")
     assert conflict("/tasks/{task_id}/retry").startswith("The task's status is not failed or cancelled,")
     assert conflict("/tasks/{task_id}/messages").startswith("The task's status is not running or awaiting_input,")
     assert conflict("/approvals/{approval_id}/resolve").startswith("The task's status is not review,")

@@ -137,7 +137,7 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
     task_fields = {
         "id", "type", "content", "title", "description", "status", "projectId", "desktopId", "agentId",
         "requiresApproval", "priority", "timeoutSeconds", "metadata", "dependsOn", "webhookUrl", "createdBy",
-        "createdAt", "startedAt", "completedAt", "archived", "version", "runs", "result", "error", "watchers",
+        "createdAt", "startedAt", "completedAt", "archived", "version", "runs", "result", "error", "watchers", "queuePosition",
     }
     assert task_fields <= schemas["Task"]["properties"].keys()
     assert schemas["Error"]["required"] == ["detail", "code"]
@@ -154,7 +154,7 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
                     parameter["name"] == "desktop_id" and parameter["schema"]["pattern"])), (method, path)
     list_tasks = document["paths"][API + "/tasks"]["get"]
     assert {p["name"] for p in list_tasks["parameters"]} == {
-        "status", "desktopId", "agentId", "projectId", "search", "archived", "limit", "offset"}
+        "status", "desktopId", "agentId", "projectId", "search", "archived", "sort", "limit", "offset"}
 
 
 def _scoped_keys(target: InProcess) -> dict[str, tuple[str, str]]:

@@ -44,6 +44,8 @@ def test_the_tour_runs_as_written_and_leaves_the_checkout_clean(tmp_path):
     assert '{"status":"review","result":"Write the launch note"}' in out
     assert '{"status":"done","result":"hello from Linux\\n"}' in out
     assert '{"number":1,"desktopId":"local","status":"done","exitCode":null,"reason":null}' in out
+    assert '[{"content":"Urgent, for lab-1","priority":9,"queuePosition":1},' in out
+    assert '{"status":"done","result":"Find the numbers\\n\\nChart them"}' in out
     assert "draining\nonline\n" in out
     # Each flow again with `mission-control`, a client of the same server.
     assert "Say hello to Mission ControlHello\n\nSay hello from the CLIHello\n\nSay hello from the CLI" in out

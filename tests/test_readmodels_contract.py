@@ -248,3 +248,39 @@ async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_fac
     assert (await models.task(later)).status == "pending"
     assert (await models.task(ids[1])).status == "done"
     assert (await models.counters()).checkpoint == await models.log.read_head()
+
+
+async def test_the_queue_in_order_with_positions_and_sorted_listings(models):
+    p = uid()
+    ids = [uid() for _ in range(5)]
+    for task_id in ids:
+        await append(models, f"task-{task_id}", created(task_id, p))
+    # Queued with priorities 1, 9, 5, 9 (first queued first within one), and one started at once.
+    for task_id, priority in zip(ids, (1, 9, 5, 9)):
+        await append(models, f"task-{task_id}", t.TaskQueued(task_id=task_id, run_id=f"r-{task_id}", agent_id="g",
+                                                            priority=priority))
+    await append(models, f"task-{ids[4]}", t.TaskStarted(task_id=ids[4], run_id="r", agent_id="g"))
+    order = [ids[1], ids[3], ids[2], ids[0]]
+
+    assert [x.id for x in await models.queued()] == order
+    assert [x.id for x in await models.queued(limit=2)] == order[:2]
+    assert [x.id for x in await models.queued(after=(9, (await models.task(ids[3])).queued_position))] == order[2:]
+    assert await models.queue_positions([ids[0], ids[3], ids[4], uid()]) == {ids[0]: 4, ids[3]: 2}
+    assert (await models.task(ids[2])).queue_position == 3
+    assert (await models.task(ids[4])).queue_position is None
+    found, total = await models.tasks(sort="queue")
+    assert ([x.id for x in found], total) == ([*order, ids[4]], 5)  # queued first, then the others newest first
+    assert [x.queue_position for x in found] == [1, 2, 3, 4, None]
+    assert [x.id for x in (await models.tasks(statuses=["queued"], sort="queue", limit=2, offset=1))[0]] == order[1:3]
+    assert (await models.counters()).tasks["queued"] == 4
+
+    # A priority moves a task within the queue; starting, failing or cancelling takes it out.
+    await append(models, f"task-{ids[0]}", t.TaskUpdated(task_id=ids[0], priority=10))
+    await append(models, f"task-{ids[1]}", t.TaskStarted(task_id=ids[1], run_id=f"r-{ids[1]}", agent_id="g"))
+    await append(models, f"task-{ids[2]}", t.TaskCancelled(task_id=ids[2], run_id=f"r-{ids[2]}"))
+    assert [x.id for x in await models.queued()] == [ids[0], ids[3]]
+    assert await models.queue_positions(ids) == {ids[0]: 1, ids[3]: 2}
+    before = await models.queued()
+    await models.rebuild()
+    assert await models.queued() == before
+    assert await models.queue_positions(ids) == {ids[0]: 1, ids[3]: 2}

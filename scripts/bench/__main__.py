@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import inspect
 
-from . import append, desktops, http_api, http_nodes, processes, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
+from . import append, desktops, http_api, http_nodes, processes, queue, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
 from .common import COMMANDS
 
 USAGE = """Benchmarks of Mission Control, each against the raw floor it stands on. Loopback and local files only.

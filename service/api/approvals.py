@@ -76,7 +76,9 @@ async def resolve(request: Request, who: Principal) -> Response:
         resolve_approval(await models.approval(approval.id), task, command)
         return command
 
-    task, _ = await request.state.commands.task(approval.task_id, through_approval, meta(request, who), idem, known=task)
+    commands = request.state.commands
+    async with commands.admission():  # an ending, as a Review through the task's route is (Commands.task)
+        task, _ = await commands.task(approval.task_id, through_approval, meta(request, who), idem, known=task)
     return json_response(approval_out(await models.approval(approval.id), task))
 
 

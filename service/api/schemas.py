@@ -67,6 +67,14 @@ class UpdateTask(Body):
 class RunTask(Body):
     agent_id: uuid.UUID | None = None
     agent_id_snake: uuid.UUID | None = msgspec.field(default=None, name="agent_id")
+    queue: bool = False
+    """Wait in the queue (202, `queued`) rather than be refused at the limit, for a desktop, or for a dependency."""
+    queue_timeout_seconds: Timeout | None = None
+    """With `queue`: fail the run `queue_timeout` if it has not started this long after it was queued."""
+
+    def __post_init__(self) -> None:
+        if self.queue_timeout_seconds is not None and not self.queue:
+            raise ValueError("queueTimeoutSeconds is for a run that queues; send \"queue\": true with it")
 
 
 class CancelTask(Body):

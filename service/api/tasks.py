@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import get_args
 
 import msgspec
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from events import streams
 from events import types as t
 from projections import runs
 from projections.lifecycle import STATUSES
+from projections.readmodels import TaskOrder
 from projections.tasks import Task, served
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
@@ -55,7 +57,8 @@ def if_match(request: Request) -> set[int] | None:
 
 
 @endpoint(
-    summary="List tasks, newest first.", scope="task:read", answer=list[Task], headers=("X-Total-Count",),
+    summary="List tasks, newest first (or in queue order).", scope="task:read", answer=list[Task],
+    headers=("X-Total-Count",),
     params=(
         Param("status", {"type": "string", "pattern": rf"^({'|'.join(STATUSES)})(,({'|'.join(STATUSES)}))*$"},
               "One status or a comma list."),
@@ -64,6 +67,9 @@ def if_match(request: Request) -> set[int] | None:
         Param("projectId", UUID, "Only tasks of this project."),
         Param("search", TEXT, "A substring of the title or content."),
         Param("archived", {"enum": ["true", "false", "all"], "default": "false"}, "Archived tasks too, or only."),
+        Param("sort", {"enum": list(get_args(TaskOrder)), "default": "newest"},
+              "`newest` first, or `queue`: queued tasks first in the order they will be considered (priority, "
+              "highest first; then first queued first), then the others newest first."),
         Param("limit", whole(1, 500, 50), "Page size."),
         Param("offset", whole(0, default=0), "Tasks to skip."),
     ),
@@ -77,6 +83,9 @@ async def list_tasks(request: Request, who: Principal) -> Response:
     archived_raw = q.get("archived", "false")
     if archived_raw not in ("true", "false", "all"):
         raise bad_request("Query parameter archived must be true, false or all.")
+    sort = q.get("sort", "newest")
+    if sort not in get_args(TaskOrder):
+        raise bad_request(f"Query parameter sort must be {' or '.join(get_args(TaskOrder))}.")
     projects = await _project_filter(request, who, q.get("projectId"))
     agent_id = q.get("agentId")
     found, total = await request.state.models.tasks(
@@ -88,6 +97,7 @@ async def list_tasks(request: Request, who: Principal) -> Response:
         archived=None if archived_raw == "all" else archived_raw == "true",
         limit=query_int(request, "limit", 50, 1, 500),
         offset=query_int(request, "offset", 0, 0),
+        sort=sort,  # type: ignore[arg-type]
     )
     return json_response([served(task) for task in found], headers={"X-Total-Count": str(total)})
 
@@ -196,13 +206,14 @@ async def delete_task(request: Request, who: Principal) -> Response:
 async def _task_command(request: Request, who: Principal, task: Task, command, raw: bytes, if_match: set[int] | None = None):
     idem = idempotency(request, who, raw)
     updated, _ = await request.state.commands.task(task.id, command, meta(request, who), idem, if_match, task)
+    await request.state.models.place_in_queue([updated])  # a priority moves a queued task
     return task_response(updated)
 
 
 @endpoint(
-    summary="Start a run of a pending task on an agent (default: the task's, else echo).", scope="task:write",
-    body=schemas.RunTask, body_required=False, answer=Task, headers=_TASK, params=(IDEMPOTENCY,),
-    errors=(503,), needs="run",
+    summary="Start a run of a pending task on an agent (default: the task's, else echo), or queue it (202).",
+    scope="task:write", body=schemas.RunTask, body_required=False, answer=Task, headers=_TASK, params=(IDEMPOTENCY,),
+    errors=(503,), needs="run", same_answer=(202,),
 )
 async def run_task(request: Request, who: Principal) -> Response:
     task = await visible_task(request, who)
@@ -221,12 +232,19 @@ async def run_task(request: Request, who: Principal) -> Response:
             run_id=str(uuid.uuid4()), agent=agent, agent_id=agent_id,
             actor=who.user, actor_is_admin=who.has("admin"),
             running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
-            desktops=await models.placements(),
+            desktops=await models.placements(), queue=body.queue if body else False,
+            queue_timeout_seconds=body.queue_timeout_seconds if body else None,
         )
 
     async with commands.admission():  # the run reaches its desktop by that desktop's poll
+        # Runs already queued come first: a slot free now is theirs before it is this one's.
+        await request.state.dispatcher.dispatch(full=False)
         started, _ = await commands.task(task.id, start, meta(request, who), idem, known=task)
-    return task_response(started)
+    await models.place_in_queue([started])
+    deadline = getattr(started, "queue_deadline", None)  # None too for an idempotent replay's answer
+    if started.status == "queued" and deadline is not None:
+        request.state.dispatcher.due_at(deadline)
+    return task_response(started, 202 if started.status == "queued" else 200)
 
 
 @endpoint(
@@ -248,6 +266,7 @@ async def cancel_task(request: Request, who: Principal) -> Response:
         agent = await request.state.models.agent(task.agent_id or "")
         grace = float((agent.config if agent else {}).get("killGraceSeconds", 1.0))
         await desktop.stopped(ended, grace + 1)
+    cancelled.queue_position = None  # whatever it was, it has left the queue
     return task_response(cancelled)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from events import parse_rfc3339
 from events import types as t
 from projections import lifecycle
 from projections.agents import AGENT_KINDS, Agent
@@ -103,6 +104,23 @@ class StartRun(Command):
     """Each dependsOn task id to its status (None if it does not exist)."""
     desktops: list[Placement] = []
     """Every desktop that is not removed, with how many runs it has."""
+    queue: bool = False
+    """Wait in the queue (`task.queued`) instead of a refusal that waiting would cure: the limit
+    reached, the desktop full or not online, a dependency not done yet."""
+    queue_timeout_seconds: int | None = None
+
+
+class DispatchRun(Command):
+    """The dispatcher's turn at a queued run: start it if it can start now, fail it if it waited
+    past its deadline or a dependency failed, or leave it queued (nothing recorded)."""
+
+    agent: Agent | None
+    running: int
+    limit: int
+    dependencies: dict[str, str | None]
+    desktops: list[Placement]
+    now: str
+    """The time (RFC 3339 UTC) its deadline is judged against."""
 
 
 class CancelTask(Command):
@@ -201,12 +219,15 @@ def _camel(field: str) -> str:
 
 def _update(task: TaskState, c: UpdateTask) -> list[t.EventData]:
     changes = {k: v for k, v in c.changes.items() if getattr(task, k) != v}
-    restricted = sorted(set(changes) - PATCHABLE_ANY_TIME)
+    restricted = set(changes) - PATCHABLE_ANY_TIME
+    if lifecycle.admits(task.status, "prioritise"):
+        restricted.discard("priority")
     if restricted and not lifecycle.admits(task.status, "edit"):
-        named = ", ".join(_camel(f) for f in restricted)  # the fields as the client sent them
+        named = ", ".join(_camel(f) for f in sorted(restricted))  # the fields as the client sent them
         raise Refused(
             "invalid_status", f"Cannot change {named} of a task that is {task.status}; only title, metadata "
-            f"and archived change after a task has left {lifecycle.either(lifecycle.admitting('edit'))}.",
+            f"and archived (and priority, while queued) change after a task has left "
+            f"{lifecycle.either(lifecycle.admitting('edit'))}.",
         )
     if changes:
         _admitted(task, "annotate", "change")
@@ -215,13 +236,21 @@ def _update(task: TaskState, c: UpdateTask) -> list[t.EventData]:
     if changes:
         events.append(t.TaskUpdated(task_id=task.id, **changes))
     if archived is not None:
-        events.append(t.TaskArchived(task_id=task.id, archived=archived))
+        events += _archived(task, archived)
     return events
 
 
 def _archive(task: TaskState, c: ArchiveTask) -> list[t.EventData]:
     _admitted(task, "archive", "archive")
-    return [] if task.archived == c.archived else [t.TaskArchived(task_id=task.id, archived=c.archived)]
+    return [] if task.archived == c.archived else _archived(task, c.archived)
+
+
+def _archived(task: TaskState, archived: bool) -> list[t.EventData]:
+    """The tombstone (or its undoing); an archived task's queued run leaves the queue with it."""
+    events: list[t.EventData] = [t.TaskArchived(task_id=task.id, archived=archived)]
+    if archived and task.status == lifecycle.QUEUED:
+        events.append(t.TaskCancelled(task_id=task.id, run_id=task.run_id, reason="archived"))
+    return events
 
 
 def _start(task: TaskState, c: StartRun) -> list[t.EventData]:
@@ -243,14 +272,70 @@ def _start(task: TaskState, c: StartRun) -> list[t.EventData]:
             "agent_mismatch", f"A {task.type} task cannot run on agent {c.agent.name}: its kind, "
             f"{c.agent.kind}, runs {lifecycle.either(tuple(sorted(kind.task_types)))} tasks.",
         )
-    waiting = [dep for dep, status in c.dependencies.items() if status != "done"]
-    if waiting:
-        raise Refused("dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
-    if c.running >= c.limit:
-        raise Refused("concurrency_limit", f"Maximum concurrent tasks ({c.limit}) reached", retry_after=5)
-    desktop = place(task.desktop_id, c.agent.kind, c.desktops)
+    never = _never_done(c.dependencies)
+    if never is not None:  # waiting would not cure it
+        raise Refused("dependency_not_done", never)
+    try:
+        desktop = _startable(task, c.agent.kind, c.running, c.limit, c.dependencies, c.desktops)
+    except Refused as refused:
+        if not c.queue or refused.code not in _QUEUEABLE:
+            raise
+        return [t.TaskQueued(
+            task_id=task.id, run_id=c.run_id, agent_id=c.agent.id, priority=task.priority,
+            queue_timeout_seconds=c.queue_timeout_seconds,
+        )]
     return [t.TaskStarted(
         task_id=task.id, run_id=c.run_id, agent_id=c.agent.id, desktop_id=desktop.id, lease_epoch=desktop.epoch,
+    )]
+
+
+_QUEUEABLE = frozenset({"dependency_not_done", "concurrency_limit", "desktop_unavailable", "desktop_full"})
+"""The refusals a queued run waits out."""
+
+
+def _never_done(dependencies: dict[str, str | None]) -> str | None:
+    """Why a dependency will never be done (it is missing, failed or cancelled), if one won't."""
+    for dep, status in dependencies.items():
+        if status is None:
+            return f"Dependency {dep} does not exist; it will never be done."
+        if status in ("failed", "cancelled"):
+            return f"Dependency {dep} is {status}; it will not be done unless it is retried."
+    return None
+
+
+def _startable(
+    task: TaskState, kind: str, running: int, limit: int, dependencies: dict[str, str | None], desktops: list[Placement],
+) -> Placement:
+    """The desktop a run starts on now, or Refused saying what it waits for."""
+    waiting = [dep for dep, status in dependencies.items() if status != "done"]
+    if waiting:
+        raise Refused("dependency_not_done", f"Dependency {waiting[0]} is not done yet.")
+    if running >= limit:
+        raise Refused("concurrency_limit", f"Maximum concurrent tasks ({limit}) reached", retry_after=5)
+    return place(task.desktop_id, kind, desktops)
+
+
+def _dispatch(task: TaskState, c: DispatchRun) -> list[t.EventData]:
+    _admitted(task, "dispatch", "start a queued run of")
+    if task.queue_deadline is not None and parse_rfc3339(c.now) >= parse_rfc3339(task.queue_deadline):
+        waited = parse_rfc3339(c.now) - parse_rfc3339(task.queued_at or c.now)
+        return [t.TaskFailed(
+            task_id=task.id, run_id=task.run_id, reason="queue_timeout",
+            error=f"The run waited {waited.total_seconds():.0f} s in the queue without starting; its "
+            "queueTimeoutSeconds ran out.",
+        )]
+    never = _never_done(c.dependencies)
+    if never is not None:
+        return [t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="dependency_failed", error=never)]
+    if c.agent is None or c.agent.status != "active":  # paused: the run waits until it is resumed
+        return []
+    try:
+        desktop = _startable(task, c.agent.kind, c.running, c.limit, c.dependencies, c.desktops)
+    except Refused:
+        return []
+    return [t.TaskStarted(
+        task_id=task.id, run_id=task.run_id or "", agent_id=c.agent.id, desktop_id=desktop.id,
+        lease_epoch=desktop.epoch,
     )]
 
 
@@ -290,7 +375,7 @@ def _cancel(task: TaskState, c: CancelTask) -> list[t.EventData]:
     if task.status == "cancelled":
         return []
     _admitted(task, "cancel", "cancel")
-    run_id = task.run_id if task.status in lifecycle.ACTIVE else None
+    run_id = task.run_id if task.status in lifecycle.ACTIVE or task.status == lifecycle.QUEUED else None
     return [t.TaskCancelled(task_id=task.id, run_id=run_id, reason=c.reason)]
 
 
@@ -431,6 +516,7 @@ _TASK_DECIDERS = {
     UpdateTask: _update, ArchiveTask: _archive, StartRun: _start, CancelTask: _cancel,
     RetryTask: _retry, SendMessage: _message, Review: _review, RecordOutput: _output,
     RequestInput: _request_input, FinishRun: _finish, FailRun: _fail, LoseRun: _lose, Renew: _renew,
+    DispatchRun: _dispatch,
 }
 
 

@@ -16,10 +16,14 @@ from projections import desktops
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
 from projections.tasks import Task, evolve
-from service.commands.deciders import Command, CreateTask, Refused, decide
+from service.commands.deciders import (
+    CancelTask, Command, CreateTask, FailRun, FinishRun, LoseRun, Refused, Review, decide,
+)
 from service.commands.desktops import decide_desktop
 
 ATTEMPTS = 10
+ENDING_COMMANDS = (FinishRun, FailRun, CancelTask, LoseRun, Review)
+"""The commands that may end a run or settle a dependency (done, failed, cancelled)."""
 
 
 class Idempotency:
@@ -59,13 +63,17 @@ class Commands:
         `known`, the task as the caller just loaded it, is decided on first (a lost race
         reloads it) and lends the answer its watchers; without it the answer has none.
         """
-        if idempotency is None:
-            return await self._task(task_id, command, meta, None, if_match, known)
-        async with self._holding(idempotency.key):
-            earlier = await self.replay(idempotency)
-            if earlier is not None:
-                return earlier, []
-            return await self._task(task_id, command, meta, idempotency, if_match, known)
+        # An ending frees a slot, a desktop's slot or a dependency: decided under the admission lock
+        # too, so an admission and a dispatch pass never judge a state that changes under them.
+        held = self.admission() if isinstance(command, ENDING_COMMANDS) else contextlib.nullcontext()
+        async with held:
+            if idempotency is None:
+                return await self._task(task_id, command, meta, None, if_match, known)
+            async with self._holding(idempotency.key):
+                earlier = await self.replay(idempotency)
+                if earlier is not None:
+                    return earlier, []
+                return await self._task(task_id, command, meta, idempotency, if_match, known)
 
     async def replay(
         self, idempotency: Idempotency, may_see: Callable[[Task], Awaitable[bool]] | None = None

@@ -4,7 +4,7 @@
 const API = "/api/mission-control";
 const KEY_STORAGE = "mc.apiKey";
 const STATUSES = [
-  ["pending", "Pending"], ["running", "Running"], ["awaiting_input", "Needs input"], ["review", "Review"],
+  ["pending", "Pending"], ["queued", "Queued"], ["running", "Running"], ["awaiting_input", "Needs input"], ["review", "Review"],
   ["done", "Done"], ["failed", "Failed"], ["cancelled", "Cancelled"],
 ];
 const ACTIVE = new Set(["running", "awaiting_input"]);
@@ -295,6 +295,7 @@ function onEvent(event) {
   addToFeed(event);
   if (event.position <= state.snapshotHead) return; // history: the snapshots already hold it
   if (kind === "task" || kind === "presence") refreshTask(id);
+  if (event.type === "task.queued" || event.type === "task.updated" || (QUEUE_MOVES.has(event.type) && queuedCount() > 0)) refreshQueue();
   if (event.type.startsWith("approval.") || event.type === "task.review") refreshApprovals();
   if (kind === "agent") refreshAgents();
   if (state.panel && state.panel.taskId === id && (event.type === "task.started" || ENDINGS.has(event.type))) refreshRuns();
@@ -364,6 +365,16 @@ async function loadTasks() {
   renderBoard();
 }
 
+// Another task's start or ending moves every queued task's position: the queue is read again whole.
+const QUEUE_MOVES = new Set(["task.started", "task.failed", "task.cancelled", "task.archived"]);
+const queuedCount = () => [...state.tasks.values()].filter((t) => t.status === "queued").length;
+const refreshQueue = debounced(async () => {
+  try {
+    for (const task of await api("GET", "/tasks?status=queued&sort=queue&limit=500")) state.tasks.set(task.id, task);
+  } catch { return; }
+  renderBoard();
+}, 300);
+
 const refreshTask = debounced(async (taskId) => {
   try {
     const task = await api("GET", `/tasks/${taskId}`);
@@ -417,6 +428,7 @@ function card(task) {
       agent ? h("span", { class: "chip" }, agent.name) : null,
       task.requiresApproval ? h("span", { class: "chip needs-approval", title: "Requires approval" }, "approval") : null,
       task.priority !== 5 ? h("span", { class: "chip", title: "Priority" }, `P${task.priority}`) : null,
+      task.queuePosition ? h("span", { class: "chip queue", title: "Place in the queue", "data-testid": "queue-position" }, `#${task.queuePosition}`) : null,
       task.watchers.length ? h("span", { class: "chip watch", title: `Watched on ${task.watchers.map(deviceLabel).join(", ")}` }, `◉ ${task.watchers.length}`) : null,
       h("time", { class: "ago", datetime: when, title: new Date(when).toLocaleString() }, ago(when))),
   );
@@ -428,8 +440,8 @@ const renderBoard = coalesced(() => {
   for (const task of state.tasks.values()) columns.get(task.status)?.push(task);
   const recency = (t) => t.completedAt || t.startedAt || t.createdAt;
   for (const [status, tasks] of columns) {
-    tasks.sort(status === "pending"
-      ? (a, b) => b.priority - a.priority || a.createdAt.localeCompare(b.createdAt)
+    tasks.sort(status === "queued" ? (a, b) => (a.queuePosition ?? 1e9) - (b.queuePosition ?? 1e9)
+      : status === "pending" ? (a, b) => b.priority - a.priority || a.createdAt.localeCompare(b.createdAt)
       : (a, b) => recency(b).localeCompare(recency(a)));
     const column = $(`[data-testid=column-${status}]`);
     $(`[data-count=${status}]`, column).textContent = tasks.length;
@@ -749,6 +761,7 @@ function renderPanel() {
     ["Started", task.startedAt ? new Date(task.startedAt).toLocaleString() : "—"],
     ["Finished", task.completedAt ? new Date(task.completedAt).toLocaleString() : "—"],
     ["Runs", String(task.runs)], ["Priority", String(task.priority)], ["Version", String(task.version)],
+    ...(task.queuePosition ? [["In queue", `#${task.queuePosition}`]] : []),
     ["Watching", task.watchers.length ? task.watchers.map(deviceLabel).join(", ") : "—"],
   ];
   if (task.error) facts.push(["Error", task.error]);
@@ -770,14 +783,26 @@ function actionsFor(task) {
   const add = (label, kind, onclick) => {
     buttons.push(h("button", { type: "button", class: kind, "data-action": label.toLowerCase(), onclick }, label));
   };
-  if (task.status === "pending") add("Run", "primary", post("Run", "/run", { agentId: task.agentId || $("[data-testid=agent-select]").value || undefined }));
+  const agentId = task.agentId || $("[data-testid=agent-select]").value || undefined;
+  if (task.status === "pending") add("Run", "primary", post("Run", "/run", { agentId }));
+  if (task.status === "pending") add("Queue", "secondary", post("Queue", "/run", { agentId, queue: true }));
+  if (["pending", "queued"].includes(task.status)) {
+    const priority = h("input", { type: "number", min: "1", max: "10", value: String(task.priority), class: "priority",
+      "aria-label": "Priority", "data-testid": "priority-input" });
+    buttons.push(priority);
+    add("Set priority", "ghost", () => act("Set priority", async () => {
+      await api("PATCH", `/tasks/${task.id}`, { priority: Number(priority.value) });
+      refreshTask(task.id);
+      refreshQueue();
+    }));
+  }
   if (task.status === "review") {
     const feedback = h("input", { placeholder: "Feedback (optional)", class: "grow", "aria-label": "Feedback" });
     buttons.push(feedback);
     add("Approve", "success", () => post("Approve", "/review", { decision: "approve", feedback: feedback.value || null })());
     add("Reject", "danger", () => post("Reject", "/review", { decision: "reject", feedback: feedback.value || null })());
   }
-  if (["pending", "running", "awaiting_input"].includes(task.status)) add("Cancel", "danger", post("Cancel", "/cancel", {}));
+  if (["pending", "queued", "running", "awaiting_input"].includes(task.status)) add("Cancel", "danger", post("Cancel", "/cancel", {}));
   if (["failed", "cancelled"].includes(task.status)) add("Retry", "secondary", post("Retry", "/retry"));
   if (!ACTIVE.has(task.status)) {
     add("Archive", "ghost", () => act("Archive", async () => {
