@@ -349,8 +349,11 @@ class SettingsRecorded(EventData):
     `settings`): every later node must run with the same, or it refuses to start."""
 
     event_type: ClassVar[str] = "settings.recorded"
+    schema: ClassVar[int] = 2
+    """Schema 2: the lease in whole milliseconds. Schema 1 held `leaseSeconds` as a float, which
+    RFC 8785 writes otherwise than the standard library (30.0 as 30): events hold no floats."""
     max_concurrent: int
-    lease_seconds: float
+    lease_milliseconds: int
 
 
 class LogRechained(EventData):

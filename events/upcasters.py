@@ -25,3 +25,11 @@ def task_failed_reason_to_failure_kind(payload: Payload) -> Payload:
     if reason not in _FAILURE_KINDS:
         upcast["reason"], upcast["error"] = "error", f"{reason}: {upcast['error']}"
     return upcast
+
+
+@upcaster("settings.recorded", 1)
+def settings_lease_seconds_to_milliseconds(payload: Payload) -> Payload:
+    """Schema 1's `leaseSeconds`, a float, as schema 2's whole `leaseMilliseconds`."""
+    upcast = dict(payload)
+    upcast["leaseMilliseconds"] = round(upcast.pop("leaseSeconds") * 1000)
+    return upcast

@@ -113,17 +113,27 @@ CONTRACT_SETTINGS = ("max_concurrent", "lease_seconds")
 runs at once, how long a lease lasts), and nodes that differ would break it between them."""
 
 
+def _recorded_settings(settings: Settings) -> t.SettingsRecorded:
+    return t.SettingsRecorded(max_concurrent=settings.max_concurrent,
+                              lease_milliseconds=round(settings.lease_seconds * 1000))
+
+
+def _as_settings(recorded: t.SettingsRecorded) -> dict[str, float]:
+    """The recorded values under their settings' names, in the settings' units."""
+    return {"max_concurrent": recorded.max_concurrent, "lease_seconds": recorded.lease_milliseconds / 1000}
+
+
 async def agree_settings(log, settings: Settings, accept: bool) -> None:
     """Record this node's contract settings on a log that has none (of nodes starting together,
     the first to append is kept); on a log that has others, refuse to serve (_Failed), or with
     `accept` record this node's as the log's from now on."""
-    ours = t.SettingsRecorded(**{name: getattr(settings, name) for name in CONTRACT_SETTINGS})
+    ours = _recorded_settings(settings)
     while True:
         recorded = await log.last_event(streams.SETTINGS)
         theirs = None if recorded is None else decode(recorded)
         differ = [] if theirs is None else [
-            (name, getattr(ours, name), getattr(theirs, name))
-            for name in CONTRACT_SETTINGS if getattr(ours, name) != getattr(theirs, name)
+            (name, _as_settings(ours)[name], _as_settings(theirs)[name])
+            for name in CONTRACT_SETTINGS if _as_settings(ours)[name] != _as_settings(theirs)[name]
         ]
         if theirs is not None and not differ:
             return

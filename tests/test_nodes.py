@@ -180,3 +180,18 @@ def test_a_node_killed_for_good_has_its_own_desktops_run_recorded_lost_once_by_a
         assert [e["payload"]["reason"] for e in offline] == ["silent"], offline
     finally:
         _killed(pid_file)
+
+
+def test_settings_recorded_by_schema_1_read_as_today_s():
+    """Schema 1 kept the lease as a float of seconds, which RFC 8785 and the standard library
+    write differently; a log holding one is read with the lease in whole milliseconds."""
+    import msgspec
+
+    from events import RecordedEvent, decode
+    from events import types as t
+
+    old = RecordedEvent(position=1, stream="settings", version=1, type="settings.recorded",
+                        payload=msgspec.Raw(b'{"maxConcurrent":5,"leaseSeconds":2.5}'),
+                        meta=msgspec.Raw(b'{"actor":"x","schema":1}'),
+                        recorded_at="2026-12-01T00:00:00Z", hash="0" * 64)
+    assert decode(old) == t.SettingsRecorded(max_concurrent=5, lease_milliseconds=2500)
