@@ -236,15 +236,21 @@ def test_follow_on_a_terminal_shows_the_status_line_and_prompts(shared_server):
     assert "Plan the trip" in text and f"task {task.id} done" in text
 
 
-def test_queue_is_sent_and_the_servers_answer_is_what_the_user_reads(shared_server):
-    """`--queue` sends {"queue": true}. Until the queue (issue 19) is built, the server refuses the
-    field with a 400 whose sentence the user reads; once it is, a free slot starts the run."""
-    task = create(shared_server, "Queue me")
-    ran = mc(shared_server, "task", "run", task.id, "--queue", "--json")
-    if ran.returncode == 0:
-        assert decoded(ran, Task).status in ("running", "queued", "done")
-    else:
-        refused(ran, "queue")
+def test_queue_waits_for_a_desktop_and_the_list_shows_the_queue_in_order(shared_server):
+    """`--queue` on a run whose desktop is not online answers it queued, with its position, and
+    `task list --sort queue` shows the queue in the order it will start."""
+    first = create(shared_server, "Queue me", "--desktop", "nowhere-yet")
+    second = create(shared_server, "Queue me first", "--desktop", "nowhere-yet", "--priority", "9")
+    ran = mc(shared_server, "task", "run", first.id, "--queue", "--queue-timeout", "3600", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert (decoded(ran, Task).status, decoded(ran, Task).queue_position) == ("queued", 1)
+    assert mc(shared_server, "task", "run", second.id, "--queue", "--json").returncode == 0
+    listed = mc(shared_server, "task", "list", "--status", "queued", "--sort", "queue", "--json")
+    assert [task["id"] for task in json.loads(listed.stdout)] == [second.id, first.id]
+    refused_run = mc(shared_server, "task", "run", create(shared_server, "No queue", "--desktop", "nowhere-yet").id)
+    assert refused_run.returncode == 4 and "nowhere-yet" in refused_run.stderr  # without --queue: refused, a sentence
+    for task in (first, second):
+        assert mc(shared_server, "task", "cancel", task.id).returncode == 0
 
 
 # --- agents, desktops, the overview --------------------------------------------------------------

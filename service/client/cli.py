@@ -218,8 +218,8 @@ def task_create(mc: Client, args, out: Out) -> int:
 
 def task_list(mc: Client, args, out: Out) -> int:
     page = mc.list_tasks(status=args.status, desktopId=args.desktop, agentId=args.agent and mc.agent_id(args.agent),
-                         projectId=args.project, search=args.search, archived=args.archived, limit=args.limit,
-                         offset=args.offset)
+                         projectId=args.project, search=args.search, archived=args.archived, sort=args.sort,
+                         limit=args.limit, offset=args.offset)
     if out.as_json:
         out.json(page.items)
         return 0
@@ -235,7 +235,8 @@ def task_show(mc: Client, args, out: Out) -> int:
 
 
 def task_run(mc: Client, args, out: Out) -> int:
-    task = mc.run_task(args.task_id, agent_id=args.agent and mc.agent_id(args.agent), queue=args.queue or None)
+    task = mc.run_task(args.task_id, agent_id=args.agent and mc.agent_id(args.agent), queue=args.queue or None,
+                       queue_timeout_seconds=args.queue_timeout)
     if not args.follow:
         out.show(task, task_view)
         return 0
@@ -631,6 +632,8 @@ def register(commands) -> None:
     sub.add_argument("--project", metavar="ID")
     sub.add_argument("--search", metavar="TEXT", help="a substring of the title or content")
     sub.add_argument("--archived", choices=["true", "false", "all"], help="archived tasks (default false)")
+    sub.add_argument("--sort", choices=["newest", "queue"], help="newest first (the default), or queued tasks in "
+                     "the order they will start")
     sub.add_argument("--limit", type=int, help="at most this many (default 50, at most 500)")
     sub.add_argument("--offset", type=int, help="skip this many")
 
@@ -641,7 +644,10 @@ def register(commands) -> None:
                  "0 done, 1 failed, 2 cancelled, 3 in review", "mission-control task run 5375f8ff-… --follow")
     sub.add_argument("task_id", metavar="ID")
     sub.add_argument("--agent", metavar="AGENT", help="the agent, by name or id (default: the task's, else echo)")
-    sub.add_argument("--queue", action="store_true", help="wait in the queue when no slot is free")
+    sub.add_argument("--queue", action="store_true", help="wait in the queue when no slot, desktop or dependency "
+                     "allows it now (answered queued, with its position)")
+    sub.add_argument("--queue-timeout", type=int, metavar="SECONDS", help="with --queue: fail it queue_timeout if it "
+                     "has not started by then")
     sub.add_argument("--follow", action="store_true",
                      help="stream its output, answer its questions, exit with its outcome")
 

@@ -145,14 +145,17 @@ class _Operations:
 
     def list_tasks(self, **filters: Any) -> Tasks:
         """`filters`: the API's (`status`, `desktopId`, `agentId`, `projectId`, `search`, `archived`,
-        `limit`, `offset`); None values are left out."""
+        `sort`, `limit`, `offset`); None values are left out."""
         return self._send(Call("GET", "/tasks", Tasks, params=filters))
 
     def task(self, task_id: str) -> Task:
         return self._send(Call("GET", f"/tasks/{task_id}", Task))
 
-    def run_task(self, task_id: str, *, agent_id: str | None = None, queue: bool | None = None) -> Task:
-        body = {k: v for k, v in (("agentId", agent_id), ("queue", queue)) if v is not None}
+    def run_task(self, task_id: str, *, agent_id: str | None = None, queue: bool | None = None,
+                 queue_timeout_seconds: int | None = None) -> Task:
+        """Answers the task running, or `queued` (with its `queuePosition`) when `queue` let it wait."""
+        body = {k: v for k, v in (("agentId", agent_id), ("queue", queue), ("queueTimeoutSeconds", queue_timeout_seconds))
+                if v is not None}
         return self._send(Call("POST", f"/tasks/{task_id}/run", Task, body=body))
 
     def cancel_task(self, task_id: str, reason: str | None = None) -> Task:
