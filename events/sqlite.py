@@ -164,6 +164,9 @@ class SqliteLog(GroupCommitLog):
                 await reader.execute_fetchall("PRAGMA busy_timeout = 10000")
                 await reader.execute_fetchall("PRAGMA query_only = 1")
                 self._readers.append(reader)
+            # The watcher's connection is made here, not in its task: a task cancelled while aiosqlite
+            # connects leaves that connection's thread to answer a loop that may be closed by then.
+            self._watcher = await aiosqlite.connect(self.path)
             # Autocommit: no statement can open a transaction that would pin an old snapshot.
             self._local = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._local.execute("PRAGMA busy_timeout = 1000")
@@ -195,7 +198,7 @@ class SqliteLog(GroupCommitLog):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for reader in self._readers:
+        for reader in [*self._readers, self._watcher]:
             await reader.close()
         for descriptor in self._lock_files.values():
             os.close(descriptor)  # gives back a lock still held
@@ -401,21 +404,17 @@ class SqliteLog(GroupCommitLog):
 
     async def _watch_other_writers(self) -> None:
         """Another process appending to the same file: its events reach tails within `poll_interval`."""
-        reader = await aiosqlite.connect(self.path)
-        try:
-            last = None
-            while True:
-                try:
-                    ((version,),) = await reader.execute_fetchall("PRAGMA data_version")
-                    if version != last:
-                        head = await self.read_head()
-                        while self._head < head:
-                            page = await self.read_all(self._head, self.recent_capacity, until=head)
-                            self._committed(page.events)
-                        last = version
-                except Exception:  # a locked or busy moment: look again, never stop watching
-                    logger.warning("could not read the log's head; retrying", exc_info=True)
-                await asyncio.sleep(self.poll_interval)
-        finally:
-            await reader.close()
+        last = None
+        while True:
+            try:
+                ((version,),) = await self._watcher.execute_fetchall("PRAGMA data_version")
+                if version != last:
+                    head = await self.read_head()
+                    while self._head < head:
+                        page = await self.read_all(self._head, self.recent_capacity, until=head)
+                        self._committed(page.events)
+                    last = version
+            except Exception:  # a locked or busy moment: look again, never stop watching
+                logger.warning("could not read the log's head; retrying", exc_info=True)
+            await asyncio.sleep(self.poll_interval)
 
