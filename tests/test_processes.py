@@ -178,6 +178,7 @@ def test_sigterm_to_the_parent_drains_every_process_and_exits_0(two, database_en
     assert offline == {("local-1", "stopped"), ("local-2", "stopped")}  # each left as a single serve does
 
 
+@pytest.mark.sqlite_file  # the worker is registered in the data dir's file, before the server starts
 def test_a_process_that_cannot_start_makes_the_parent_give_up_with_a_sentence(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
