@@ -8,7 +8,9 @@
 - GET /overview on a log of 1,000 tasks and on one of 100,000: the rates within 10%.
 
 Beside each route, the same bare Starlette doing only the storage work the route cannot skip
-(one durable append; one keyed read), so the figures say where a route's time goes.
+(one durable append; one keyed read), so the figures say where a route's time goes; and the
+naive peer a user would write on the same stack (aiosqlite, one INSERT and COMMIT per POST, one
+SELECT per GET, no auth or events): issue 16's target is >= 1.0 against it on both routes.
 
 Both servers run the same uvicorn (uvloop, httptools when installed) on 127.0.0.1 and face the
 same wrk, in the same run, in alternating rounds (the best of each kept, so a noisy neighbour on
@@ -124,6 +126,48 @@ async def read_one(request):  # a row found by its key: the task stream's newest
 app = Starlette(lifespan=lifespan, routes=[
     Route("{API}/tasks", append_one, methods=["POST"]),
     Route("{API}/tasks/{{task_id}}", read_one, methods=["GET"]),
+])
+"""
+
+
+def naive_peer_app(db_path: Path) -> str:
+    """What a user would write themselves on the same stack (issue 16's peer): Starlette and
+    aiosqlite, WAL with synchronous=FULL, one INSERT and COMMIT per POST, one SELECT by id per GET;
+    no auth, no events, no read models."""
+    return f"""
+import contextlib, json, uuid
+import aiosqlite
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    app.state.db = await aiosqlite.connect({str(db_path)!r})
+    await app.state.db.execute("PRAGMA journal_mode = WAL")
+    await app.state.db.execute("PRAGMA synchronous = FULL")
+    await app.state.db.execute("CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    yield
+    await app.state.db.close()
+
+
+async def create(request):
+    task = {{**json.loads(await request.body()), "id": str(uuid.uuid4()), "status": "pending"}}
+    await request.app.state.db.execute("INSERT INTO tasks VALUES (?, ?)", (task["id"], json.dumps(task)))
+    await request.app.state.db.commit()
+    return JSONResponse(task, 201)
+
+
+async def read(request):
+    async with request.app.state.db.execute("SELECT body FROM tasks WHERE id = ?", (request.path_params["task_id"],)) as rows:
+        row = await rows.fetchone()
+    return Response(row[0], 200, media_type="application/json") if row else JSONResponse({{}}, 404)
+
+
+app = Starlette(lifespan=lifespan, routes=[
+    Route("{API}/tasks", create, methods=["POST"]),
+    Route("{API}/tasks/{{task_id}}", read, methods=["GET"]),
 ])
 """
 
@@ -284,16 +328,18 @@ def bench_http(args: argparse.Namespace) -> None:
     with workdir(args.dir) as where:
         load = Load(wrk, args, where)
         with (mission_control(where / "api") as (url, token), bare_server(where) as bare,
-              bare_server(where, "storage_floor", storage_app(where / "storage-floor.db")) as storage):
+              bare_server(where, "storage_floor", storage_app(where / "storage-floor.db")) as storage,
+              bare_server(where, "naive_peer", naive_peer_app(where / "naive-peer.db")) as naive):
             client = httpx.Client(base_url=url + API, headers={"Authorization": f"Bearer {token}"})
             before = client.get("/overview").json()["tasks"]["pending"]
 
             print("POST /tasks")
             answered: list[int] = []
-            served, floor, stored = compare(load, [
+            served, floor, stored, peer = compare(load, [
                 Target("mission-control serve (201, durable)", f"{url}{API}/tasks", token, body),
                 Target("bare Starlette (constant 201)", f"{bare}{API}/tasks", None, body),
                 Target("bare Starlette + one durable append", f"{storage}{API}/tasks", None, body),
+                Target("the naive peer (INSERT + COMMIT)", f"{naive}{API}/tasks", None, body),
             ], args.rounds, answered)
             created = client.get("/overview").json()["tasks"]["pending"] - before
             # wrk counts the answers it read; requests still in flight when a run stops may be appended too
@@ -301,16 +347,20 @@ def bench_http(args: argparse.Namespace) -> None:
             line("tasks in the log afterwards", f"{created:,}", f"(>= the {answered[0]:,} answered 201)")
             verdict("ratio", share(served, floor), share(served, floor) >= 0.6, ">= 0.6")
             storage_share(stored, floor, served)
+            verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
 
             print("GET /tasks/{id}")
+            peer_id = httpx.post(f"{naive}{API}/tasks", content=body).json()["id"]
             task_id = client.post("/tasks", json={"type": "prompt", "content": "read me"}).json()["id"]
-            served, floor, stored = compare(load, [
+            served, floor, stored, peer = compare(load, [
                 Target("mission-control serve (200)", f"{url}{API}/tasks/{task_id}", token),
                 Target("bare Starlette (constant 200)", f"{bare}{API}/tasks/{task_id}"),
                 Target("bare Starlette + one keyed read", f"{storage}{API}/tasks/{task_id}"),
+                Target("the naive peer (SELECT by id)", f"{naive}{API}/tasks/{peer_id}"),
             ], args.rounds)
             verdict("ratio", share(served, floor), share(served, floor) >= 0.7, ">= 0.7")
             storage_share(stored, floor, served)
+            verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
             client.close()
 
         print("GET /overview")
