@@ -25,6 +25,7 @@ from projections.agents import Agent
 from projections.readmodels import ReadModels
 from service.commands.deciders import DispatchRun, Refused, decide
 from service.commands.handling import Commands
+from service.work.jobs import cancelled
 from service.work.leases import ENDINGS
 
 log = structlog.get_logger("mission_control.dispatch")
@@ -60,11 +61,7 @@ class Dispatcher:
         ]
 
     async def close(self) -> None:
-        for job in self._jobs:
-            job.cancel()
-        for job in self._jobs:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+        await cancelled(self._jobs)
         self._jobs = []
 
     async def _follow(self, after: int) -> None:

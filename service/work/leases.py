@@ -31,6 +31,7 @@ from projections.tasks import TaskState
 from service.commands.deciders import LoseRun
 from service.commands.desktops import MarkOffline
 from service.commands.handling import Commands
+from service.work.jobs import cancelled
 
 log = structlog.get_logger("mission_control.leases")
 
@@ -142,11 +143,7 @@ class Keeper:
         return after
 
     async def close(self) -> None:
-        for job in self._jobs:
-            job.cancel()
-        for job in self._jobs:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+        await cancelled(self._jobs)
         self._jobs = []
 
     async def _follow(self, after: int) -> None:

@@ -36,6 +36,7 @@ from projections.readmodels import ReadModels
 from projections.tasks import served
 from service.work import outbound
 from service.settings import Settings
+from service.work.jobs import cancelled
 
 log = structlog.get_logger("mission_control.webhooks")
 
@@ -91,9 +92,7 @@ class WebhookWorker:
         self._main = asyncio.create_task(self._run(), name="webhooks")
 
     async def close(self) -> None:
-        for job in [*self._sends, *([self._main] if self._main else [])]:
-            job.cancel()
-        await asyncio.gather(*self._sends, *([self._main] if self._main else []), return_exceptions=True)
+        await cancelled([*self._sends, *([self._main] if self._main else [])])
         if self._client is not None:
             await self._client.aclose()
 
