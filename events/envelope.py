@@ -114,9 +114,9 @@ def now_rfc3339() -> str:
     return rfc3339(datetime.now(UTC))
 
 
-def rfc3339(at: datetime) -> str:
-    """A UTC time as the log writes times (`recordedAt`)."""
-    return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+def rfc3339(at: datetime, timespec: str = "microseconds") -> str:
+    """An instant in UTC as the log writes times (`recordedAt`); `timespec="seconds"` for sentences."""
+    return at.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def parse_rfc3339(text: str) -> datetime:

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from events import rfc3339
 from projections.desktops import Desktop
 from service.api import schemas
 from service.commands.deciders import Refused
@@ -15,7 +16,6 @@ from service.commands.requests import meta
 from service.http.auth import Principal, is_desktop_name, visible_projects
 from service.http.errors import bad_request, json_response
 from service.http.endpoints import declared_body, endpoint
-from service.work.leases import utc_text
 
 
 async def desktop_view(request: Request, desktop: Desktop, allowed: list[str] | None) -> schemas.DesktopOut:
@@ -26,7 +26,7 @@ async def desktop_view(request: Request, desktop: Desktop, allowed: list[str] | 
     return schemas.DesktopOut(
         id=desktop.id, status=desktop.status, agents=desktop.agents, capacity=desktop.capacity, busy=len(runs),
         running=[task.run_id for task in runs if allowed is None or task.project_id in allowed],
-        last_seen_at=desktop.changed_at if heard is None else utc_text(heard, "microseconds"), version=desktop.version,
+        last_seen_at=desktop.changed_at if heard is None else rfc3339(heard), version=desktop.version,
     )
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from events import EventLog, Meta, RecordedEvent, StorageError, TypeFilter, decode
+from events import EventLog, Meta, RecordedEvent, StorageError, TypeFilter, decode, rfc3339
 from events import types as t
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
@@ -83,11 +83,6 @@ class LeaseStore(Protocol):
 def open_leases(log_: EventLog) -> LeaseStore:
     """The lease store of `log_`'s backend, in its database. `prepare` it before use."""
     return importlib.import_module(f"service.work.leasestore.{log_.backend}").open_leases(log_)
-
-
-def utc_text(at: datetime.datetime, timespec: str = "seconds") -> str:
-    """An instant as RFC 3339 UTC."""
-    return at.astimezone(datetime.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 async def lose(commands: Commands, task: TaskState, error: str) -> bool:
@@ -214,4 +209,4 @@ class Keeper:
 
 
 def lapsed(desktop_id: str, deadline: datetime.datetime) -> str:
-    return f"Desktop {desktop_id} stopped reporting on this run; its lease lapsed at {utc_text(deadline)}."
+    return f"Desktop {desktop_id} stopped reporting on this run; its lease lapsed at {rfc3339(deadline, 'seconds')}."
