@@ -770,7 +770,13 @@ function renderPanel() {
   $("[data-field=content]", drawer)?.remove();
   $("[data-field=facts]", drawer).after(h("p", { class: "task-content", "data-field": "content" }, task.content));
   $("[data-field=run]", drawer).textContent = task.runId ? `run ${shortId(task.runId)}` : "no run yet";
-  $("[data-field=actions]", drawer).replaceChildren(...actionsFor(task));
+  // Rebuilt only when what they offer changes: a re-render for another event keeps what was typed.
+  const actions = $("[data-field=actions]", drawer);
+  const offer = [task.id, task.status, task.priority, task.agentId].join("|");
+  if (actions.dataset.offer !== offer) {
+    actions.dataset.offer = offer;
+    actions.replaceChildren(...actionsFor(task));
+  }
   $("[data-field=message-form]", drawer).hidden = !ACTIVE.has(task.status);
 }
 
@@ -783,9 +789,9 @@ function actionsFor(task) {
   const add = (label, kind, onclick) => {
     buttons.push(h("button", { type: "button", class: kind, "data-action": label.toLowerCase(), onclick }, label));
   };
-  const agentId = task.agentId || $("[data-testid=agent-select]").value || undefined;
-  if (task.status === "pending") add("Run", "primary", post("Run", "/run", { agentId }));
-  if (task.status === "pending") add("Queue", "secondary", post("Queue", "/run", { agentId, queue: true }));
+  const agentId = () => task.agentId || $("[data-testid=agent-select]").value || undefined; // read at the click
+  if (task.status === "pending") add("Run", "primary", () => post("Run", "/run", { agentId: agentId() })());
+  if (task.status === "pending") add("Queue", "secondary", () => post("Queue", "/run", { agentId: agentId(), queue: true })());
   if (["pending", "queued"].includes(task.status)) {
     const priority = h("input", { type: "number", min: "1", max: "10", value: String(task.priority), class: "priority",
       "aria-label": "Priority", "data-testid": "priority-input" });
