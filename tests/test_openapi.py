@@ -36,7 +36,7 @@ CONTRACT = [
     ("post", "/agents/{agent_id}/pause"), ("post", "/agents/{agent_id}/resume"),
     ("get", "/projects"), ("post", "/projects"), ("get", "/projects/{project_id}"),
     ("patch", "/projects/{project_id}"),
-    ("get", "/activity/stream"), ("get", "/events"), ("get", "/audit/verify"), ("get", "/overview"),
+    ("get", "/activity/stream"), ("get", "/events"), ("get", "/audit/verify"), ("get", "/overview"), ("get", "/me"),
     ("get", "/tasks/{task_id}/runs"), ("get", "/desktops"), ("get", "/desktops/{desktop_id}"),
     ("post", "/desktops/{desktop_id}/drain"), ("post", "/desktops/{desktop_id}/resume"),
     ("delete", "/desktops/{desktop_id}"),

@@ -241,3 +241,15 @@ def test_overview_figures_are_the_services_not_a_tenants(world):
     alice, admin = world.alice.get("/overview"), world.admin.get("/overview")
     assert alice.status_code == admin.status_code == 200
     assert alice.json()["tasks"] == admin.json()["tasks"]
+
+
+def test_me_tells_a_key_its_user_scopes_and_project(shared_app_server):
+    s = shared_app_server
+    admin = s.client()
+    project = admin.post("/projects", json={"name": "me-project", "members": ["carol"]}).json()["id"]
+    reader = s.client(s.token("carol", "task:read"))
+    assert reader.get("/me").json() == {"user": "carol", "scopes": ["task:read"], "projectId": None}
+    scoped = s.client(s.token("carol", "task:write,task:read", project))
+    assert scoped.get("/me").json() == {"user": "carol", "scopes": ["task:read", "task:write"], "projectId": project}
+    assert admin.get("/me").json()["scopes"] == ["admin"]
+    assert refused(s.client(s.token("desk", "worker", desktop="desk-1")).get("/me"), 403, "forbidden")

@@ -1,4 +1,5 @@
-"""/overview: the dashboard's figures: counts, the machine's resources and the log's head."""
+"""/overview: the dashboard's figures: counts, the machine's resources and the log's head; /me: the
+key the dashboard holds (its user, scopes and project), so that it offers only what the key may do."""
 
 from __future__ import annotations
 
@@ -37,5 +38,10 @@ async def overview(request: Request, who: Principal) -> Response:
     ))
 
 
+@endpoint(summary="The caller's user, scopes and project.", scope="task:read", answer=schemas.Me)
+async def me(request: Request, who: Principal) -> Response:
+    return json_response(schemas.Me(user=who.user, scopes=sorted(who.scopes), project_id=who.project_id))
+
+
 def routes() -> list[Route]:
-    return [Route("/overview", overview, methods=["GET"])]
+    return [Route("/overview", overview, methods=["GET"]), Route("/me", me, methods=["GET"])]

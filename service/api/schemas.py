@@ -190,6 +190,16 @@ class Overview(Struct, kw_only=True, rename="camel"):
     log: LogFigures
 
 
+class Me(Struct, kw_only=True, rename="camel"):
+    """Who the key is and what it may do: the dashboard shows each user only what their key allows."""
+
+    user: str
+    scopes: list[str]
+    """The key's scopes as issued, sorted; `admin` implies every other."""
+    project_id: str | None
+    """The one project a key issued with `--project` acts within; null for a key of no single project."""
+
+
 class EventsPage(Struct):
     events: list[Any]
     next: int
