@@ -42,17 +42,21 @@ def browser():
 
 
 class Page:
-    """A browser tab on one server that fails the test on a script error or a request leaving the server."""
+    """A browser tab on one server that fails the test on a script error or a request leaving the server;
+    `requests` holds every request the page made ("GET /api/mission-control/me")."""
 
-    def __init__(self, browser, base_url: str):
+    def __init__(self, browser, base_url: str, width: int = 1680, height: int = 1050, scheme: str = "dark"):
         self.base_url = base_url
-        self.context = browser.new_context(viewport={"width": 1680, "height": 1050}, device_scale_factor=1)
+        self.context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
+                                           color_scheme=scheme)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.errors: list[str] = []
         self.foreign: list[str] = []
+        self.requests: list[str] = []
         self.context.route("**/*", self._only_the_server)
         self.tab = self.context.new_page()
         self.tab.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.tab.on("request", lambda r: self.requests.append(f"{r.method} {urlparse(r.url).path}"))
 
     def _only_the_server(self, route) -> None:
         url = route.request.url
@@ -84,8 +88,8 @@ class Page:
 def open_page(browser):
     opened: list[Page] = []
 
-    def open_(base_url: str) -> Page:
-        opened.append(Page(browser, base_url))
+    def open_(base_url: str, **view) -> Page:
+        opened.append(Page(browser, base_url, **view))
         return opened[-1]
 
     yield open_
@@ -313,3 +317,48 @@ def test_the_queue_column_shows_positions_and_a_priority_set_there_moves_a_task(
     expect(position(first)).to_have_text("#2")
     assert client.get(f"/tasks/{first}").json()["queuePosition"] == 2
     screenshot(page, "dashboard-queue.png")
+
+
+AXE = Path(__file__).resolve().parent / "browser" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def serious_violations(page: Page) -> list[dict]:
+    """axe-core's serious and critical findings on the page as it stands, each with a few of its elements."""
+    page.tab.add_script_tag(path=str(AXE))
+    return page.tab.evaluate("""async () => (await axe.run(document, {resultTypes: ['violations']})).violations
+        .filter(v => v.impact === 'serious' || v.impact === 'critical')
+        .map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.slice(0, 4).map(n => n.target.join(' ') + ' — ' + n.failureSummary)}))""")
+
+
+@pytest.mark.skipif(not AXE.exists(), reason="axe-core is not installed: scripts/test installs it with npm ci --prefix tests/browser")
+@pytest.mark.parametrize("scheme", ["dark", "light"])
+@pytest.mark.parametrize("width,height", [(390, 844), (1440, 900)])
+def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_server, open_page, scheme, width, height):
+    seed(shared_server.client())
+    page = open_page(shared_server.base_url, width=width, height=height, scheme=scheme)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    expect(tab.get_by_test_id("task-card").first).to_be_visible()
+    assert tab.evaluate("matchMedia('(prefers-color-scheme: light)').matches") == (scheme == "light")
+    found = {"board": serious_violations(page)}
+    # Nothing is wider than the screen; the form's fields and the overview stay on it.
+    assert tab.evaluate("document.documentElement.scrollWidth") == width
+    form = tab.get_by_test_id("create-form")
+    assert form.get_by_label("Title").bounding_box()["width"] >= min(300, width - 60)
+    priority = form.get_by_label("Priority").bounding_box()
+    assert priority["x"] >= 0 and priority["x"] + priority["width"] <= width
+    expect(tab.get_by_test_id("overview").locator("[data-stat=runs]")).to_be_visible()
+    if width >= 1440:  # columns wide enough that a title of four words keeps to two lines at most
+        titles = tab.locator("[data-testid=task-card] .card-title")
+        heights = titles.evaluate_all("els => els.map(e => e.getBoundingClientRect().height / parseFloat(getComputedStyle(e).lineHeight))")
+        assert max(heights) <= 2.05, heights
+    tab.get_by_test_id("task-card").first.click()
+    expect(tab.get_by_test_id("timeline-event").first).to_be_visible()
+    found["panel"] = serious_violations(page)
+    tab.get_by_role("button", name="Close").click()
+    for view in ("Agents", "Desktops", "Audit"):
+        tab.get_by_test_id("views").get_by_role("button", name=view).click()
+        expect(tab.locator(f"[data-view-panel={view.lower()}]")).to_be_visible()
+        found[view.lower()] = serious_violations(page)
+    screenshot(page, f"dashboard-{width}-{scheme}.png")
+    assert not any(found.values()), json.dumps(found, indent=1)

@@ -577,7 +577,7 @@ function buildBoard() {
       h("header", { class: "column-head" },
         h("span", { class: "status-dot", "aria-hidden": "true" }), h("h3", {}, label),
         h("span", { class: "count", "data-count": status }, "0")),
-      h("div", { class: "column-body" })));
+      h("div", { class: "column-body", tabindex: "0", role: "group", "aria-label": `${label} tasks` })));
   }
   const statusFilter = $("[data-testid=status-filter]");
   if (statusFilter.options.length === 1) {
@@ -907,7 +907,7 @@ function renderApprovals() {
       h("div", { class: "approval-head" },
         h("button", { type: "button", class: "link", onclick: () => openPanel(approval.taskId) }, title),
         h("time", { class: "ago", datetime: approval.createdAt }, ago(approval.createdAt))),
-      task && task.result ? h("pre", { class: "deliverable", tabindex: "0", "aria-label": "Deliverable" }, task.result.slice(0, 600)) : null,
+      task && task.result ? h("pre", { class: "deliverable", tabindex: "0", role: "region", "aria-label": "Deliverable" }, task.result.slice(0, 600)) : null,
       artifacts,
       feedback,
       mayDecide ? h("div", { class: "approval-actions" },
