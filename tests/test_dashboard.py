@@ -8,6 +8,7 @@ go to test-artifacts/ for a human to look at.
 from __future__ import annotations
 
 import json
+import time
 import re
 import uuid
 from pathlib import Path
@@ -123,8 +124,13 @@ def seed(client) -> dict[str, str]:
     return seeded
 
 
-def test_a_task_from_creation_to_done(shared_server, open_page):
-    seeded = seed(shared_server.client())
+@pytest.fixture(scope="module")
+def seeded(shared_server) -> dict[str, str]:
+    """The module's server with a task in each status, made once: its running task holds a slot throughout."""
+    return seed(shared_server.client())
+
+
+def test_a_task_from_creation_to_done(shared_server, seeded, open_page):
     page = open_page(shared_server.base_url)
     tab = page.tab
     page.sign_in(shared_server.admin_token)
@@ -271,6 +277,11 @@ def test_it_shows_a_lost_connection_and_resumes_by_itself(server, open_page):
     server.stop()
     expect(connection).not_to_have_attribute("data-state", "live")
     expect(connection).to_contain_text(re.compile("Reconnecting|Disconnected"))
+    form = page.tab.get_by_test_id("create-form")
+    form.get_by_label("Content").fill("while the server is down")
+    form.get_by_role("button", name="Create", exact=True).click()
+    expect(form.get_by_test_id("create-error")).to_have_text(
+        "The server cannot be reached. Check that it is running, then try again.")
     server.start()
     expect(connection).to_have_attribute("data-state", "live", timeout=30_000)
 
@@ -333,8 +344,7 @@ def serious_violations(page: Page) -> list[dict]:
 @pytest.mark.skipif(not AXE.exists(), reason="axe-core is not installed: scripts/test installs it with npm ci --prefix tests/browser")
 @pytest.mark.parametrize("scheme", ["dark", "light"])
 @pytest.mark.parametrize("width,height", [(390, 844), (1440, 900)])
-def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_server, open_page, scheme, width, height):
-    seed(shared_server.client())
+def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_server, seeded, open_page, scheme, width, height):
     page = open_page(shared_server.base_url, width=width, height=height, scheme=scheme)
     tab = page.tab
     page.sign_in(shared_server.admin_token)
@@ -349,7 +359,7 @@ def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_se
     assert priority["x"] >= 0 and priority["x"] + priority["width"] <= width
     expect(tab.get_by_test_id("overview").locator("[data-stat=runs]")).to_be_visible()
     if width >= 1440:  # columns wide enough that a title of four words keeps to two lines at most
-        titles = tab.locator("[data-testid=task-card] .card-title")
+        titles = tab.locator(", ".join(f"[data-task-id='{task_id}'] .card-title" for task_id in seeded.values()))
         heights = titles.evaluate_all("els => els.map(e => e.getBoundingClientRect().height / parseFloat(getComputedStyle(e).lineHeight))")
         assert max(heights) <= 2.05, heights
     tab.get_by_test_id("task-card").first.click()
@@ -362,3 +372,278 @@ def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_se
         found[view.lower()] = serious_violations(page)
     screenshot(page, f"dashboard-{width}-{scheme}.png")
     assert not any(found.values()), json.dumps(found, indent=1)
+
+
+def wait_status(client, task_id: str, status: str) -> None:
+    deadline = time.monotonic() + 15
+    while client.get(f"/tasks/{task_id}").json()["status"] != status:
+        assert time.monotonic() < deadline, f"the task never reached {status}"
+        time.sleep(0.05)
+
+
+def test_message_cancel_retry_and_review_from_the_task_panel(shared_server, open_page):
+    client = shared_server.client()
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    panel = tab.get_by_test_id("task-panel")
+    status = panel.locator("[data-field=status]")
+
+    # A run that asks a question waits for the answer: the panel's message box sends it.
+    form = tab.get_by_test_id("create-form")
+    form.get_by_label("Content").fill("Which colour?")
+    form.get_by_label("Metadata").fill(json.dumps({"echo": {"ask": "Which colour?"}}))
+    form.get_by_test_id("create-run").click()
+    expect(status).to_have_text("Needs input")
+    expect(panel.locator("[data-fact=asks]")).to_have_text("Which colour?")
+    panel.get_by_label("Message").fill("Blue, please")
+    panel.get_by_role("button", name="Send").click()
+    expect(status).to_have_text("Done")
+    expect(tab.get_by_test_id("task-output")).to_contain_text("Blue, please")
+    expect(panel.get_by_test_id("timeline-event").filter(has_text="task.message")).to_contain_text("Blue, please")
+
+    # Cancel asks first, takes a reason; Retry brings the task back to pending.
+    long = client.post("/tasks", json={"type": "prompt", "title": "Long haul", "content": "x",
+                                       "metadata": {"echo": {"delayMs": 600_000}}}).json()
+    assert client.post(f"/tasks/{long['id']}/run").status_code == 200
+    page.card(long["id"], "running").click()
+    expect(panel).to_have_attribute("data-task-id", long["id"])
+    panel.get_by_role("button", name="Cancel", exact=True).click()
+    confirm = panel.get_by_test_id("cancel-confirm")
+    expect(confirm).to_be_visible()
+    expect(status).to_have_text("Running")  # nothing happens before the confirmation
+    confirm.get_by_label("Reason").fill("no longer needed")
+    confirm.get_by_role("button", name="Yes, cancel it").click()
+    expect(page.card(long["id"], "cancelled")).to_be_visible()
+    expect(status).to_have_text("Cancelled")
+    expect(panel.get_by_test_id("timeline-event").filter(has_text="task.cancelled")).to_contain_text("no longer needed")
+    panel.get_by_role("button", name="Retry").click()
+    expect(page.card(long["id"], "pending")).to_be_visible()
+    assert client.get(f"/tasks/{long['id']}").json()["status"] == "pending"
+
+    # A deliverable reviewed from the task's own panel: rejected with feedback, it fails.
+    review = client.post("/tasks", json={"type": "prompt", "title": "Short essay", "content": "Write",
+                                         "requiresApproval": True}).json()
+    assert client.post(f"/tasks/{review['id']}/run").status_code == 200
+    page.card(review["id"], "review").click()
+    expect(panel).to_have_attribute("data-task-id", review["id"])
+    panel.get_by_label("Feedback").fill("Too short")
+    panel.get_by_role("button", name="Reject").click()
+    expect(page.card(review["id"], "failed")).to_be_visible()
+    expect(tab.locator(f"[data-testid=approval][data-task-id='{review['id']}']")).to_have_count(0)
+    assert client.get(f"/tasks/{review['id']}").json()["error"] == "rejected: Too short"
+    # Timeline times carry their date.
+    expect(panel.get_by_test_id("timeline-event").first.locator("time")).to_have_text(
+        re.compile(r"^([A-Z][a-z]{2} \d{1,2}|\d{1,2} [A-Z][a-z]{2}\.?)(, \d{4})? \d\d:\d\d:\d\d\.\d{3}$"))
+
+
+def test_search_filters_projects_paging_and_the_archive(shared_server, open_page):
+    client = shared_server.client()
+    word = f"orbit{uuid.uuid4().hex[:6]}"
+    for n in range(100):
+        assert client.post("/tasks", json={"type": "prompt", "content": f"{word} check {n}"}).status_code == 201
+    done = client.post("/tasks", json={"type": "prompt", "title": f"{word} alpha", "content": "go"}).json()
+    assert client.post(f"/tasks/{done['id']}/run").status_code == 200
+    wait_status(client, done["id"], "done")
+    project = client.post("/projects", json={"name": f"Apollo {word}"}).json()
+    apollo = client.post("/tasks", json={"type": "prompt", "title": f"{word} in apollo", "content": "x",
+                                         "projectId": project["id"]}).json()
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    cards = tab.get_by_test_id("board").get_by_test_id("task-card")
+    shown = tab.get_by_test_id("board-status").locator("[data-field=shown]")
+
+    tab.keyboard.press("/")  # the search box's key
+    expect(tab.get_by_test_id("search")).to_be_focused()
+    tab.keyboard.type(word.upper())  # as the API searches: regardless of case
+    pending = page.column("pending").locator("[data-count=pending]")
+    expect(shown).to_contain_text("Showing 100 of 102 tasks")
+    expect(pending).to_have_text("99")  # the newest 100: one of them done
+    tab.get_by_test_id("load-more").click()
+    expect(shown).to_have_text("102 tasks")
+    expect(pending).to_have_text("101")
+    expect(tab.get_by_test_id("load-more")).to_be_hidden()
+
+    filters = tab.get_by_test_id("filters")
+    filters.get_by_label("Status").select_option("done")
+    expect(cards).to_have_count(1)
+    expect(page.card(done["id"], "done")).to_be_visible()
+    filters.get_by_label("Status").select_option("")
+    filters.get_by_label("Agent").select_option(label="echo")  # only a task that ran has an agent
+    expect(cards).to_have_count(1)
+    filters.get_by_label("Agent").select_option("")
+    filters.get_by_label("Project").select_option(label=f"Apollo {word}")
+    expect(cards).to_have_count(1)
+    expect(page.card(apollo["id"], "pending")).to_be_visible()
+    filters.get_by_label("Project").select_option("")
+    expect(shown).to_contain_text("Showing 100 of 102 tasks")
+
+    # Archived: out of the board, into the archived view, and back.
+    filters.get_by_label("Status").select_option("done")
+    page.card(done["id"], "done").click()
+    tab.get_by_test_id("task-panel").get_by_role("button", name="Archive").click()
+    expect(cards).to_have_count(0)
+    expect(shown).to_have_text("No tasks match these filters.")
+    filters.get_by_label("Archived").check()
+    expect(page.card(done["id"], "done")).to_be_visible()
+    page.card(done["id"], "done").click()
+    tab.get_by_test_id("task-panel").get_by_role("button", name="Unarchive").click()
+    expect(cards).to_have_count(0)
+    filters.get_by_label("Archived").uncheck()
+    expect(page.card(done["id"], "done")).to_be_visible()
+    assert client.get(f"/tasks/{done['id']}").json()["archived"] is False
+    # Every feed row names its task, wherever the task was made.
+    feed = tab.get_by_test_id("activity").locator(".feed-subject")
+    expect(feed.filter(has_text=re.compile(r"^(task [0-9a-f]{8}|a task)$"))).to_have_count(0)
+
+
+def test_agents_and_a_command_task_on_a_shell_agent(shared_server, open_page):
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    form = tab.get_by_test_id("create-form")
+    form.get_by_label("Type").select_option("command")
+    expect(form.get_by_test_id("agent-hint")).to_contain_text("No shell agent")
+
+    tab.get_by_test_id("views").get_by_role("button", name="Agents").click()
+    register = tab.get_by_test_id("agent-form")
+    register.get_by_label("Name").fill("sh-1")
+    register.get_by_label("Kind").select_option("shell")
+    register.get_by_role("button", name="Register").click()
+    row = tab.get_by_test_id("agent").filter(has_text="sh-1")
+    expect(row).to_have_attribute("data-status", "active")
+    row.get_by_role("button", name="Pause sh-1").click()
+    expect(row).to_have_attribute("data-status", "paused")
+    row.get_by_role("button", name="Resume sh-1").click()
+    expect(row).to_have_attribute("data-status", "active")
+    shell = row.get_attribute("data-agent-id")
+
+    tab.get_by_test_id("views").get_by_role("button", name="Board").click()
+    expect(form.get_by_label("Agent")).to_have_value(shell)  # a command goes to the shell
+    expect(form.get_by_test_id("agent-hint")).to_be_hidden()
+    form.get_by_label("Content").fill("echo from-the-shell; ls /")
+    form.get_by_test_id("create-run").click()
+    panel = tab.get_by_test_id("task-panel")
+    expect(panel.locator("[data-field=status]")).to_have_text("Done")
+    expect(tab.get_by_test_id("task-output")).to_contain_text("from-the-shell")
+    expect(tab.get_by_test_id("task-output")).not_to_contain_text("echo from-the-shell")
+    expect(form.get_by_label("Type")).to_have_value("prompt")  # the form is cleared for the next task
+
+
+def test_desktops_and_the_audit_view(shared_server, open_page):
+    client = shared_server.client()
+    task = client.post("/tasks", json={"type": "prompt", "title": "Audited", "content": "x"}).json()
+    assert client.patch(f"/tasks/{task['id']}", json={"priority": 9}).status_code == 200
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(shared_server.admin_token)
+    views = tab.get_by_test_id("views")
+
+    views.get_by_role("button", name="Desktops").click()
+    local = tab.locator("[data-testid=desktop-row][data-desktop-id=local]")
+    expect(local).to_have_attribute("data-status", "online")
+    local.get_by_role("button", name="Drain local").click()
+    expect(local).to_have_attribute("data-status", "draining")
+    local.get_by_role("button", name="Resume local").click()
+    expect(local).to_have_attribute("data-status", "online")
+    assert client.get("/desktops/local").json()["status"] == "online"
+
+    views.get_by_role("button", name="Audit").click()
+    audit = tab.get_by_test_id("audit-view")
+    audit.get_by_role("button", name="Verify the chain").click()
+    head = client.get("/audit/digest").json()["position"]
+    expect(audit.get_by_test_id("verify-result")).to_contain_text(re.compile(r"Intact: \d+ events checked"))
+    audit.get_by_role("button", name="Take the digest").click()
+    expect(audit.get_by_test_id("digest-result")).to_contain_text(re.compile(r"#\d+ [0-9a-f]{64}"))
+    digest = audit.get_by_test_id("digest-result").inner_text()
+    position, hash_ = re.search(r"#(\d+) ([0-9a-f]{64})", digest).groups()
+    assert int(position) >= head and client.get("/audit/digest").json()["hash"] == hash_ or int(position) > head
+    expect(audit.get_by_test_id("log-event").first).to_be_visible()
+
+    # A task's history as of a position: before its priority changed, it was version 1 at priority 5.
+    views.get_by_role("button", name="Board").click()
+    page.card(task["id"], "pending").click()
+    panel = tab.get_by_test_id("task-panel")
+    created = panel.get_by_test_id("timeline-event").filter(has_text="task.created")
+    created.get_by_role("button", name=re.compile(r"as of #\d+")).click()
+    asof = panel.get_by_test_id("asof")
+    expect(asof.locator("[data-fact=priority]")).to_have_text("5")
+    expect(asof.locator("[data-fact=version]")).to_have_text("1")
+    expect(panel.locator("[data-field=facts] [data-fact=priority]")).to_have_text("9")
+
+
+def test_a_read_only_key_is_offered_only_what_it_can_do(shared_server, open_page):
+    admin = shared_server.client()
+    held = admin.post("/tasks", json={"type": "prompt", "content": "admin's, in review", "requiresApproval": True}).json()
+    assert admin.post(f"/tasks/{held['id']}/run").status_code == 200
+    wait_status(admin, held["id"], "review")
+    assert admin.get("/overview").json()["approvalsPending"] >= 1
+    reader = shared_server.token("reader", "task:read")
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.sign_in(reader)
+    expect(tab.get_by_test_id("whoami")).to_have_text("reader · task:read")
+    expect(tab.get_by_test_id("readonly-note")).to_contain_text("can watch but not create or change tasks or decide approvals")
+    expect(tab.get_by_test_id("create-form")).to_be_hidden()
+    expect(tab.get_by_test_id("views").get_by_role("button", name="Audit")).to_be_hidden()
+    expect(tab.get_by_test_id("notify-toggle")).to_be_hidden()
+    # The header counts this user's tray, not every project's approvals.
+    expect(tab.get_by_test_id("overview").locator("[data-stat=approvals]")).to_have_text("0")
+    expect(tab.get_by_test_id("approvals")).to_contain_text("No deliverable is waiting")
+    mine = shared_server.client(reader).get("/tasks").json()
+    expect(tab.get_by_test_id("board").get_by_test_id("task-card")).to_have_count(len(mine))
+    tab.get_by_test_id("views").get_by_role("button", name="Agents").click()
+    expect(tab.get_by_test_id("agent-form")).to_be_hidden()
+    expect(tab.get_by_test_id("agent-table").get_by_role("button")).to_have_count(0)
+    asked = [r for r in page.requests if "/api/" in r]
+    assert not [r for r in asked if r.endswith("/events") or r.startswith("POST") or "/devices" in r], asked
+
+
+def test_at_the_limit_create_and_run_says_the_task_was_made_and_makes_it_once(make_server, open_page):
+    server = make_server(MC_MAX_CONCURRENT="1")
+    client = server.client()
+    holder = client.post("/tasks", json={"type": "prompt", "content": "hold the slot",
+                                         "metadata": {"echo": {"delayMs": 600_000}}}).json()
+    assert client.post(f"/tasks/{holder['id']}/run").status_code == 200
+    page = open_page(server.base_url)
+    tab = page.tab
+    page.sign_in(server.admin_token)
+
+    # The first create reaches the server but its answer is lost on the way back: the page is told
+    # the server cannot be reached, and the same submission sent again makes no second task.
+    lost: list[int] = []
+
+    def lose_the_first_answer(route) -> None:
+        if route.request.method == "POST" and not lost:
+            lost.append(route.fetch().status)
+            route.abort()
+        else:
+            route.fallback()
+
+    tab.route(f"{server.base_url}/api/mission-control/tasks", lose_the_first_answer)
+    form = tab.get_by_test_id("create-form")
+    form.get_by_label("Title").fill("Second in line")
+    form.get_by_label("Content").fill("wait your turn")
+    form.get_by_label("Metadata").fill('{"team": "ops"}')
+    form.get_by_label("Requires approval").check()
+    form.get_by_test_id("create-run").click()
+    error = form.get_by_test_id("create-error")
+    expect(error).to_have_text("The server cannot be reached. Check that it is running, then try again.")
+    assert lost == [201]
+    form.get_by_test_id("create-run").click()
+    expect(error).to_contain_text("Created “Second in line”, but it did not start: Maximum concurrent tasks (1) reached.")
+    expect(error).to_contain_text("It waits in Pending")
+    made = [t for t in client.get("/tasks", params={"search": "Second in line"}).json()]
+    assert len(made) == 1 and made[0]["status"] == "pending", made
+    for field in ("Title", "Content", "Metadata"):
+        expect(form.get_by_label(field)).to_have_value("")
+    expect(form.get_by_label("Requires approval")).not_to_be_checked()
+
+    # Once a slot frees, the task is run from its panel, and the message goes with the pending state.
+    panel = tab.get_by_test_id("task-panel")
+    expect(panel).to_have_attribute("data-task-id", made[0]["id"])
+    assert client.post(f"/tasks/{holder['id']}/cancel", json={}).status_code == 200
+    panel.get_by_role("button", name="Run", exact=True).click()
+    expect(page.card(made[0]["id"], "review")).to_be_visible()
+    expect(error).to_have_text("")

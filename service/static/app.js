@@ -8,7 +8,7 @@ const STATUSES = [
   ["done", "Done"], ["failed", "Failed"], ["cancelled", "Cancelled"],
 ];
 const ACTIVE = new Set(["running", "awaiting_input"]);
-const CARDS_PER_COLUMN = 60;
+const CARDS_PER_COLUMN = 200; // two pages of the board
 const PAGE = 100; // tasks per page of the board; "Load more" reads the next
 const FEED_LIMIT = 150;
 const FEED_HISTORY = 60; // events before the page opened that the feed starts with
@@ -705,7 +705,8 @@ function renderAgentOptions() {
   const select = $("[data-testid=agent-select]");
   const chosen = select.value;
   const fit = agentsFor(type);
-  const keep = fit.some((a) => a.id === chosen) && select.dataset.type === type;
+  // A person's own pick is kept while it fits; a default gives way to a better agent that appears.
+  const keep = fit.some((a) => a.id === chosen) && select.dataset.type === type && select.dataset.picked === chosen;
   select.dataset.type = type;
   select.replaceChildren(...fit.map((a) => h("option", { value: a.id }, `${a.name} · ${a.kind}`)));
   if (keep) select.value = chosen;
@@ -719,7 +720,10 @@ function renderAgentOptions() {
   hint.hidden = !words;
 }
 $("[data-testid=create-form] [name=type]").addEventListener("change", renderAgentOptions);
-$("[data-testid=agent-select]").addEventListener("change", renderAgentOptions);
+$("[data-testid=agent-select]").addEventListener("change", (event) => {
+  event.target.dataset.picked = event.target.value;
+  renderAgentOptions();
+});
 
 async function loadAgents() {
   const agents = await api("GET", "/agents");
@@ -804,9 +808,12 @@ function renderDesktops() {
         h("span", { class: "muted" }, `${d.busy}/${d.capacity}`),
         h("span", { class: "desktop-kinds" }, d.status === "online" ? d.agents.join(", ") : d.status),
         h("time", { class: "ago", datetime: d.lastSeenAt }, ago(d.lastSeenAt)),
-        d.running.length ? h("span", { class: "desktop-running" }, ...d.running.map((taskId) =>
-          h("button", { type: "button", class: "link", onclick: () => openPanel(taskId) },
-            state.names.get(taskId) || shortId(taskId)))) : null)));
+        d.running.length ? h("span", { class: "desktop-running" }, ...d.running.map((runId) => {
+          // `running` lists runs: the task shown is the one whose current run it is.
+          const task = [...state.tasks.values()].find((t) => t.runId === runId);
+          return task ? h("button", { type: "button", class: "link", onclick: () => openPanel(task.id) }, taskName(task))
+            : h("span", { class: "muted mono" }, `run ${shortId(runId)}`);
+        })) : null)));
   }
   const admin = can("admin");
   const desktopAction = (d, verb, label) => h("button", {
@@ -1352,6 +1359,7 @@ createForm.addEventListener("submit", async (event) => {
     }
     state.createKey = null;
     form.reset();
+    delete fields.agentId.dataset.picked;
     renderAgentOptions();
     state.names.set(task.id, taskName(task));
     if (run) {
