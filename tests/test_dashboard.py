@@ -579,6 +579,8 @@ def test_a_read_only_key_is_offered_only_what_it_can_do(shared_server, open_page
     assert admin.post(f"/tasks/{held['id']}/run").status_code == 200
     wait_status(admin, held["id"], "review")
     assert admin.get("/overview").json()["approvalsPending"] >= 1
+    shared = admin.post("/projects", json={"name": "Readers' corner", "members": ["reader"]}).json()
+    admin.post("/tasks", json={"type": "prompt", "title": "For the reader", "content": "x", "projectId": shared["id"]})
     reader = shared_server.token("reader", "task:read")
     page = open_page(shared_server.base_url)
     tab = page.tab
@@ -587,17 +589,24 @@ def test_a_read_only_key_is_offered_only_what_it_can_do(shared_server, open_page
     expect(tab.get_by_test_id("readonly-note")).to_contain_text("can watch but not create or change tasks or decide approvals")
     expect(tab.get_by_test_id("create-form")).to_be_hidden()
     expect(tab.get_by_test_id("views").get_by_role("button", name="Audit")).to_be_hidden()
-    expect(tab.get_by_test_id("notify-toggle")).to_be_hidden()
     # The header counts this user's tray, not every project's approvals.
     expect(tab.get_by_test_id("overview").locator("[data-stat=approvals]")).to_have_text("0")
     expect(tab.get_by_test_id("approvals")).to_contain_text("No deliverable is waiting")
     mine = shared_server.client(reader).get("/tasks").json()
     expect(tab.get_by_test_id("board").get_by_test_id("task-card")).to_have_count(len(mine))
+    assert [t["title"] for t in mine] == ["For the reader"]
+    page.card(mine[0]["id"], "pending").click()
+    panel = tab.get_by_test_id("task-panel")
+    expect(panel.get_by_test_id("timeline-event").first).to_be_visible()
+    expect(panel.locator("[data-field=actions] button")).to_have_count(0)
+    panel.get_by_role("button", name="Close").click()
     tab.get_by_test_id("views").get_by_role("button", name="Agents").click()
     expect(tab.get_by_test_id("agent-form")).to_be_hidden()
     expect(tab.get_by_test_id("agent-table").get_by_role("button")).to_have_count(0)
     asked = [r for r in page.requests if "/api/" in r]
-    assert not [r for r in asked if r.endswith("/events") or r.startswith("POST") or "/devices" in r], asked
+    # It registers its tab as a device (to be told of its tasks) and changes nothing else.
+    assert not [r for r in asked if r.endswith("mission-control/events") or (r.startswith("POST") and not r.endswith("/devices"))], asked
+    assert not [r for r in asked if "/presence" in r], asked
 
 
 def test_at_the_limit_create_and_run_says_the_task_was_made_and_makes_it_once(make_server, open_page):

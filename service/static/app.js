@@ -306,7 +306,7 @@ async function start() {
     else toast(`Could not load the dashboard: ${error.message}`, "error");
     return;
   }
-  if (can("task:write")) registerDevice();
+  registerDevice(); // task:read is enough: a key that cannot mark presence is still told of its tasks
   renderNotifyToggle();
   connect();
   state.timers.push(setInterval(refreshOverview, OVERVIEW_EVERY_MS));
@@ -427,7 +427,7 @@ function renderNotifyToggle() {
   const button = $("[data-testid=notify-toggle]");
   const supported = "Notification" in window;
   const on = supported && localStorage.getItem(NOTIFY) === "1" && Notification.permission === "granted";
-  button.hidden = !supported || !can("task:write");
+  button.hidden = !supported;
   button.setAttribute("aria-pressed", String(on));
   button.textContent = on ? "Notify: on" : "Notify: off";
   button.title = supported && Notification.permission === "denied"
@@ -942,6 +942,8 @@ function describe(event) {
     case "project.created": return p.name;
     case "apikey.issued": return `${p.user}: ${(p.scopes || []).join(", ")}`;
     case "notification.sent": return p.text || "";
+    case "artifact.staged": return `${p.name} (${p.size} bytes) for the next run`;
+    case "artifact.recorded": return `${p.direction} ${p.name} (${p.size} bytes)`;
     default: return "";
   }
 }
