@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
 
@@ -656,3 +657,45 @@ def test_at_the_limit_create_and_run_says_the_task_was_made_and_makes_it_once(ma
     panel.get_by_role("button", name="Run", exact=True).click()
     expect(page.card(made[0]["id"], "review")).to_be_visible()
     expect(error).to_have_text("")
+
+
+# The page's notifications, as the browser is asked to show them (a notification itself is outside the page).
+RECORD_NOTIFICATIONS = """
+window.shownNotifications = [];
+if (window.Notification) {
+  window.Notification = class extends window.Notification {
+    constructor(title, options = {}) { super(title, options); window.shownNotifications.push({title, body: options.body}); }
+  };
+}
+"""
+
+
+def test_a_task_that_ends_while_the_tab_is_in_the_background_is_a_browser_notification(shared_server, open_page):
+    if "/api/mission-control/devices" not in httpx.get(shared_server.base_url + "/openapi.json").json()["paths"]:
+        pytest.skip("this server has no devices (docs/API.md, Attention): nothing is notified yet")
+    page = open_page(shared_server.base_url)
+    tab = page.tab
+    page.context.grant_permissions(["notifications"], origin=shared_server.base_url)
+    page.context.add_init_script(RECORD_NOTIFICATIONS)
+    token = shared_server.token("nora", "task:read,task:write")
+    nora = shared_server.client(token)
+    page.sign_in(token)
+    device = tab.evaluate("sessionStorage.getItem('mc.deviceId')")
+    toggle = tab.get_by_test_id("notify-toggle")
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+    deadline = time.monotonic() + 15
+    while device not in [d["deviceId"] for d in nora.get("/devices").json()]:
+        assert time.monotonic() < deadline, "the tab never registered as a device"
+        time.sleep(0.05)
+
+    tab.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'})")
+    task = nora.post("/tasks", json={"type": "prompt", "title": "Nightly report", "content": "x"}).json()
+    assert nora.post(f"/tasks/{task['id']}/run").status_code == 200
+    tab.wait_for_function("window.shownNotifications.some(n => n.body.includes('Nightly report'))")
+    # In front, the same news is a message on the page instead.
+    tab.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'})")
+    second = nora.post("/tasks", json={"type": "prompt", "title": "Morning digest", "content": "x"}).json()
+    assert nora.post(f"/tasks/{second['id']}/run").status_code == 200
+    expect(tab.locator(".toast", has_text="Morning digest")).to_be_visible()
+    assert not [n for n in tab.evaluate("window.shownNotifications") if "Morning digest" in n["body"]]
