@@ -699,3 +699,53 @@ def test_a_task_that_ends_while_the_tab_is_in_the_background_is_a_browser_notifi
     assert nora.post(f"/tasks/{second['id']}/run").status_code == 200
     expect(tab.locator(".toast", has_text="Morning digest")).to_be_visible()
     assert not [n for n in tab.evaluate("window.shownNotifications") if "Morning digest" in n["body"]]
+
+
+DOT_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def test_the_tray_shows_a_deliverables_artifacts_text_inline_images_as_images_and_files_to_download(shared_server, open_page):
+    client = shared_server.client()
+    if "/api/mission-control/tasks/{task_id}/artifacts" not in httpx.get(shared_server.base_url + "/openapi.json").json()["paths"]:
+        pytest.skip("this server keeps no artifacts (docs/API.md, Attention) yet")
+    shell = next((a for a in client.get("/agents").json() if a["kind"] == "shell" and a["status"] == "active"), None)
+    shell = shell or client.post("/agents", json={"name": "sh-artifacts", "kind": "shell"}).json()
+    script = (f"mkdir -p outputs && printf 'All green.\\n' > outputs/notes.txt && echo {DOT_PNG} | base64 -d > outputs/dot.png"
+              " && printf '\\001\\002' > outputs/blob.bin")
+    task = client.post("/tasks", json={"type": "command", "title": "Build the report", "content": script,
+                                       "agentId": shell["id"], "requiresApproval": True}).json()
+    assert client.post(f"/tasks/{task['id']}/run").status_code == 200
+    wait_status(client, task["id"], "review")
+    page = open_page(shared_server.base_url)
+    page.sign_in(shared_server.admin_token)
+    approval = page.tab.locator(f"[data-testid=approval][data-task-id='{task['id']}']")
+    artifacts = approval.get_by_test_id("artifact")
+    expect(artifacts).to_have_count(3)
+    expect(artifacts.filter(has_text="notes.txt").locator("pre")).to_have_text("All green.\n")
+    image = artifacts.locator("img[alt='dot.png']")
+    expect(image).to_be_visible()
+    page.tab.wait_for_function("img => img.complete && img.naturalWidth === 1", arg=image.element_handle())
+    blob = artifacts.filter(has_text="blob.bin")
+    expect(blob.locator("pre, img")).to_have_count(0)
+    with page.tab.expect_download() as download:
+        blob.get_by_role("button", name=re.compile("Download blob.bin")).click()
+    assert Path(download.value.path()).read_bytes() == b"\x01\x02"
+    assert download.value.suggested_filename == "blob.bin"
+
+
+def test_usage_is_shown_where_the_server_reports_it(shared_server, open_page):
+    client = shared_server.client()
+    task = client.post("/tasks", json={"type": "prompt", "title": "Counted", "content": "x"}).json()
+    assert client.post(f"/tasks/{task['id']}/run").status_code == 200
+    wait_status(client, task["id"], "done")
+    usage = client.get(f"/tasks/{task['id']}").json().get("usage")
+    if usage is None:
+        pytest.skip("this server reports no usage (docs/API.md, Attention) yet")
+    page = open_page(shared_server.base_url)
+    page.sign_in(shared_server.admin_token)
+    page.card(task["id"], "done").click()
+    tokens = usage["promptTokens"] + usage["completionTokens"]
+    expect(page.tab.get_by_test_id("task-panel").locator("[data-fact=usage]")).to_contain_text(f"{tokens:,} tokens")
+    expect(page.tab.get_by_test_id("task-panel").locator("[data-fact=usage]")).to_contain_text(f"${usage['costUsd']}")
+    overview = client.get("/overview").json()["usage"]
+    expect(page.tab.get_by_test_id("overview-cost")).to_have_text(f"${overview['costUsd']}")
