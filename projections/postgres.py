@@ -105,9 +105,10 @@ class PostgresReadModels(ReadModels):
     def _checkpoint(self, tx) -> int:
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
-    def _load(self, tx, model: Model, key: str) -> bytes | None:
-        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
-        return bytes(rows[0][0]) if rows else None
+    def _load(self, tx, model: Model, keys: list[str]) -> dict[str, bytes]:
+        stored_as = {_text(key): key for key in keys}  # an id is stored as `_text` made it
+        rows = tx.execute(f"SELECT id, state FROM {model.table} WHERE id = ANY(%s)", (list(stored_as),))
+        return {stored_as[key]: bytes(state) for key, state in rows}
 
     def _save(self, tx, changes: Changes) -> None:
         for model in MODELS:

@@ -75,8 +75,8 @@ class ReadModels(ABC):
         """The position of the last event folded."""
 
     @abstractmethod
-    def _load(self, tx: Any, model: Model, key: str) -> bytes | None:
-        """A model's stored state (JSON), if it has one under `key`."""
+    def _load(self, tx: Any, model: Model, keys: list[str]) -> dict[str, bytes]:
+        """A model's stored states (JSON) under `keys`, by key: those it has."""
 
     @abstractmethod
     def _save(self, tx: Any, changes: Changes) -> None:
@@ -84,7 +84,7 @@ class ReadModels(ABC):
         keeps no row, so the stores do not depend on how events were batched), the checkpoint."""
 
     def _apply(self, tx: Any, events: list[RecordedEvent]) -> None:
-        self._save(tx, fold(events, lambda model, key: self._load(tx, model, key)))
+        self._save(tx, fold(events, lambda model, keys: self._load(tx, model, keys)))
 
     def _catch_up(self, tx: Transaction, until: int) -> int:
         """Fold at most a page of what lies between the checkpoint and `until`; the new checkpoint."""

@@ -51,6 +51,10 @@ def _upsert(model: Model) -> str:
 _UPSERTS = {m.table: _upsert(m) for m in MODELS}
 
 
+_LOAD_CHUNK = 500
+"""Keys a read of the fold asks for at once, well within SQLite's limit on bound values."""
+
+
 def _one_of(column: str, values: list[str]) -> str:
     """`column IN (?, ...)` for `values`; an empty list matches nothing."""
     return f"{column} IN ({','.join('?' * len(values)) or 'NULL'})"
@@ -95,9 +99,12 @@ class SqliteReadModels(ReadModels):
     def _checkpoint(self, tx) -> int:
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
-    def _load(self, tx, model: Model, key: str) -> bytes | None:
-        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
-        return rows[0][0] if rows else None
+    def _load(self, tx, model: Model, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), _LOAD_CHUNK):
+            chunk = keys[start : start + _LOAD_CHUNK]
+            found.update(tx.execute(f"SELECT id, state FROM {model.table} WHERE {_one_of('id', chunk)}", chunk))
+        return found
 
     def _save(self, tx, changes: Changes) -> None:
         for model in MODELS:

@@ -82,23 +82,35 @@ COUNTER_TABLES = ("counters", "checkpoint")
 """Kept beside the models: named counts (`tasks.running`, `desktops.online`, ...) and the last folded position."""
 
 
-class Changes:
-    """The states a run of events touches, each loaded once (by `load`, the stored JSON or
-    None), and how far each counter moves."""
+Loader = Callable[[Model, list[str]], dict[str, bytes]]
+"""The stored states (JSON) of a model under some keys: those it has, by key."""
 
-    def __init__(self, load: Callable[[Model, str], bytes | None]):
+
+class Changes:
+    """The states a run of events touches, each loaded once (by `load`), and how far each counter moves."""
+
+    def __init__(self, load: Loader):
         self._load = load
         self.states: dict[str, dict[str, Any]] = {m.table: {} for m in MODELS}
         self.counts: dict[str, int] = {}
         self.position = 0
         """The last event folded."""
 
-    def get(self, model: Model, key: str) -> Any:
+    def prefetch(self, model: Model, keys: set[str]) -> None:
+        """Loads the states under `keys` in one read (one round trip to a database server),
+        rather than one read per key as events ask for them."""
         cached = self.states[model.table]
-        if key not in cached:
-            stored = self._load(model, key)
-            cached[key] = None if stored is None else msgspec.json.decode(stored, type=model.state)
-        return cached[key]
+        wanted = [key for key in keys if key not in cached]
+        if wanted:
+            stored = self._load(model, wanted)
+            for key in wanted:
+                found = stored.get(key)
+                cached[key] = None if found is None else msgspec.json.decode(found, type=model.state)
+
+    def get(self, model: Model, key: str) -> Any:
+        if key not in self.states[model.table]:
+            self.prefetch(model, {key})
+        return self.states[model.table][key]
 
     def put(self, model: Model, key: str, old: Any, new: Any) -> None:
         self.states[model.table][key] = new
@@ -127,9 +139,11 @@ class Changes:
         return [(name, delta) for name, delta in self.counts.items() if delta]
 
 
-def fold(events: list[RecordedEvent], load: Callable[[Model, str], bytes | None]) -> Changes:
+def fold(events: list[RecordedEvent], load: Loader) -> Changes:
     """The changes `events` (which start right after the checkpoint) make to the read models."""
     changes = Changes(load)
+    touched: list[tuple[Any, list[tuple[Model, str]]]] = []  # each event, and the states it changes
+    keys: dict[str, set[str]] = {m.table: set() for m in MODELS}
     for recorded in events:
         if recorded.version == 1:
             changes.count("log.streams", 1)
@@ -138,10 +152,15 @@ def fold(events: list[RecordedEvent], load: Callable[[Model, str], bytes | None]
         except (UnknownEventType, msgspec.ValidationError, LookupError) as exc:
             logger.warning("read models skip the event at position %d: %s", recorded.position, exc)
             continue
-        for model in MODELS:
-            key = model.key_of(event.data)
-            if key is not None:
-                old = changes.get(model, key)
-                changes.put(model, key, old, model.evolve(old, event))
+        states = [(model, key) for model in MODELS if (key := model.key_of(event.data)) is not None]
+        for model, key in states:
+            keys[model.table].add(key)
+        touched.append((event, states))
+    for model in MODELS:
+        changes.prefetch(model, keys[model.table])
+    for event, states in touched:
+        for model, key in states:
+            old = changes.get(model, key)
+            changes.put(model, key, old, model.evolve(old, event))
     changes.position = events[-1].position
     return changes
