@@ -23,6 +23,7 @@ from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop, Placement
 from projections.projects import Project
+from projections.usage import Usage, UsageShare, total
 from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
 from projections.lifecycle import QUEUED, STATUSES
 from projections.tasks import Task, TaskState, evolve
@@ -199,6 +200,22 @@ class ReadModels(ABC):
             streams=values.get("log.streams", 0),
             checkpoint=checkpoint,
         )
+
+    @abstractmethod
+    async def usage_shares(self, agent_id: str | None, project_ids: list[str] | None) -> list[UsageShare]:
+        """The usage kept per agent and project: of `agent_id` (None: every agent) over the tasks of
+        `project_ids` (None: every project), in no particular order."""
+
+    async def usage(self, agent_id: str | None = None, project_ids: list[str] | None = None) -> Usage:
+        """Summed over the runs of `agent_id` (None: any agent) on the tasks of `project_ids` (None: all)."""
+        return total(share.usage for share in await self.usage_shares(agent_id, project_ids))
+
+    async def usage_by_agent(self, project_ids: list[str] | None = None) -> dict[str, Usage]:
+        """Each agent's usage over the tasks of `project_ids` (None: all); agents with none left out."""
+        shares: dict[str, list[Usage]] = {}
+        for share in await self.usage_shares(None, project_ids):
+            shares.setdefault(share.agent_id, []).append(share.usage)
+        return {agent_id: total(usages) for agent_id, usages in shares.items()}
 
     @abstractmethod
     async def running_count(self) -> int:
