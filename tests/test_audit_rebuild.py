@@ -24,6 +24,8 @@ class Driver:
 
     def __init__(self, client: httpx.Client, seed: int):
         self.client, self.random = client, random.Random(seed)
+        self.spend = random.Random(seed + 1)
+        """Usage and prices: drawn apart, so the commands' sequence does not depend on them."""
         self.tasks: list[str] = []
         self.agents: list[str] = []
         self.projects: list[str] = []
@@ -48,6 +50,9 @@ class Driver:
     def create(self) -> None:
         r = self.random
         echo = r.choice([{}, {"fail": "boom"}, {"ask": "sure?"}, {"chunks": r.randint(1, 5)}, {"delayMs": 30}])
+        spend = self.spend
+        if spend.random() < 0.5:  # what a provider would report, priced when the agent has prices
+            echo["usage"] = {"promptTokens": spend.randint(0, 10**6), "completionTokens": spend.randint(0, 10**5)}
         body = {"type": "prompt", "content": f"job {r.random()}", "title": r.choice([None, "a", "b"]),
                 "requiresApproval": r.random() < 0.3, "priority": r.randint(1, 10), "metadata": {"echo": echo},
                 "desktopId": r.choice([None, "local", "elsewhere"])}  # elsewhere: no such desktop, its runs 503
@@ -108,7 +113,9 @@ class Driver:
             agent = self.random.choice(self.agents)
             self.send("POST", f"/agents/{agent}/{self.random.choice(['pause', 'resume'])}")
         else:
-            self.agents.append(self.send("POST", "/agents", json={"name": f"e{len(self.agents)}", "kind": "echo"}).json()["id"])
+            pricing = {"promptPerMillion": f"{self.spend.randint(0, 300) / 100}", "completionPerMillion": "0.6"}
+            body = {"name": f"e{len(self.agents)}", "kind": "echo", "config": {"pricing": pricing}}
+            self.agents.append(self.send("POST", "/agents", json=body).json()["id"])
 
     def finish(self) -> None:
         """End every run still going, so the log stops moving."""
@@ -135,6 +142,7 @@ def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
     db = database(server.data_dir)
     live, head = read_models(db), len(recorded(db))
     assert len(live["tasks"]) > 100 and live["approvals"] and live["presence"] and live["agents"]
+    assert len(live["usage_shares"]) > 1  # the unpriced echo agent's and a priced one's
 
     status, shown = with_terminal_stderr(server.data_dir, "rebuild", stdout=tmp_path / "rebuilt")
     assert status == 0 and "rebuilding read models" in shown
