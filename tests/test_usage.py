@@ -17,10 +17,10 @@ from events import types as t
 from projections.agents import Agent
 from projections.tasks import TaskState
 from service.commands.deciders import DispatchRun, Refused, StartRun, decide
-from tests.api_helpers import UNLIMITED, log_unchanged, refused, wait_for
+from tests.api_helpers import UNLIMITED, log_unchanged, refused
 from tests.server import Server
 from tests.test_agents import KEY_VARIABLE, Provider
-from tests.test_runner import events, output, register, start, until_status
+from tests.test_runner import events, output, start, until_status
 from tests.worker import Worker
 
 PRICES = {"promptPerMillion": "0.15", "completionPerMillion": "0.60"}
