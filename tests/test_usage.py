@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import threading
 from decimal import Decimal
 
 import msgspec
@@ -19,7 +18,8 @@ from projections.tasks import TaskState
 from service.commands.deciders import DispatchRun, Refused, StartRun, decide
 from tests.api_helpers import UNLIMITED, log_unchanged, refused
 from tests.server import Server
-from tests.test_agents import KEY_VARIABLE, Provider
+from tests import test_agents
+from tests.test_agents import KEY_VARIABLE
 from tests.test_runner import events, output, start, until_status
 from tests.worker import Worker
 
@@ -39,15 +39,8 @@ def api(mc):
     return mc.client()
 
 
-@pytest.fixture
-def provider():
-    p = Provider()
-    thread = threading.Thread(target=p.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield p
-    p.release.set()
-    p.shutdown()
-    p.server_close()
+provider = test_agents.provider
+"""The OpenAI-compatible server on loopback, as the openai kind's own tests run it."""
 
 
 def agent(api, kind: str, **config) -> dict:

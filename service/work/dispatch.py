@@ -115,7 +115,7 @@ class Dispatcher:
         desktops = await self.models.placements()
         agents: dict[str, Agent | None] = {}
         spent: dict[str, str] = {}
-        """Each agent's cost so far: it moves only when a run ends, which no dispatch does."""
+        """Each agent's cost so far, against its budget: read once a pass, as its agent is."""
         statuses: dict[str, str | None] = {}
         now = now_rfc3339()
         started = 0
