@@ -39,6 +39,7 @@ class Config(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields
     pricing: dict[str, str] | None = None
     """Dollars per million tokens; every kind may have them (checked by projections.usage)."""
     budget_usd: str | None = None
+    """What the agent's runs may cost in all, in dollars."""
 
 
 def parse_config(kind: type[C], config: dict[str, Any]) -> C:
