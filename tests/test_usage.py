@@ -5,6 +5,7 @@ one that crosses them mid-run, here and on a remote worker."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from decimal import Decimal
@@ -20,6 +21,7 @@ from tests.api_helpers import UNLIMITED, log_unchanged, refused
 from tests.server import Server
 from tests import test_agents
 from tests.test_agents import KEY_VARIABLE
+from tests.test_client_cli import ok
 from tests.test_runner import events, output, start, until_status
 from tests.worker import Worker
 
@@ -63,7 +65,7 @@ def usage(prompt: int, completion: int, cost: str, unpriced: int = 0) -> dict:
     return {"promptTokens": prompt, "completionTokens": completion, "costUsd": cost, "unpricedRuns": unpriced}
 
 
-def test_an_openai_run_is_priced_from_the_stream_s_final_usage_chunk_to_the_exact_decimal(api, provider):
+def test_an_openai_run_is_priced_from_the_stream_s_final_usage_chunk_to_the_exact_decimal(mc, api, provider):
     priced = agent(api, "openai", baseUrl=provider.url, model="metered", apiKeyEnv=KEY_VARIABLE,
                    params={"meter": [1234, 567]}, pricing=PRICES)
     started = start(api, priced["id"], "How much?", "prompt")
@@ -81,6 +83,8 @@ def test_an_openai_run_is_priced_from_the_stream_s_final_usage_chunk_to_the_exac
     (run,) = api.get(f"/tasks/{started['id']}/runs").json()
     assert run["usage"] == {"promptTokens": 1234, "completionTokens": 567, "costUsd": cost}
     assert api.get(f"/agents/{priced['id']}").json()["usage"] == usage(1234, 567, cost)
+    shown = ok(mc, "task", "show", started["id"]).stdout  # the command line shows it too
+    assert re.search(r"^usage\s+\$0\.0005253 for 1234 prompt \+ 567 completion tokens$", shown, re.M), shown
 
 
 USAGE_LINES = textwrap.dedent("""\
@@ -143,6 +147,9 @@ def test_usage_is_summed_over_the_projects_the_caller_may_see(mc, api):
     listed = {a["id"]: a["usage"] for a in ann.get("/agents").json()}
     assert listed[shared] == usage(3000, 100, "0.00051")
     assert ann.get("/overview").json()["usage"] == usage(3000, 100, "0.00051")  # ann's projects' runs alone
+    ann_key = mc.token("ann", "task:read")
+    shown = ok(mc, "overview", token=ann_key).stdout
+    assert re.search(r"^usage\s+\$0\.00051 for 3000 prompt \+ 100 completion tokens$", shown, re.M), shown
     everything = api.get("/overview").json()["usage"]
     assert Decimal(everything["costUsd"]) - Decimal(before["costUsd"]) == Decimal("0.75051")
     assert everything["promptTokens"] - before["promptTokens"] == 1003000
