@@ -140,6 +140,9 @@ class ProviderHandler(BaseHTTPRequestHandler):
         model = body["model"]
         if model == "broken":
             return self._json(500, {"error": {"message": "the model fell over"}})
+        if model == "no-stream":  # a server that ignores `stream`: one JSON answer, its usage in it
+            return self._json(200, {"choices": [{"message": {"role": "assistant", "content": "Whole."}}],
+                                    "usage": {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")

@@ -87,6 +87,13 @@ def test_an_openai_run_is_priced_from_the_stream_s_final_usage_chunk_to_the_exac
     assert re.search(r"^usage\s+\$0\.0005253 for 1234 prompt \+ 567 completion tokens$", shown, re.M), shown
 
 
+def test_a_server_that_does_not_stream_is_priced_from_its_answer_s_usage(api, provider):
+    priced = agent(api, "openai", baseUrl=provider.url, model="no-stream", apiKeyEnv=KEY_VARIABLE, pricing=PRICES)
+    done = until_status(api, start(api, priced["id"], "Once", "prompt")["id"])
+    assert (done["status"], done["result"]) == ("done", "Whole."), done
+    assert done["usage"] == usage(40, 2, "0.0000072")  # 40 * 0.15 + 2 * 0.60 millionths
+
+
 USAGE_LINES = textwrap.dedent("""\
     import sys
     sys.stdin.readline()
