@@ -64,8 +64,9 @@ class ReadModels(ABC):
         """Run fn(tx) in a write transaction of the log's, serialised with its appends."""
 
     @abstractmethod
-    def _create(self, tx: Any) -> None:
-        """Create the stores of every model, the counters and the checkpoint, if missing."""
+    def _create(self, tx: Any) -> bool:
+        """Create the stores of every model, the counters and the checkpoint, if missing; whether a
+        model's store was missing."""
 
     @abstractmethod
     def _drop(self, tx: Any) -> None:
@@ -106,8 +107,15 @@ class ReadModels(ABC):
         self._apply(tx, fresh)
 
     async def prepare(self) -> None:
-        """Create the stores if missing and fold whatever the log holds that they lack."""
-        await self._transact(self._create)
+        """Create the stores if missing and fold whatever the log holds that they lack. Models
+        folded by a release that lacked one of them are rebuilt, once: a model added since (the
+        usage kept per agent and project) is folded from the first event, and so is what it adds to
+        the others (a task's usage), as if they had always been kept."""
+        def create(tx: Transaction) -> None:  # and rebuild in the same transaction: a crash leaves neither
+            if self._create(tx) and self._checkpoint(tx) > 0:
+                self._refold_all(tx)
+
+        await self._transact(create)
         await self.refold()
 
     async def refold(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -124,19 +132,18 @@ class ReadModels(ABC):
         """Drop every read model and refold it from the log, all in one transaction: a server
         running beside it never reads half-built models (its appends wait for the rebuild)."""
         head = await self.log.read_head()
+        return await self._transact(lambda tx: self._refold_all(tx, head, progress))
 
-        def refold_all(tx: Transaction) -> int:
-            self._drop(tx)
-            self._create(tx)
-            done = 0
-            while events := tx.read_events(done, EVERYTHING, PAGE):  # up to the head, and whatever came since
-                self._apply(tx, events)
-                done = events[-1].position
-                if progress is not None:
-                    progress(done, max(head, done))
-            return done
-
-        return await self._transact(refold_all)
+    def _refold_all(self, tx: Transaction, head: int = 0, progress: Callable[[int, int], None] | None = None) -> int:
+        self._drop(tx)
+        self._create(tx)
+        done = 0
+        while events := tx.read_events(done, EVERYTHING, PAGE):  # up to the head, and whatever came since
+            self._apply(tx, events)
+            done = events[-1].position
+            if progress is not None:
+                progress(done, max(head, done))
+        return done
 
     # --- reads: what the API serves, from the models alone --------------------------------
 

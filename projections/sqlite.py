@@ -85,9 +85,11 @@ class SqliteReadModels(ReadModels):
     async def _transact(self, fn: Callable[[Any], T]) -> T:
         return await self.log.transact(fn)
 
-    def _create(self, tx) -> None:
+    def _create(self, tx) -> bool:
+        tables = {row[0] for row in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for statement in _ddl():
             tx.execute(statement)
+        return any(m.table not in tables for m in MODELS)
 
     def _drop(self, tx) -> None:
         for name in (*COUNTER_TABLES, *(m.table for m in MODELS)):

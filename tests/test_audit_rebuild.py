@@ -12,7 +12,7 @@ import pytest
 from events import Meta, open_log
 from events import types as t
 from tests.api_helpers import wait_for
-from tests.audit_sqlite import database, read_models, recorded
+from tests.audit_sqlite import as_an_older_release_left_it, database, read_models, recorded
 from tests.audit_tools import differences, with_terminal_stderr
 
 COMMANDS = 600
@@ -149,6 +149,29 @@ def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
     assert (tmp_path / "rebuilt").read_text() == f"rebuilt every read model from {head} events\n"
     assert not differences(read_models(db), live)
     assert len(recorded(db)) == head  # a rebuild appends nothing
+
+
+@pytest.mark.sqlite_file  # reads or holds the SQLite file itself
+def test_read_models_an_older_release_kept_are_rebuilt_once_with_what_it_did_not_keep(make_app_server):
+    server = make_app_server()
+    client = server.client()
+    echo = client.post("/agents", json={"name": "priced", "kind": "echo", "config": {"pricing": {
+        "promptPerMillion": "2", "completionPerMillion": "3"}}}).json()["id"]
+    for usage in ({"promptTokens": 10, "completionTokens": 1}, None):
+        task = client.post("/tasks", json={"type": "prompt", "content": "x", "metadata": {"echo": {"usage": usage}}}).json()
+        assert client.post(f"/tasks/{task['id']}/run", json={"agentId": echo}).status_code == 200
+        wait_for(lambda: client.get(f"/tasks/{task['id']}").json()["status"] == "done", what="the run to end")
+    kept = client.get(f"/agents/{echo}").json()["usage"]
+    assert kept == {"promptTokens": 10, "completionTokens": 1, "costUsd": "0.000023", "unpricedRuns": 1}
+    server.stop()
+    db = database(server.data_dir)
+    live = read_models(db)
+
+    as_an_older_release_left_it(db, "usage_shares")
+    server.start()
+    assert server.client().get(f"/agents/{echo}").json()["usage"] == kept
+    rebuilt = read_models(db)  # the restart has appended since (its desktop online), not to these
+    assert (rebuilt["usage_shares"], rebuilt["tasks"]) == (live["usage_shares"], live["tasks"])
 
 
 async def _append_without_projector(db, count: int) -> None:
