@@ -16,7 +16,7 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks
+from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks, usage
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -73,7 +73,13 @@ QUEUE = Model(
     {"priority": lambda s: s.priority, "queued_position": lambda s: s.queued_position},
     ("priority DESC, queued_position",),
 )
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE)
+USAGE = Model(
+    "usage_shares", usage.UsageShare, lambda data: None, lambda old, event: old,  # kept by `fold`: see `_spent`
+    {"agent_id": lambda s: s.agent_id, "project_id": lambda s: s.project_id},
+    ("agent_id", "project_id"),
+)
+"""Each agent's usage over each project's tasks (key `<agentId> <projectId>`)."""
+MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE, USAGE)
 DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 """Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 
@@ -139,6 +145,18 @@ class Changes:
         return [(name, delta) for name, delta in self.counts.items() if delta]
 
 
+def _spent(changes: Changes, data: EventData) -> tuple[str, str, usage.Usage] | None:
+    """(agent, project, its share) when the event ends a run: the task's fold counts it on the task,
+    and the agent's share of the task's project counts it the same way. The key needs the task (an
+    ending names only its run), so this model is kept here rather than by its own `evolve`."""
+    task_id = tasks.task_id_of(data)
+    task = changes.get(TASKS, task_id) if task_id is not None else None
+    if task is None or task.agent_id is None:
+        return None
+    used = usage.ended(task.status, task.run_id, data)
+    return None if used is None else (task.agent_id, task.project_id, used)
+
+
 def fold(events: list[RecordedEvent], load: Loader) -> Changes:
     """The changes `events` (which start right after the checkpoint) make to the read models."""
     changes = Changes(load)
@@ -159,8 +177,14 @@ def fold(events: list[RecordedEvent], load: Loader) -> Changes:
     for model in MODELS:
         changes.prefetch(model, keys[model.table])
     for event, states in touched:
+        spent = _spent(changes, event.data)  # judged on the task as it was before the event
         for model, key in states:
             old = changes.get(model, key)
             changes.put(model, key, old, model.evolve(old, event))
+        if spent is not None:
+            agent_id, project_id, used = spent
+            key = usage.share_key(agent_id, project_id)
+            old = changes.get(USAGE, key) or usage.UsageShare(agent_id=agent_id, project_id=project_id)
+            changes.put(USAGE, key, old, msgspec.structs.replace(old, usage=usage.add(old.usage, used)))
     changes.position = events[-1].position
     return changes
