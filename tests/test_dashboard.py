@@ -8,6 +8,7 @@ go to test-artifacts/ for a human to look at.
 from __future__ import annotations
 
 import json
+import os
 import time
 import re
 import uuid
@@ -346,6 +347,8 @@ def serious_violations(page: Page) -> list[dict]:
 @pytest.mark.parametrize("scheme", ["dark", "light"])
 @pytest.mark.parametrize("width,height", [(390, 844), (1440, 900)])
 def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_server, seeded, open_page, scheme, width, height):
+    if os.environ.get("MC_TEST_BACKEND") == "postgres":
+        pytest.skip("the page's accessibility and layout do not depend on the log's backend: checked on the SQLite pass")
     page = open_page(shared_server.base_url, width=width, height=height, scheme=scheme)
     tab = page.tab
     page.sign_in(shared_server.admin_token)
