@@ -16,7 +16,7 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks
+from projections import agents, apikeys, approvals, desktops, devices, notifications, presence, projects, queue, tasks
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -73,7 +73,15 @@ QUEUE = Model(
     {"priority": lambda s: s.priority, "queued_position": lambda s: s.queued_position},
     ("priority DESC, queued_position",),
 )
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE)
+DEVICES = Model("devices", devices.UserDevices, devices.user_of, devices.evolve, {})
+"""Keyed by user: every route reads the caller's devices at once."""
+WATCHES = Model("watches", notifications.Watch, notifications.watch_key_of, notifications.evolve_watch, {})
+NOTIFICATIONS = Model(
+    "notifications", notifications.Pending, notifications.pending_key_of, notifications.evolve_pending,
+    {"cause_position": lambda s: s.cause.position}, ("cause_position",),
+)
+"""The pending ones: `fan_out` adds them (in `fold`), their sent or final failed event removes them."""
+MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE, DEVICES, WATCHES, NOTIFICATIONS)
 DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 """Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 
@@ -143,5 +151,9 @@ def fold(events: list[RecordedEvent], load: Callable[[Model, str], bytes | None]
             if key is not None:
                 old = changes.get(model, key)
                 changes.put(model, key, old, model.evolve(old, event))
+        if (task_id := notifications.cause_task(event.data)) is not None:
+            watch = changes.get(WATCHES, task_id)
+            for pending in notifications.fan_out(event, watch, lambda user: changes.get(DEVICES, user)):
+                changes.put(NOTIFICATIONS, pending.id, None, pending)
     changes.position = events[-1].position
     return changes
