@@ -88,6 +88,14 @@ def head(client: httpx.Client) -> int:
     return response.json()["head"]
 
 
+def device(client: httpx.Client, device_id: str, **fields) -> dict:
+    """Register one of the caller's devices (a browser tab unless `fields` say otherwise), as
+    marking presence from it needs."""
+    response = client.post("/devices", json={"deviceId": device_id, "kind": "browser", **fields})
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
 @contextmanager
 def log_unchanged(client: httpx.Client):
     """Asserts that nothing was appended to the log inside the block."""
