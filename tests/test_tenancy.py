@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.http.auth import default_project_id
-from tests.api_helpers import log_unchanged, refused, wait_for
+from tests.api_helpers import device, log_unchanged, refused, wait_for
 from tests.test_security import key_id
 
 TASK_READ_WRITE = "task:read,task:write,approval:write"
@@ -46,6 +46,7 @@ def world(shared_app_server):
     alice, bob = s.client(s.token("alice", TASK_READ_WRITE)), s.client(s.token("bob", TASK_READ_WRITE))
     a_review, b_review = in_review(alice, "alpha", one), in_review(bob, "bravo", two)
     b_pending = create(bob, "bravo pending", projectId=two, desktopId="bob-desk")
+    device(bob, "bob-phone", events=["task.input_requested"])  # none of Bob's tasks asks: no notification appends
     assert bob.post(f"/tasks/{b_pending['id']}/presence", json={"deviceId": "bob-phone"}).status_code == 204
     auditor = s.token("auditor", "task:read,audit:read")
     one_auditor = s.token("auditor-one", "task:read,audit:read", project=one)
@@ -182,7 +183,10 @@ def test_the_activity_stream_and_the_log_filter_by_tenancy(world):
 
     # GET /events: audit:read only; the project-one auditor reads project one's part of the log.
     refused(w.alice.get("/events"), 403, "forbidden")
-    assert w.auditor.get("/events", params={"limit": 5000}).json()["events"][: len(everything)] == everything
+    logged = w.auditor.get("/events", params={"limit": 5000}).json()["events"]
+    # The whole log holds Bob's devices; an activity stream carries a user's devices to that user alone.
+    assert "devices-bob" in {e["stream"] for e in logged} and "devices-bob" not in streams
+    assert [e for e in logged if not e["stream"].startswith("devices-")][: len(everything)] == everything
     part = w.one_auditor.get("/events", params={"limit": 5000}).json()
     assert part["events"] and _allowed(part["events"], one_tasks, {w.one})
     assert {f"task-{w.a_review}", f"project-{w.one}"} <= {e["stream"] for e in part["events"]}

@@ -55,9 +55,16 @@ async def register_device(request: Request, who: Principal) -> Response:
     return json_response(await own_device(request, who, body.device_id), 201 if earlier is None else 200)
 
 
-@endpoint(summary="Remove one of the caller's devices: it is told nothing more.", scope="task:read", status=204)
+@endpoint(
+    summary="Remove one of the caller's devices: it is told nothing more.", scope="task:read", status=204,
+    body=schemas.Body, body_required=False,
+)
 async def remove_device(request: Request, who: Principal) -> Response:
-    device = await own_device(request, who, request.path_params["device_id"])
+    await declared_body(request)  # none, or `{}`: never ignored garbage
+    device_id = request.path_params["device_id"]
+    if len(device_id) > 200:
+        raise bad_request("A device id is 1 to 200 characters.")
+    device = await own_device(request, who, device_id)
     await request.state.commands.append(
         streams.devices(who.user), [t.DeviceRemoved(user_id=who.user, device_id=device.device_id)], None,
         meta(request, who),
