@@ -679,9 +679,25 @@ function closePanel() {
 $("[data-action=close-panel]").addEventListener("click", closePanel);
 document.addEventListener("keydown", (e) => { if (e.key === "Escape") closePanel(); });
 
+/** The tab as one of its user's `browser` devices, registered once per key: presence is marked
+ * from registered devices only (a registration the same as before records nothing). */
+let registration = { key: null, done: null };
+function registerTab() {
+  if (registration.key !== state.key) {
+    const key = state.key;
+    const done = request("POST", "/devices", { deviceId: state.deviceId, kind: "browser" })
+      .catch((error) => { if (registration.key === key) registration.key = null; throw error; });
+    registration = { key, done };
+  }
+  return registration.done;
+}
+
 function markPresence() {
   if (!state.panel) return;
-  request("POST", `/tasks/${state.panel.taskId}/presence`, { deviceId: state.deviceId }).catch(() => {});
+  const panel = state.panel;
+  registerTab()
+    .then(() => state.panel === panel && request("POST", `/tasks/${panel.taskId}/presence`, { deviceId: state.deviceId }))
+    .catch(() => {});
 }
 
 function panelEvent(event) {
