@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.api_helpers import device, log_unchanged, refused, wait_for
+from tests.api_helpers import device, log_unchanged, refused, stream_until, wait_for
 from tests.server import Server
 from tests.test_security import key_id
 from tests.test_webhooks import SETTINGS, receiving, signed
@@ -55,21 +55,6 @@ def told(admin: httpx.Client, user_id: str, types: str = "notification.sent") ->
     page = admin.get("/events", params={"stream": f"devices-{user_id}", "types": types, "limit": 5000})
     assert page.status_code == 200, page.text
     return [e["payload"] for e in page.json()["events"]]
-
-
-def stream_until(client: httpx.Client, sentinel: str, make) -> list[dict]:
-    """The caller's activity stream from the start until a task created with `sentinel` as its
-    content, which `make()` creates once the stream is open."""
-    got = []
-    with client.stream("GET", "/activity/stream", params={"after": 0}) as stream:
-        assert stream.status_code == 200
-        make()
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                got.append(json.loads(line.removeprefix("data: ")))
-                if got[-1]["type"] == "task.created" and got[-1]["payload"]["content"] == sentinel:
-                    return got
-    raise AssertionError("the stream ended")
 
 
 # --- devices ------------------------------------------------------------------------------------

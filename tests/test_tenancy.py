@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.http.auth import default_project_id
-from tests.api_helpers import device, log_unchanged, refused, wait_for
+from tests.api_helpers import device, log_unchanged, refused, stream_until, wait_for
 from tests.test_security import key_id
 
 TASK_READ_WRITE = "task:read,task:write,approval:write"
@@ -136,21 +136,6 @@ def test_history_is_the_owners_and_auditors(world):
         refused(w.bob.get(path, params=params), 404, "not_found")
 
 
-def _stream_until(client: httpx.Client, sentinel: str, opened) -> list[dict]:
-    """Everything the activity stream sends from the start up to `sentinel`'s task.created;
-    `opened()` runs once the stream is open (and creates the sentinel)."""
-    got = []
-    with client.stream("GET", "/activity/stream", params={"after": 0}) as stream:
-        assert stream.status_code == 200
-        opened()
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                got.append(json.loads(line.removeprefix("data: ")))
-                if got[-1]["type"] == "task.created" and got[-1]["payload"]["content"] == sentinel:
-                    return got
-    raise AssertionError("the stream ended")
-
-
 def _allowed(events: list[dict], task_ids: set[str], project_ids: set[str]) -> bool:
     """Each event concerns one of these tasks or projects, or an agent (agents are shared)."""
     for event in events:
@@ -170,13 +155,13 @@ def test_the_activity_stream_and_the_log_filter_by_tenancy(world):
         bob_live.append(create(w.bob, "bravo live", projectId=w.two)["id"])
         create(w.alice, sentinel, projectId=w.one)
 
-    seen = _stream_until(w.alice, sentinel, live)
+    seen = stream_until(w.alice, sentinel, live)
     alice_tasks.add(seen[-1]["payload"]["taskId"])
     assert _allowed(seen, alice_tasks, {w.one, default_project_id("alice")})
     assert f"task-{w.a_review}" in {e["stream"] for e in seen}
     one_tasks = {t["id"] for t in w.one_auditor.get("/tasks", params={"archived": "all", "limit": 500}).json()}
     # An auditor sees everything: Bob's tasks and presence, and the keys issued (as hashes).
-    everything = _stream_until(w.auditor, sentinel, lambda: None)
+    everything = stream_until(w.auditor, sentinel, lambda: None)
     streams = {e["stream"] for e in everything}
     assert {f"task-{w.b_review}", f"presence-{w.b_pending}", f"project-{w.two}", f"task-{bob_live[0]}"} <= streams
     assert any(s.startswith("apikey-") for s in streams)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from events import parse_rfc3339
 from tests.api_helpers import wait_for
-from tests.server import API, Server
+from tests.server import Server
 
 from .common import command, line
 
