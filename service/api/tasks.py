@@ -173,7 +173,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
 )
 async def get_task(request: Request, who: Principal) -> Response:
     task = await visible_task(request, who)
-    if "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
+    if request.scope["query_string"] and "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
         position = query_int(request, "asOf", 0, 0)
         past = await request.state.models.task_as_of(task.id, position)
         if past is None:
