@@ -76,10 +76,13 @@ class Notifier(deliveries.Sender):
 
     async def _until_concluded(self, delivery_id: str) -> None:
         try:
-            while (pending := await self.models.pending_notification(delivery_id)) is not None:
-                last = parse_rfc3339(pending.last_attempt_at).timestamp() if pending.last_attempt_at else 0.0
-                await asyncio.sleep(deliveries.retry_delay(self.settings, pending.attempts, last))
+            while True:
                 try:
+                    pending = await self.models.pending_notification(delivery_id)
+                    if pending is None:
+                        return  # concluded: sent, or given up
+                    last = parse_rfc3339(pending.last_attempt_at).timestamp() if pending.last_attempt_at else 0.0
+                    await asyncio.sleep(deliveries.retry_delay(self.settings, pending.attempts, last))
                     await self._attempt(pending)
                 except Exception:  # nothing was recorded: the delivery is still pending, tried again later
                     self.logger.exception("a notification could not be sent or recorded", delivery_id=delivery_id)
