@@ -70,7 +70,9 @@ class _Tx:
         return self._conn.execute(sql, params).fetchall()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._conn.executemany(sql, rows)
+        rows = list(rows)
+        if rows:  # an empty one still prepares its statement, and most of a fold's writes are empty
+            self._conn.executemany(sql, rows)
 
     def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
         rows = self._conn.execute(

@@ -155,14 +155,16 @@ async def create_task(request: Request, who: Principal) -> Response:
 
 async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
     log, models = request.state.log, request.state.models
+    exists = False
     if requested is None and who.project_id is not None:
         project_id = who.project_id
     elif who.project_id is None and (requested is None or str(requested) == default_project_id(who.user)):
         project_id = await ensure_default_project(log, models, who.user, meta(request, who))
+        exists = True  # read, or created, just now
     else:
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
-    if await models.project(project_id) is None or not await can_see_project(request, who, project_id):
+    if (not exists and await models.project(project_id) is None) or not await can_see_project(request, who, project_id):
         raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
@@ -235,6 +237,7 @@ async def run_task(request: Request, who: Principal) -> Response:
             running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
             desktops=await models.placements(), queue=body.queue if body else False,
             queue_timeout_seconds=body.queue_timeout_seconds if body else None,
+            spent_usd=(await models.usage(agent_id)).cost_usd,
         )
 
     async with commands.admission():  # the run reaches its desktop by that desktop's poll

@@ -101,6 +101,9 @@ class Assignment(Message, kw_only=True):
     """The effective timeout: the task's, or the server's default."""
     lease_seconds: float
     inputs: list[dict[str, Any]] = []
+    budget_left_usd: str | None = None
+    """What is left of the agent's `config.budgetUsd` as the run is handed out (None: no budget): a run
+    whose usage, priced with `agent.config.pricing`, costs more is stopped and fails."""
 
 
 EndedReason = Literal["cancelled", "lost", "superseded", "revoked", "finished"]
@@ -165,7 +168,8 @@ class Ending(Message, kw_only=True):
     last_seq: int = 0
     """The run's last output seq once `output` is applied: no ending is recorded with output missing."""
     output: list[Chunk] = []
-    usage: dict[str, int] | None = None
+    usage: t.TokenUsage | None = None
+    """The tokens the run spent, if its agent reported them; the server prices them."""
     artifacts: list[dict[str, Any]] = []
 
 
