@@ -37,9 +37,14 @@ def desktop(desktop_id: str) -> str:
     return f"desktop-{desktop_id}"
 
 
+def devices(user_id: str) -> str:
+    """A user's devices and the notifications sent to them: seen by that user alone."""
+    return f"devices-{user_id}"
+
+
 class Name(NamedTuple):
     kind: str
-    """task, presence, agent, project, apikey or desktop for a stream built here."""
+    """task, presence, agent, project, apikey, desktop or devices for a stream built here."""
     id: str
 
 

@@ -406,3 +406,68 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         SettingsRecorded, LogRechained,
     )
 }
+
+
+# Devices and notifications (stream `devices-<user>`: a user's devices, and what each was told)
+
+DeviceKind = Literal["webhook", "slack", "browser"]
+NotifyOn = Literal["task.review", "task.input_requested", "task.failed", "task.completed"]
+NOTIFY_ON: tuple[str, ...] = NotifyOn.__args__  # type: ignore[attr-defined]
+"""The task events a watcher's devices are told of, in API.md's order."""
+
+
+class DeviceRegistered(EventData):
+    """A device registered, or registered again with other settings (the latest wins)."""
+
+    event_type: ClassVar[str] = "device.registered"
+    user_id: str
+    device_id: str
+    kind: DeviceKind
+    url: str | None = None
+    events: list[NotifyOn] = msgspec.field(default_factory=lambda: list(NOTIFY_ON))
+
+
+class DeviceRemoved(EventData):
+    event_type: ClassVar[str] = "device.removed"
+    user_id: str
+    device_id: str
+
+
+class Cause(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
+    """The task event a notification tells of."""
+
+    type: NotifyOn
+    position: int
+
+
+class NotificationSent(EventData):
+    """The device was told: a receiver's 2xx, or, for a browser, this very event (its dashboard shows it)."""
+
+    event_type: ClassVar[str] = "notification.sent"
+    delivery_id: str
+    device_id: str
+    task_id: str
+    cause: Cause
+    text: str
+    """The sentence the device was told."""
+    attempt: int = 1
+    status_code: int | None = None
+
+
+class NotificationFailed(EventData):
+    """One attempt failed; `final` when no other follows (attempts used up, or the device is gone)."""
+
+    event_type: ClassVar[str] = "notification.failed"
+    delivery_id: str
+    device_id: str
+    task_id: str
+    cause: Cause
+    error: str
+    attempt: int = 1
+    status_code: int | None = None
+    final: bool = False
+
+
+EVENT_TYPES.update(
+    {cls.event_type: cls for cls in (DeviceRegistered, DeviceRemoved, NotificationSent, NotificationFailed)}
+)

@@ -17,6 +17,7 @@ from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop
+from projections.notifications import Pending
 from projections.lifecycle import ACTIVE
 from projections.projects import Project
 from projections.readmodels import ReadModels
@@ -28,7 +29,7 @@ T = TypeVar("T")
 
 _RUNNING = [f"tasks.{s}" for s in sorted(ACTIVE)]
 _ACTIVE = sorted(ACTIVE)
-_INTEGER_COLUMNS = {"archived", "created_position", "priority", "queued_position"}
+_INTEGER_COLUMNS = {"archived", "created_position", "priority", "queued_position", "cause_position"}
 """The models' columns that hold numbers; the others hold text."""
 
 
@@ -70,10 +71,10 @@ def _ddl() -> list[str]:
 
 
 def _upsert(model: Model) -> str:
-    names = ", ".join(model.columns)
+    names = "".join(f"{c}, " for c in model.columns)
     updates = ", ".join(f"{c} = excluded.{c}" for c in (*model.columns, "state"))
     marks = ", ".join(["%s"] * (len(model.columns) + 2))
-    return f"INSERT INTO {model.table} (id, {names}, state) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+    return f"INSERT INTO {model.table} (id, {names}state) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
 
 
 _UPSERTS = {m.table: _upsert(m) for m in MODELS}
@@ -261,3 +262,8 @@ class PostgresReadModels(ReadModels):
         if desktop_id is not None:
             found = [task for task in found if task.run_desktop_id == desktop_id]
         return sorted(found, key=lambda task: task.placed_position)
+
+    async def pending_notifications(self, cause_position: int | None = None) -> list[Pending]:
+        where, params = ("WHERE cause_position = %s ", [cause_position]) if cause_position is not None else ("", [])
+        rows = await self.log.query(f"SELECT state FROM notifications {where}ORDER BY cause_position, id", params)
+        return [DECODERS["notifications"].decode(r[0]) for r in rows]

@@ -22,9 +22,13 @@ from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop, Placement
+from projections.devices import Device
+from projections.notifications import Pending
 from projections.projects import Project
 from projections.usage import Usage, UsageShare, total
-from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
+from projections.store import (
+    AGENTS, APIKEYS, APPROVALS, DESKTOPS, DEVICES, NOTIFICATIONS, PROJECTS, TASKS, Changes, Model, fold,
+)
 from projections.lifecycle import QUEUED, STATUSES
 from projections.tasks import Task, TaskState, evolve
 
@@ -242,6 +246,19 @@ class ReadModels(ABC):
     async def active_runs(self, desktop_id: str | None = None) -> list[TaskState]:
         """Tasks holding a run slot whose current run is placed on `desktop_id` (None: on any
         desktop), oldest placement first."""
+
+    @abstractmethod
+    async def pending_notifications(self, cause_position: int | None = None) -> list[Pending]:
+        """Notifications decided and not yet concluded, by their cause's position (then id); only
+        those of the cause at `cause_position` when given."""
+
+    async def pending_notification(self, delivery_id: str) -> Pending | None:
+        return await self._get(NOTIFICATIONS, delivery_id)
+
+    async def devices(self, user_id: str) -> list[Device]:
+        """The user's devices, in the order they were first registered."""
+        found = await self._get(DEVICES, user_id)
+        return list(found.devices.values()) if found is not None else []
 
     async def desktop(self, desktop_id: str) -> Desktop | None:
         return await self._get(DESKTOPS, desktop_id)

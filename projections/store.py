@@ -16,7 +16,9 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks, usage
+from projections import (
+    agents, apikeys, approvals, desktops, devices, notifications, presence, projects, queue, tasks, usage,
+)
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -73,13 +75,23 @@ QUEUE = Model(
     {"priority": lambda s: s.priority, "queued_position": lambda s: s.queued_position},
     ("priority DESC, queued_position",),
 )
+DEVICES = Model("devices", devices.UserDevices, devices.user_of, devices.evolve, {})
+"""Keyed by user: every route reads the caller's devices at once."""
+WATCHES = Model("watches", notifications.Watch, notifications.watch_key_of, notifications.evolve_watch, {})
+NOTIFICATIONS = Model(
+    "notifications", notifications.Pending, notifications.pending_key_of, notifications.evolve_pending,
+    {"cause_position": lambda s: s.cause.position}, ("cause_position",),
+)
+"""The pending ones: `fan_out` adds them (in `fold`), their sent or final failed event removes them."""
 USAGE = Model(
     "usage_shares", usage.UsageShare, lambda data: None, lambda old, event: old,  # kept by `fold`: see `_spent`
     {"agent_id": lambda s: s.agent_id, "project_id": lambda s: s.project_id},
     ("agent_id", "project_id"),
 )
 """Each agent's usage over each project's tasks (key `<agentId> <projectId>`)."""
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE, USAGE)
+MODELS = (
+    TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE, DEVICES, WATCHES, NOTIFICATIONS, USAGE,
+)
 DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 """Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 
@@ -173,6 +185,8 @@ def fold(events: list[RecordedEvent], load: Loader) -> Changes:
         states = [(model, key) for model in MODELS if (key := model.key_of(event.data)) is not None]
         for model, key in states:
             keys[model.table].add(key)
+        if (task_id := notifications.cause_task(event.data)) is not None:
+            keys[WATCHES.table].add(task_id)  # its watchers, whom `fan_out` tells
         touched.append((event, states))
     for model in MODELS:
         changes.prefetch(model, keys[model.table])
@@ -186,5 +200,9 @@ def fold(events: list[RecordedEvent], load: Loader) -> Changes:
             key = usage.share_key(agent_id, project_id)
             old = changes.get(USAGE, key) or usage.UsageShare(agent_id=agent_id, project_id=project_id)
             changes.put(USAGE, key, old, msgspec.structs.replace(old, usage=usage.add(old.usage, used)))
+        if (task_id := notifications.cause_task(event.data)) is not None:
+            watch = changes.get(WATCHES, task_id)
+            for pending in notifications.fan_out(event, watch, lambda user: changes.get(DEVICES, user)):
+                changes.put(NOTIFICATIONS, pending.id, None, pending)
     changes.position = events[-1].position
     return changes

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Benchmarks of Mission Control: `scripts/bench.py SUB [options]`, SUB one of append, replay,
-verify, http, sse, run, queue (`--help` lists them). The benchmarks are the package scripts/bench/."""
+verify, http, sse, run, queue, notify (`--help` lists them). The benchmarks are the package scripts/bench/."""
 
 import sys
 from pathlib import Path

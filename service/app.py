@@ -14,7 +14,7 @@ from starlette.routing import Match, Mount, Route
 from events import IdempotencyConflict, InvalidEvent, LogClosed, StorageError, WrongExpectedVersion, open_log
 from projections.readmodels import read_models
 from service.api import (
-    API_PREFIX, agents, approvals, desktops, health, log as log_routes, overview, projects, stream, tasks, worker,
+    API_PREFIX, agents, approvals, desktops, devices, health, log as log_routes, overview, projects, stream, tasks, worker,
 )
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
@@ -28,6 +28,7 @@ from service.work import local
 from service.work.dispatch import Dispatcher
 from service.work.leases import Keeper, open_leases
 from service.work.reports import Reports
+from service.work.notifications import Notifier
 from service.work.webhooks import WebhookWorker
 
 logger = structlog.get_logger("mission_control")
@@ -90,8 +91,9 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
-    """The app on `settings`; `webhooks=False` for a process that leaves sending webhooks to
-    another process on the same log (`serve --processes`): each would send every delivery."""
+    """The app on `settings`; `webhooks=False` for a process that leaves sending webhooks and
+    notifications to another process on the same log (`serve --processes`): each would send every
+    delivery."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -114,8 +116,8 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
             await desktop.start()
         keeper = Keeper(log, models, commands, leases, settings.lease_seconds)
         await keeper.start()
-        sender = WebhookWorker(log, models, settings) if webhooks else None
-        if sender is not None:
+        senders = [WebhookWorker(log, models, settings), Notifier(log, models, settings)] if webhooks else []
+        for sender in senders:
             sender.start()
         dispatcher = Dispatcher(log, models, commands, settings.max_concurrent)
         await dispatcher.start()
@@ -134,7 +136,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
                 await desktop.close()
             await keeper.close()
             await reports.close()
-            if sender is not None:
+            for sender in senders:
                 await sender.close()
             await leases.close()
             await keys.close()
@@ -143,7 +145,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
     metrics = Metrics()
     api = [
         *tasks.routes(), *approvals.routes(), *agents.routes(), *projects.routes(), *log_routes.routes(),
-        *overview.routes(), *desktops.routes(), *worker.routes(), *metrics.counting(stream.routes()),
+        *overview.routes(), *desktops.routes(), *devices.routes(), *worker.routes(), *metrics.counting(stream.routes()),
     ]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=api), *health.routes()],

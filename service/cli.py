@@ -198,7 +198,7 @@ def serve(args) -> int:
     def child(number: int, on_ready: Callable[[], None]) -> int:
         for other in sockets[:number - 1] + sockets[number:]:
             other.close()  # this child's copies: the parent keeps every slot's socket
-        # Process 1 alone sends webhooks: every process folds the same log, and each would send
+        # Process 1 alone sends webhooks and notifications: every process folds the same log, and each would send
         # every delivery before it saw another's record of it. Deliveries wait while it restarts.
         return run(nodes[number - 1], sockets[number - 1], on_ready, webhooks=number == 1)
 

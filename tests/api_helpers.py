@@ -4,6 +4,7 @@ fold of the log as a client reads it (GET /events) through the projections' own 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -86,6 +87,29 @@ def head(client: httpx.Client) -> int:
     response = client.get("/events", params={"limit": 1})
     assert response.status_code == 200, response.text
     return response.json()["head"]
+
+
+def stream_until(client: httpx.Client, sentinel: str, opened) -> list[dict]:
+    """Everything the activity stream sends from the start up to `sentinel`'s task.created;
+    `opened()` runs once the stream is open (and creates the sentinel)."""
+    got = []
+    with client.stream("GET", "/activity/stream", params={"after": 0}) as stream:
+        assert stream.status_code == 200
+        opened()
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line.removeprefix("data: ")))
+                if got[-1]["type"] == "task.created" and got[-1]["payload"]["content"] == sentinel:
+                    return got
+    raise AssertionError("the stream ended")
+
+
+def device(client: httpx.Client, device_id: str, **fields) -> dict:
+    """Register one of the caller's devices (a browser tab unless `fields` say otherwise), as
+    marking presence from it needs."""
+    response = client.post("/devices", json={"deviceId": device_id, "kind": "browser", **fields})
+    assert response.status_code in (200, 201), response.text
+    return response.json()
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from events import Meta
 from events import types as t
 from service.work.local import ECHO_AGENT_ID
 from tests.api_helpers import (
-    as_json, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, wait_for,
+    as_json, device, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, wait_for,
 )
 
 MiB = 1024 * 1024
@@ -28,6 +28,16 @@ LONG = {"echo": {"delayMs": 60_000, "chunks": 1}}
 @pytest.fixture(scope="module")
 def c(api_server):
     return api_server.client()
+
+
+@pytest.fixture(scope="module")
+def watcher(api_server):
+    """Another user, who marks presence from devices of theirs on tasks that never change again:
+    nothing notifies them, so nothing is appended behind a test's back."""
+    client = api_server.client(api_server.token("watcher", "admin"))
+    for name in ("laptop", "phone", "steady", "d1"):
+        device(client, name)
+    return client
 
 
 def create(c: httpx.Client, **fields) -> dict:
@@ -489,33 +499,36 @@ def test_approvals_list_by_status_oldest_first(c):
 # --- presence -------------------------------------------------------------------------------
 
 
-def test_presence_marks_and_clears_watchers(c):
+def test_presence_marks_and_clears_watchers(c, watcher):
     task = create(c)
     path = f"/tasks/{task['id']}/presence"
     version = task["version"]
-    assert c.post(path, json={"deviceId": "laptop"}).status_code == 204
-    assert c.post(path, json={"deviceId": "laptop"}).status_code == 204  # an upsert, not a second watcher
-    assert c.post(path, json={"deviceId": "phone"}).status_code == 204
+    assert watcher.post(path, json={"deviceId": "laptop"}).status_code == 204
+    assert watcher.post(path, json={"deviceId": "laptop"}).status_code == 204  # an upsert, not a second watcher
+    assert watcher.post(path, json={"deviceId": "phone"}).status_code == 204
     watched = get(c, task["id"])
     assert sorted(watched["watchers"]) == ["laptop", "phone"]
     assert watched["version"] == version  # watching a task does not move its version
     listed = [x for x in c.get("/tasks", params={"limit": 500}).json() if x["id"] == task["id"]]
     assert sorted(listed[0]["watchers"]) == ["laptop", "phone"]
 
-    assert c.request("DELETE", path, json={"deviceId": "laptop"}).status_code == 204
+    assert watcher.request("DELETE", path, json={"deviceId": "laptop"}).status_code == 204
     assert get(c, task["id"])["watchers"] == ["phone"]
-    assert c.delete(path, params={"deviceId": "phone"}).status_code == 204
+    assert watcher.delete(path, params={"deviceId": "phone"}).status_code == 204
     assert get(c, task["id"])["watchers"] == []
     with log_unchanged(c):  # clearing a device that is not there appends nothing
-        assert c.delete(path, params={"deviceId": "tablet"}).status_code == 204
+        assert watcher.delete(path, params={"deviceId": "tablet"}).status_code == 204
+        # and only the caller's own devices mark presence: they decide who is notified
+        refused(watcher.post(path, json={"deviceId": "tablet"}), 404, "not_found", ("tablet", "POST /devices"))
+        refused(c.post(path, json={"deviceId": "laptop"}), 404, "not_found", ("laptop",))  # the watcher's, not c's
 
 
-def test_presence_expires_at_read_time(c, api_server):
+def test_presence_expires_at_read_time(c, watcher, api_server):
     """API.md fixes the live time at 60 s; waiting that long is too slow for a test, so a mark
     with a 3 s lifetime is appended to the app's log by the test. Expiry is then judged at read
     time, with no event to clear it."""
     task = create(c)
-    assert c.post(f"/tasks/{task['id']}/presence", json={"deviceId": "steady"}).status_code == 204
+    assert watcher.post(f"/tasks/{task['id']}/presence", json={"deviceId": "steady"}).status_code == 204
     api_server.call(api_server.log.append(
         f"presence-{task['id']}", [t.PresenceMarked(task_id=task["id"], device_id="brief", ttl_seconds=3)],
         meta=Meta(actor="test"),
@@ -623,7 +636,7 @@ def test_idempotent_create_under_concurrency(c, api_server):
     assert len(created) == 1
 
 
-def test_idempotent_commands(c, api_server):
+def test_idempotent_commands(c, watcher, api_server):
     task = create(c, metadata={"echo": {"ask": "go?"}})
     key = {"Idempotency-Key": str(uuid.uuid4())}
     started = c.post(f"/tasks/{task['id']}/run", headers=key)
@@ -641,9 +654,9 @@ def test_idempotent_commands(c, api_server):
 
     key = {"Idempotency-Key": str(uuid.uuid4())}
     presence = f"/tasks/{task['id']}/presence"
-    assert c.post(presence, json={"deviceId": "d1"}, headers=key).status_code == 204
+    assert watcher.post(presence, json={"deviceId": "d1"}, headers=key).status_code == 204
     with log_unchanged(c):
-        assert c.post(presence, json={"deviceId": "d1"}, headers=key).status_code == 204
+        assert watcher.post(presence, json={"deviceId": "d1"}, headers=key).status_code == 204
 
     failed = finished(c, "failed")
     key = {"Idempotency-Key": str(uuid.uuid4())}

@@ -15,7 +15,7 @@ from tests.api_helpers import wait_for
 from tests.audit_sqlite import as_an_older_release_left_it, database, read_models, recorded
 from tests.audit_tools import differences, with_terminal_stderr
 
-COMMANDS = 600
+COMMANDS = 700
 
 
 class Driver:
@@ -43,7 +43,7 @@ class Driver:
         r = self.random
         action = r.choice([
             self.create, self.create, self.run, self.run, self.cancel, self.retry, self.review, self.message,
-            self.patch, self.archive, self.presence, self.project, self.agent,
+            self.patch, self.archive, self.presence, self.device, self.project, self.agent,
         ])
         action()
 
@@ -102,6 +102,15 @@ class Driver:
             method = self.random.choice(["POST", "DELETE"])
             self.send(method, f"/tasks/{task}/presence", json={"deviceId": device})
 
+    def device(self) -> None:
+        """Register (or re-register, or remove) a device: presence from an unregistered one is a 404."""
+        device = self.random.choice(["phone", "laptop"])
+        if self.random.random() < 0.2:
+            self.send("DELETE", f"/devices/{device}")
+        else:
+            events = self.random.sample(["task.review", "task.input_requested", "task.failed", "task.completed"], 2)
+            self.send("POST", "/devices", json={"deviceId": device, "kind": "browser", "events": events})
+
     def project(self) -> None:
         if self.projects and self.random.random() < 0.5:
             self.send("PATCH", f"/projects/{self.random.choice(self.projects)}", json={"context": "updated"})
@@ -142,6 +151,7 @@ def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
     db = database(server.data_dir)
     live, head = read_models(db), len(recorded(db))
     assert len(live["tasks"]) > 100 and live["approvals"] and live["presence"] and live["agents"]
+    assert live["devices"] and live["watches"]
     assert len(live["usage_shares"]) > 1  # the unpriced echo agent's and a priced one's
 
     status, shown = with_terminal_stderr(server.data_dir, "rebuild", stdout=tmp_path / "rebuilt")

@@ -23,6 +23,7 @@ TINY = {  # a run's id: its subcommand, arguments ("{dir}" is the test's own dir
     "replay": ("replay", ["--events", "3000", "--dir", "{dir}"], "peak growth"),
     "verify": ("verify", ["--events", "3000", "--dir", "{dir}"], "rebuild (drop + refold)"),
     "run": ("run", ["--tasks", "20"], "run -> done latency p99"),
+    "notify": ("notify", ["--tasks", "20"], "ratio notification / webhook p50"),
     "queue": ("queue", ["--runs", "20", "--limit", "2"], "slot-free -> next-start p99"),
     "sse": ("sse", ["--subscribers", "20", "--seconds", "0.5", "--catchup", "2000"], "events lost (mission-control)"),
     "sse-2-nodes-postgres": ("sse", ["--subscribers", "20", "--seconds", "0.5", "--catchup", "0", "--nodes", "2",

@@ -228,6 +228,7 @@ def test_the_feed_keeps_presence_out_unless_asked_and_names_devices(shared_serve
     device = tab.evaluate("sessionStorage.getItem('mc.deviceId')")
     assert re.fullmatch(r"Chrome on Linux · tab \d+ · \w{4}", device), device
     script_device = str(uuid.uuid4())
+    assert client.post("/devices", json={"deviceId": script_device, "kind": "browser"}).status_code == 201
     assert client.post(f"/tasks/{task['id']}/presence", json={"deviceId": script_device}).status_code == 204
     # Waiting through the page (Playwright serves its requests only while the test waits on it).
     facts = tab.get_by_test_id("task-panel").locator("[data-field=facts]")

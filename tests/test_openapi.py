@@ -40,6 +40,7 @@ CONTRACT = [
     ("get", "/tasks/{task_id}/runs"), ("get", "/desktops"), ("get", "/desktops/{desktop_id}"),
     ("post", "/desktops/{desktop_id}/drain"), ("post", "/desktops/{desktop_id}/resume"),
     ("delete", "/desktops/{desktop_id}"),
+    ("post", "/devices"), ("get", "/devices"), ("delete", "/devices/{device_id}"),
 ]
 ROOT = [("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"), ("get", "/openapi.json")]
 
@@ -48,7 +49,7 @@ BODIES = {
     "create_task": {"type": "prompt", "content": "scoped"}, "update_task": {"title": "scoped"},
     "run_task": {}, "cancel_task": {}, "send_message": {"message": "hello"},
     "review_task": {"decision": "approve"}, "resolve": {"decision": "approve"},
-    "mark_presence": {"deviceId": "scope-test"}, "clear_presence": {"deviceId": "scope-test"},
+    "mark_presence": {"deviceId": "scope-test"}, "register_device": {"deviceId": "scope-test", "kind": "browser"}, "clear_presence": {"deviceId": "scope-test"},
     "create_agent": {"name": "scoped", "kind": "echo"}, "update_agent": {"name": "echo"},
     "create_project": {"name": "scoped"}, "update_project": {"context": "scoped"},
     "register": {"sessionId": "scoped", "agents": ["echo"]},
@@ -149,9 +150,10 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
         if operation["security"]:
             assert {"401", "403"} <= operation["responses"].keys(), (method, path)
         for parameter in operation["parameters"]:
-            if parameter["in"] == "path":  # an id, or a desktop's name
+            if parameter["in"] == "path":  # an id, a desktop's name, or a device's (any label)
                 assert parameter["required"] and (parameter["schema"].get("format") == "uuid" or (
-                    parameter["name"] == "desktop_id" and parameter["schema"]["pattern"])), (method, path)
+                    parameter["name"] == "desktop_id" and parameter["schema"]["pattern"]) or (
+                    parameter["name"] == "device_id" and parameter["schema"]["maxLength"])), (method, path)
     list_tasks = document["paths"][API + "/tasks"]["get"]
     assert {p["name"] for p in list_tasks["parameters"]} == {
         "status", "desktopId", "agentId", "projectId", "search", "archived", "sort", "limit", "offset"}
@@ -192,6 +194,7 @@ def test_every_route_needs_the_scope_the_document_names(app, document):
         "project_id": admin.post("/projects", json={"name": "scoped"}).json()["id"],
         "approval_id": _pending_approval(admin),
         "desktop_id": "local",
+        "device_id": "scope-test",
         "run_id": str(uuid.uuid4()),
     }
     keys = _scoped_keys(app)

@@ -21,7 +21,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, 
 
 from projections.lifecycle import ACTIVE
 from projections.tasks import served as as_served
-from tests.api_helpers import Fold, as_json, wait_for
+from tests.api_helpers import Fold, as_json, device, wait_for
 
 MAX_CONCURRENT = 5  # the server's default
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)
@@ -57,6 +57,8 @@ class TaskCommands(RuleBasedStateMachine):
         super().__init__()
         self.c = self.client
         self.echo: dict[str, dict] = {}
+        for name in ("laptop", "phone"):  # presence is marked from registered devices only
+            device(self.c, name)
 
     # --- what the state machine expects, from the fold (the system is settled between steps) ---
 

@@ -331,3 +331,56 @@ async def test_the_queue_in_order_with_positions_and_sorted_listings(models):
     await models.rebuild()
     assert await models.queued() == before
     assert await models.queue_positions(ids) == {ids[0]: 1, ids[3]: 2}
+
+
+async def watched_review(models: ReadModels, marks: dict[str, int]) -> tuple[str, int]:
+    """A task created by u1 with devices a and b (b told of failures only), presence marked by u1
+    from each device in `marks` with its ttl, then the task in review: its id and the review's position."""
+    a = uid()
+    await append(models, "devices-u1", t.DeviceRegistered(user_id="u1", device_id="a", kind="browser"),
+                 t.DeviceRegistered(user_id="u1", device_id="b", kind="browser", events=["task.failed"]))
+    await append(models, f"task-{a}", created(a, uid()))
+    for device, ttl in marks.items():
+        await models.log.append(f"presence-{a}", [t.PresenceMarked(task_id=a, device_id=device, ttl_seconds=ttl)],
+                                meta=Meta(actor="u1"))
+    review = await append(models, f"task-{a}", t.TaskReview(task_id=a, run_id="r"))
+    return a, review[-1].position
+
+
+async def test_devices_by_user_and_a_notification_pending_until_concluded(models):
+    await append(models, "devices-u2", t.DeviceRegistered(user_id="u2", device_id="x", kind="webhook", url="http://h/"),
+                 t.DeviceRegistered(user_id="u2", device_id="y", kind="browser"),
+                 t.DeviceRegistered(user_id="u2", device_id="x", kind="slack", url="http://s/"),
+                 t.DeviceRemoved(user_id="u2", device_id="y"))
+    (x,) = await models.devices("u2")
+    assert (x.device_id, x.kind, x.url, x.events) == ("x", "slack", "http://s/", list(t.NOTIFY_ON))
+    assert await models.devices("nobody") == []
+
+    task, position = await watched_review(models, {"b": -1})  # b's presence expired before the review
+    (told,) = await models.pending_notifications()
+    assert (told.user_id, told.device_id, told.task_id, told.cause.position, told.attempts) == ("u1", "a", task, position, 0)
+    assert await models.pending_notifications(position) == [told]
+    assert await models.pending_notifications(position + 1) == []
+
+    cause = t.Cause(type="task.review", position=position)
+    common = dict(delivery_id=told.id, device_id="a", task_id=task, cause=cause)
+    await append(models, "devices-u1", t.NotificationFailed(**common, error="down", attempt=1))
+    again = await models.pending_notification(told.id)
+    assert (again.attempts, again.last_attempt_at is not None) == (1, True)
+    await append(models, "devices-u1", t.NotificationSent(**common, text="told", attempt=2))
+    assert await models.pending_notification(told.id) is None
+    assert await models.pending_notifications() == []
+
+
+async def test_live_presence_of_any_of_a_users_devices_tells_none_of_them(models):
+    await watched_review(models, {"b": 60})
+    assert await models.pending_notifications() == []
+
+
+async def test_a_rebuild_decides_the_same_notifications(models):
+    await watched_review(models, {})
+    await watched_review(models, {"a": 60})
+    before = await models.pending_notifications()
+    assert len(before) == 1
+    await models.rebuild()
+    assert await models.pending_notifications() == before

@@ -34,6 +34,7 @@ SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     # API.md "Authentication and scopes": (scope, methods, route path pattern).
     ("task:read", frozenset({"GET"}),
      rf"{_A}/(tasks|approvals|agents|projects|desktops)(/.*)?|{_A}/overview|{_A}/activity/stream"),
+    ("task:read", frozenset({"GET", "POST", "DELETE"}), rf"{_A}/devices(/{_ID})?"),
     ("task:write", frozenset({"POST", "PATCH", "DELETE"}),
      rf"{_A}/tasks(/{_ID}(/(run|cancel|retry|messages|presence))?)?"),
     ("approval:write", frozenset({"POST"}), rf"{_A}/tasks/{_ID}/review|{_A}/approvals/{_ID}/resolve"),
@@ -298,6 +299,8 @@ def test_every_appended_event_records_the_actor_and_the_request_id(shared_app_se
 
     task = call(alice, "alice-meta", "POST", "/tasks", "meta-create", json={"type": "prompt", "content": "hi"}).json()
     call(alice, "alice-meta", "PATCH", f"/tasks/{task['id']}", json={"title": "renamed"})
+    # Told of reviews only: this task has none, so the notifier (no request) appends nothing here.
+    call(alice, "alice-meta", "POST", "/devices", json={"deviceId": "d1", "kind": "browser", "events": ["task.review"]})
     call(alice, "alice-meta", "POST", f"/tasks/{task['id']}/presence", "meta-presence", json={"deviceId": "d1"})
     call(alice, "alice-meta", "DELETE", f"/tasks/{task['id']}/presence", params={"deviceId": "d1"})
     call(alice, "alice-meta", "POST", f"/tasks/{task['id']}/run", "meta-run")

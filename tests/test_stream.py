@@ -21,7 +21,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from service.http.auth import default_project_id
-from tests.api_helpers import refused, wait_for
+from tests.api_helpers import device, refused, wait_for
 from tests.server import API, Server, cli, free_port
 
 STREAM = "/activity/stream"
@@ -219,12 +219,14 @@ def test_frames_carry_id_and_data_only_and_heartbeats_arrive(srv):
 def test_filters(srv):
     client = srv.client()
     a, b = new_task(client, "a"), new_task(client, "b")
+    device(client, "d1")
     for task_id in (a, b):
         touch(client, task_id, "renamed")
         assert client.post(f"/tasks/{task_id}/presence", json={"deviceId": "d1"}).status_code == 204
     assert client.post(f"/tasks/{b}/cancel", json={}).status_code == 200
 
     def presence(task_id: str, marker: str) -> None:
+        device(client, marker)
         assert client.post(f"/tasks/{task_id}/presence", json={"deviceId": marker}).status_code == 204
 
     cases = [  # the query, what it must match, an append that matches it and carries a marker

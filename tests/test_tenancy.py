@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.http.auth import default_project_id
-from tests.api_helpers import log_unchanged, refused, wait_for
+from tests.api_helpers import device, log_unchanged, refused, stream_until, wait_for
 from tests.test_security import key_id
 
 TASK_READ_WRITE = "task:read,task:write,approval:write"
@@ -46,6 +46,7 @@ def world(shared_app_server):
     alice, bob = s.client(s.token("alice", TASK_READ_WRITE)), s.client(s.token("bob", TASK_READ_WRITE))
     a_review, b_review = in_review(alice, "alpha", one), in_review(bob, "bravo", two)
     b_pending = create(bob, "bravo pending", projectId=two, desktopId="bob-desk")
+    device(bob, "bob-phone", events=["task.input_requested"])  # none of Bob's tasks asks: no notification appends
     assert bob.post(f"/tasks/{b_pending['id']}/presence", json={"deviceId": "bob-phone"}).status_code == 204
     auditor = s.token("auditor", "task:read,audit:read")
     one_auditor = s.token("auditor-one", "task:read,audit:read", project=one)
@@ -135,21 +136,6 @@ def test_history_is_the_owners_and_auditors(world):
         refused(w.bob.get(path, params=params), 404, "not_found")
 
 
-def _stream_until(client: httpx.Client, sentinel: str, opened) -> list[dict]:
-    """Everything the activity stream sends from the start up to `sentinel`'s task.created;
-    `opened()` runs once the stream is open (and creates the sentinel)."""
-    got = []
-    with client.stream("GET", "/activity/stream", params={"after": 0}) as stream:
-        assert stream.status_code == 200
-        opened()
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                got.append(json.loads(line.removeprefix("data: ")))
-                if got[-1]["type"] == "task.created" and got[-1]["payload"]["content"] == sentinel:
-                    return got
-    raise AssertionError("the stream ended")
-
-
 def _allowed(events: list[dict], task_ids: set[str], project_ids: set[str]) -> bool:
     """Each event concerns one of these tasks or projects, or an agent (agents are shared)."""
     for event in events:
@@ -169,20 +155,23 @@ def test_the_activity_stream_and_the_log_filter_by_tenancy(world):
         bob_live.append(create(w.bob, "bravo live", projectId=w.two)["id"])
         create(w.alice, sentinel, projectId=w.one)
 
-    seen = _stream_until(w.alice, sentinel, live)
+    seen = stream_until(w.alice, sentinel, live)
     alice_tasks.add(seen[-1]["payload"]["taskId"])
     assert _allowed(seen, alice_tasks, {w.one, default_project_id("alice")})
     assert f"task-{w.a_review}" in {e["stream"] for e in seen}
     one_tasks = {t["id"] for t in w.one_auditor.get("/tasks", params={"archived": "all", "limit": 500}).json()}
     # An auditor sees everything: Bob's tasks and presence, and the keys issued (as hashes).
-    everything = _stream_until(w.auditor, sentinel, lambda: None)
+    everything = stream_until(w.auditor, sentinel, lambda: None)
     streams = {e["stream"] for e in everything}
     assert {f"task-{w.b_review}", f"presence-{w.b_pending}", f"project-{w.two}", f"task-{bob_live[0]}"} <= streams
     assert any(s.startswith("apikey-") for s in streams)
 
     # GET /events: audit:read only; the project-one auditor reads project one's part of the log.
     refused(w.alice.get("/events"), 403, "forbidden")
-    assert w.auditor.get("/events", params={"limit": 5000}).json()["events"][: len(everything)] == everything
+    logged = w.auditor.get("/events", params={"limit": 5000}).json()["events"]
+    # The whole log holds Bob's devices; an activity stream carries a user's devices to that user alone.
+    assert "devices-bob" in {e["stream"] for e in logged} and "devices-bob" not in streams
+    assert [e for e in logged if not e["stream"].startswith("devices-")][: len(everything)] == everything
     part = w.one_auditor.get("/events", params={"limit": 5000}).json()
     assert part["events"] and _allowed(part["events"], one_tasks, {w.one})
     assert {f"task-{w.a_review}", f"project-{w.one}"} <= {e["stream"] for e in part["events"]}

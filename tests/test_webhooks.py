@@ -4,6 +4,7 @@ resumes what was pending without sending again what was delivered."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -13,6 +14,7 @@ import subprocess
 import threading
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import httpx
@@ -75,13 +77,21 @@ class ReceiverHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-@pytest.fixture
-def receiver():
+@contextlib.contextmanager
+def receiving() -> Iterator[Receiver]:
     r = Receiver()
     threading.Thread(target=r.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield r
-    r.shutdown()
-    r.server_close()
+    try:
+        yield r
+    finally:
+        r.shutdown()
+        r.server_close()
+
+
+@pytest.fixture
+def receiver():
+    with receiving() as r:
+        yield r
 
 
 @pytest.fixture(scope="module")

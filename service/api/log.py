@@ -54,7 +54,8 @@ async def list_events(request: Request, who: Principal) -> Response:
     stream = request.query_params.get("stream")
     streams = [stream] if stream else None
     types = type_filter(request)
-    tenancy = Tenancy(request.state.models, who)  # an auditor's key issued for one project reads that project's events
+    # An auditor's key issued for one project reads that project's events (and its user's devices').
+    tenancy = Tenancy(request.state.models, who, whole_log=True)
     await tenancy.prepare()
     if "application/x-ndjson" in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(log, after, streams, types, tenancy), media_type="application/x-ndjson")

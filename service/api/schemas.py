@@ -95,6 +95,23 @@ class PresenceBody(Body):
     device_id: Label
 
 
+class RegisterDevice(Body):
+    device_id: Label
+    kind: t.DeviceKind
+    url: Url | None = None
+    """Where a `webhook` or `slack` device is told; a `browser` one has none."""
+    events: Annotated[list[t.NotifyOn], Meta(min_length=1, extra_json_schema={"uniqueItems": True})] | None = None
+    """The task events it is told of (default: all of them)."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "browser" and self.url is not None:
+            raise ValueError("a browser device has no url: it is told on the activity stream")
+        if self.kind != "browser" and self.url is None:
+            raise ValueError(f"a {self.kind} device needs the url it is told at")
+        if self.events is not None and len(set(self.events)) != len(self.events):
+            raise ValueError("events names an event more than once")
+
+
 class CreateAgent(Body):
     name: Label
     kind: t.AgentKind

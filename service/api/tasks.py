@@ -19,6 +19,7 @@ from projections.readmodels import TaskOrder
 from projections.tasks import Task, served
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
+from service.api.devices import own_device
 from service.api.tenancy import can_see_project, visible_task
 from service.commands.deciders import (
     ArchiveTask, CancelTask, CreateTask, Refused, RetryTask, Review, SendMessage, StartRun, UpdateTask,
@@ -312,12 +313,13 @@ async def review_task(request: Request, who: Principal) -> Response:
 
 
 @endpoint(
-    summary="Mark a device as watching the task for 60 s.", scope="task:write", body=schemas.PresenceBody,
-    status=204, errors=_WRONG_STATUS,
+    summary="Mark one of the caller's devices as watching the task for 60 s.", scope="task:write",
+    body=schemas.PresenceBody, status=204, errors=_WRONG_STATUS,
 )
 async def mark_presence(request: Request, who: Principal) -> Response:
     task = await visible_task(request, who)
     raw, body = await declared_body(request)
+    await own_device(request, who, body.device_id)  # presence decides who is notified: of a known device only
     await request.state.commands.append(  # with a used Idempotency-Key the log appends nothing again
         streams.presence(task.id), [t.PresenceMarked(task_id=task.id, device_id=body.device_id)], None,
         meta(request, who), idempotency(request, who, raw),

@@ -36,10 +36,14 @@ _TASK_PROJECTS_MAX = 50_000
 
 class Tenancy:
     """What a caller who does not see everything may receive: events of the tasks (and their
-    presence) in the caller's projects, of those projects, and of agents. Never API keys."""
+    presence) in the caller's projects, of those projects, of agents, and of their own devices
+    (the notifications they were sent). Never API keys.
 
-    def __init__(self, models: ReadModels, who: Principal):
-        self.models, self.who = models, who
+    `whole_log`: the auditor's view, where one who sees everything sees every user's devices too;
+    a person's activity stream never carries another user's notifications, an admin's included."""
+
+    def __init__(self, models: ReadModels, who: Principal, *, whole_log: bool = False):
+        self.models, self.who, self.whole_log = models, who, whole_log
         self.allowed: set[str] | None = None
 
     async def prepare(self) -> None:
@@ -48,12 +52,14 @@ class Tenancy:
 
     @property
     def everything(self) -> bool:
-        return self.allowed is None
+        return self.allowed is None and self.whole_log
 
     async def admits(self, event: RecordedEvent) -> bool:
+        kind, ident = streams.parse(event.stream)
+        if kind == "devices":
+            return ident == self.who.user or self.everything
         if self.allowed is None:
             return True
-        kind, ident = streams.parse(event.stream)
         if kind in ("task", "presence"):
             project = _task_projects.get(ident)
             if project is None:

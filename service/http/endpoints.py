@@ -40,7 +40,7 @@ def whole(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> d
 UUID = {"type": "string", "format": "uuid"}
 TEXT = {"type": "string"}
 DESKTOP = {"type": "string", "pattern": DESKTOP_NAME.pattern}
-PATH_PARAMS = {"desktop_id": DESKTOP}
+PATH_PARAMS = {"desktop_id": DESKTOP, "device_id": {"type": "string", "minLength": 1, "maxLength": 200}}
 """A path parameter's schema when it is not a UUID."""
 LEASE = Param("MC-Lease", {"type": "string", "pattern": r"^[^:]+:[0-9]{1,18}$"},
               "The run's lease token, `<runId>:<epoch>`, as its assignment gave it.", "header", required=True)
