@@ -154,6 +154,9 @@ def test_a_task_from_creation_to_done(shared_server, seeded, open_page):
     expect(panel).to_be_visible()
     expect(panel).to_have_attribute("data-task-id", UUID)
     task_id = panel.get_attribute("data-task-id")
+    # The panel sits beside the board and the tray, covering neither.
+    board, drawer, tray = (tab.get_by_test_id(name).bounding_box() for name in ("board", "task-panel", "approvals"))
+    assert board["x"] + board["width"] <= drawer["x"] and drawer["x"] + drawer["width"] <= tray["x"], (board, drawer, tray)
     tab.evaluate("""() => {
         const output = document.querySelector('[data-testid=task-output]');
         window.outputStates = [output.textContent];

@@ -33,7 +33,7 @@ _ID = "[^/]+"
 SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     # API.md "Authentication and scopes": (scope, methods, route path pattern).
     ("task:read", frozenset({"GET"}),
-     rf"{_A}/(tasks|approvals|agents|projects|desktops)(/.*)?|{_A}/overview|{_A}/activity/stream"),
+     rf"{_A}/(tasks|approvals|agents|projects|desktops)(/.*)?|{_A}/(overview|me)|{_A}/activity/stream"),
     ("task:read", frozenset({"GET", "POST", "DELETE"}), rf"{_A}/devices(/{_ID})?"),
     ("task:write", frozenset({"POST", "PATCH", "DELETE"}),
      rf"{_A}/tasks(/{_ID}(/(run|cancel|retry|messages|presence))?)?"),
