@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from events import types as t
+from projections.artifacts import File
 
 DesktopName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 """1 to 63 of a-z, 0-9, '.', '_' and '-', starting with a letter or a digit."""
@@ -100,7 +101,9 @@ class Assignment(Message, kw_only=True):
     timeout_seconds: int
     """The effective timeout: the task's, or the server's default."""
     lease_seconds: float
-    inputs: list[dict[str, Any]] = []
+    inputs: list[File] = []
+    """The files the run finds under `inputs/` in its working directory: fetch each from
+    `GET /worker/runs/{runId}/artifacts/{sha256}`."""
 
 
 EndedReason = Literal["cancelled", "lost", "superseded", "revoked", "finished"]

@@ -1,0 +1,135 @@
+"""Artifact bytes, content-addressed by SHA-256, beside the log: the interface every backend keeps.
+
+A backend (service/artifacts/<backend>.py, named after the log's) stores what `put` is given
+durably before `put` returns, so an event naming the hash may be appended after it: the data
+dir's files on SQLite, the log's own database on PostgreSQL (every node serves every artifact).
+Which artifacts exist, and what they are called, is the log's business (`artifact.*` events);
+the store knows bytes by their hash only, and the same bytes are kept once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import NamedTuple
+
+from events import EventLog
+
+CHUNK_BYTES = 1024 * 1024
+"""How many bytes a backend writes, and `get` yields, at a time."""
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_NAME = 255
+MEDIA_TYPE = re.compile(
+    r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}"
+    r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=([A-Za-z0-9!#$&^_.+-]+|\"[^\"\\\x00-\x1f\x7f]*\"))*$"
+)
+DEFAULT_TYPE = "application/octet-stream"
+
+
+class Stored(NamedTuple):
+    sha256: str
+    size: int
+
+
+class TooLarge(Exception):
+    """The bytes went past the limit; nothing was kept."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"The artifact is larger than the limit of {limit} bytes.")
+        self.limit = limit
+
+
+class Empty(Exception):
+    """No bytes at all; nothing was kept."""
+
+
+class Full(Exception):
+    """The storage has no room (ENOSPC, a full database disk); nothing was kept."""
+
+
+class NotStored(Exception):
+    """No bytes are stored under this hash."""
+
+
+class Hashing:
+    """Counts and hashes bytes as they pass, refusing past `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.digest = limit, 0, hashlib.sha256()
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise TooLarge(self.limit)
+        self.digest.update(chunk)
+
+    def stored(self) -> Stored:
+        if self.size == 0:
+            raise Empty()
+        return Stored(self.digest.hexdigest(), self.size)
+
+
+async def rechunked(chunks: AsyncIterable[bytes], size: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """The bytes of `chunks` in pieces of `size` (the last one shorter)."""
+    pending = bytearray()
+    async for chunk in chunks:
+        pending += chunk
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
+    if pending:
+        yield bytes(pending)
+
+
+class ArtifactStore(ABC):
+    @abstractmethod
+    async def prepare(self) -> None:
+        """Create what the store keeps its bytes in, if missing."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def put(self, chunks: AsyncIterable[bytes], limit: int) -> Stored:
+        """Store the bytes, hashing them as they arrive and never holding them all; durable once it
+        returns. TooLarge as soon as they pass `limit`, Empty for none, Full when out of room:
+        then nothing of them is kept."""
+
+    @abstractmethod
+    async def has(self, sha256: str) -> bool: ...
+
+    @abstractmethod
+    def get(self, sha256: str) -> AsyncIterator[bytes]:
+        """The bytes, a chunk at a time; NotStored (on the first iteration) if there are none."""
+
+
+def open_store(log: EventLog) -> ArtifactStore:
+    """The artifact store of `log`'s backend, beside it. `prepare` it before use."""
+    return importlib.import_module(f"service.artifacts.{log.backend}").open_store(log)
+
+
+async def digest(store: ArtifactStore, sha256: str) -> str:
+    """The SHA-256 of what the store holds under `sha256` (NotStored if nothing): `verify`'s check."""
+    found = hashlib.sha256()
+    async for chunk in store.get(sha256):
+        found.update(chunk)
+    return found.hexdigest()
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an artifact (a sentence), or None: it is one path segment."""
+    if not name:
+        return "An artifact's name is empty."
+    if len(name) > MAX_NAME:
+        return f"An artifact's name is at most {MAX_NAME} characters; this one has {len(name)}."
+    if name in (".", ".."):
+        return f"{name!r} cannot name an artifact: a name is one path segment, a file's name."
+    for char, said in (("/", "'/'"), ("\\", "'\\'"), ("\x00", "a NUL character")):
+        if char in name:
+            return f"An artifact's name is one path segment, without {said}: {name[:80]!r}."
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
+        return f"An artifact's name holds a control character: {name[:80]!r}."
+    return None

@@ -1,0 +1,119 @@
+"""Artifacts through the real server: staged for a run, found under inputs/, left under outputs/,
+listed and served by their SHA-256, refused with a sentence (appending nothing) when they cannot be."""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from tests.api_helpers import UNLIMITED, log_unchanged, no_unhandled_errors, read_log, refused
+from tests.worker import shell_agent, wait_status
+
+READS_AND_WRITES = "mkdir -p outputs; tr a-z A-Z < inputs/x > outputs/y.txt; cat inputs/x"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stage(client: httpx.Client, task_id: str, name: str, data: bytes, content_type: str | None = None,
+          **options) -> httpx.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return client.put(f"/tasks/{task_id}/artifacts/{name}", content=data, headers=headers, **options)
+
+
+def new_task(client: httpx.Client, content: str = READS_AND_WRITES) -> str:
+    created = client.post("/tasks", json={"type": "command", "content": content})
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def run(client: httpx.Client, task_id: str, agent_id: str) -> None:
+    started = client.post(f"/tasks/{task_id}/run", json={"agentId": agent_id})
+    assert started.status_code == 200, started.text
+
+
+def test_a_staged_file_is_the_next_runs_input_and_what_it_leaves_its_output(make_server):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    agent = shell_agent(client, "files")
+    task_id = new_task(client)
+    assert stage(client, task_id, "x", b"first\n").status_code == 201
+    staged = stage(client, task_id, "x", b"hello artifacts\n", "text/plain")  # replaces the first, before the run
+    assert staged.status_code == 201, staged.text
+    assert staged.json() == {
+        "name": "x", "sha256": sha(b"hello artifacts\n"), "size": 16, "contentType": "text/plain", "runId": None,
+        "direction": "input", "createdAt": staged.json()["createdAt"],
+    }
+    run(client, task_id, agent)
+    done = wait_status(client, task_id, "done", "failed")
+    assert done["status"] == "done", done
+    assert done["result"] == "hello artifacts\n"  # the run read inputs/x
+
+    listed = client.get(f"/tasks/{task_id}/artifacts").json()
+    run_id = done["runId"]
+    assert [(a["name"], a["sha256"], a["direction"], a["runId"], a["contentType"]) for a in listed] == [
+        ("x", sha(b"hello artifacts\n"), "input", run_id, "text/plain"),
+        ("y.txt", sha(b"HELLO ARTIFACTS\n"), "output", run_id, "text/plain"),
+    ]
+    runs = client.get(f"/tasks/{task_id}/runs").json()
+    assert runs[-1]["artifacts"] == [sha(b"hello artifacts\n"), sha(b"HELLO ARTIFACTS\n")]
+    for artifact, data in zip(listed, (b"hello artifacts\n", b"HELLO ARTIFACTS\n")):
+        got = client.get(f"/tasks/{task_id}/artifacts/{artifact['sha256']}")
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["content-type"] == "text/plain"
+        assert got.headers["content-disposition"] == (
+            f"attachment; filename=\"{artifact['name']}\"; filename*=UTF-8''{artifact['name']}")
+
+    # Staged after the run started, a file is the next run's: this run's listing is unchanged.
+    assert stage(client, task_id, "later", b"for the next run").json()["runId"] is None
+    events, _ = read_log(client)
+    types = [e.type for e in events if e.stream == f"task-{task_id}"]
+    started = types.index("task.started")
+    assert types[started:started + 2] == ["task.started", "artifact.recorded"]  # consumed in its append
+    assert types[-1] == "artifact.staged"
+    no_unhandled_errors(server)
+
+
+def test_names_and_bodies_that_cannot_be_an_artifact_are_refused_and_append_nothing(make_server):
+    server = make_server(MC_MAX_ARTIFACT_BYTES="1000", **UNLIMITED)
+    client = server.client()
+    task_id = new_task(client)
+    other = server.client(server.token("mallory", "task:read,task:write"))
+    with log_unchanged(client):
+        for name, mentions in (("%2E%2E", "path segment"), ("%2E", "path segment"), ("a%2Fb", "'/'"),
+                               ("%2E%2E%2Fx", "'/'"), ("a%5Cb", "'\\'"), ("a%00b", "NUL"), ("n" * 256, "255")):
+            refused(stage(client, task_id, name, b"data"), 400, "invalid_name", (mentions,))
+        refused(stage(client, task_id, "empty", b""), 400, mentions=("no bytes",))
+        refused(stage(client, task_id, "big", b"x" * 1001), 413, "body_too_large", ("1000",))
+
+        def chunked():  # no Content-Length: refused as the count passes the limit
+            for _ in range(20):
+                yield b"y" * 100
+
+        refused(stage(client, task_id, "big", chunked()), 413, "body_too_large")
+        refused(stage(client, task_id, "x", b"data", "not a type"), 400, mentions=("media type",))
+        refused(stage(client, "7d3f1c9e-8f4a-4a55-9a0c-1f2e3d4c5b6a", "x", b"data"), 404)
+        refused(client.get(f"/tasks/{task_id}/artifacts/{sha(b'data')}"), 404)
+        refused(stage(other, task_id, "x", b"data"), 404)  # another user's project: not found
+        refused(other.get(f"/tasks/{task_id}/artifacts"), 404)
+    assert client.get(f"/tasks/{task_id}/artifacts").json() == []
+    leftover = [p for p in (server.data_dir / "artifacts").rglob("*") if p.is_file()]
+    assert leftover == [] or server.env.get("MC_DATABASE_URL"), leftover
+    no_unhandled_errors(server)
+
+
+def test_a_name_is_served_escaped_in_content_disposition(make_server):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    task_id = new_task(client)
+    name = 'r\u00e9sum\u00e9 "final" 100%.pdf'
+    put = stage(client, task_id, httpx.URL(f"/{name}").raw_path.decode()[1:], b"%PDF-1.7", "application/pdf")
+    assert put.status_code == 201, put.text
+    assert put.json()["name"] == name
+    got = client.get(f"/tasks/{task_id}/artifacts/{sha(b'%PDF-1.7')}")
+    assert got.headers["content-type"] == "application/pdf"
+    assert got.headers["content-disposition"] == (
+        "attachment; filename=\"r_sum_ _final_ 100_.pdf\"; "
+        "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22%20100%25.pdf")
