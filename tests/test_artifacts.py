@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 
 import httpx
+import msgspec
 
 from tests.api_helpers import UNLIMITED, log_unchanged, no_unhandled_errors, read_log, refused
-from tests.worker import shell_agent, wait_status
+from tests.worker import Worker, shell_agent, wait_status
 
 READS_AND_WRITES = "mkdir -p outputs; tr a-z A-Z < inputs/x > outputs/y.txt; cat inputs/x"
 
@@ -117,3 +118,46 @@ def test_a_name_is_served_escaped_in_content_disposition(make_server):
     assert got.headers["content-disposition"] == (
         "attachment; filename=\"r_sum_ _final_ 100_.pdf\"; "
         "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22%20100%25.pdf")
+
+
+def test_a_remote_worker_fetches_the_inputs_and_uploads_the_outputs(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    data = bytes(range(256)) * 5000  # over a megabyte: more than one of the store's chunks
+    with Worker(server, "box", tmp_path / "box", agents="shell").start():
+        agent = shell_agent(client, "remote-files")
+        created = client.post("/tasks", json={"type": "command", "desktopId": "box", "content": (
+            "mkdir -p outputs; cp inputs/x outputs/copy.bin; sha256sum inputs/x | cut -c1-64")})
+        task_id = created.json()["id"]
+        assert stage(client, task_id, "x", data).status_code == 201
+        run(client, task_id, agent)
+        done = wait_status(client, task_id, "done", "failed")
+        assert done["status"] == "done", done
+        assert done["result"] == sha(data) + "\n"  # the worker's copy of the input holds its bytes
+    listed = client.get(f"/tasks/{task_id}/artifacts").json()
+    assert [(a["name"], a["sha256"], a["direction"], a["contentType"]) for a in listed] == [
+        ("x", sha(data), "input", "application/octet-stream"), ("copy.bin", sha(data), "output", "application/octet-stream")]
+    assert client.get(f"/tasks/{task_id}/artifacts/{sha(data)}").content == data
+    assert (tmp_path / "box" / "runs" / done["runId"] / "inputs" / "x").read_bytes() == data
+    no_unhandled_errors(server)
+
+
+def test_an_approval_judges_the_runs_outputs_and_its_resolution_names_them(make_server):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    agent = shell_agent(client, "reviewed")
+    created = client.post("/tasks", json={"type": "command", "requiresApproval": True, "content": (
+        "mkdir -p outputs; echo draft > outputs/a.md; echo chart > outputs/b.csv")})
+    task_id = created.json()["id"]
+    run(client, task_id, agent)
+    review = wait_status(client, task_id, "review", "failed")
+    assert review["status"] == "review", review
+    outputs = [sha(b"draft\n"), sha(b"chart\n")]
+    approval = client.get(f"/approvals/{review['approvalId']}").json()
+    assert approval["artifacts"] == outputs
+    resolved = client.post(f"/approvals/{approval['id']}/resolve", json={"decision": "approve"})
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["artifacts"] == outputs
+    events, _ = read_log(client)
+    resolution = next(e for e in events if e.type == "approval.resolved")
+    assert msgspec.json.decode(resolution.payload)["artifacts"] == outputs  # the chain covers what was approved
