@@ -9,6 +9,7 @@ import httpx
 import msgspec
 
 from tests.api_helpers import UNLIMITED, log_unchanged, no_unhandled_errors, read_log, refused
+from tests.server import cli, storage_env
 from tests.worker import Worker, shell_agent, wait_status
 
 READS_AND_WRITES = "mkdir -p outputs; tr a-z A-Z < inputs/x > outputs/y.txt; cat inputs/x"
@@ -161,3 +162,48 @@ def test_an_approval_judges_the_runs_outputs_and_its_resolution_names_them(make_
     events, _ = read_log(client)
     resolution = next(e for e in events if e.type == "approval.resolved")
     assert msgspec.json.decode(resolution.payload)["artifacts"] == outputs  # the chain covers what was approved
+
+
+def _alter(data_dir, sha256: str) -> None:
+    """One byte of a stored artifact changed behind the service's back, wherever the backend keeps it."""
+    url = storage_env(data_dir).get("MC_DATABASE_URL")
+    if url is None:
+        path = data_dir / "artifacts" / sha256[:2] / sha256
+        path.write_bytes(b"X" + path.read_bytes()[1:])
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE artifact_chunks SET data = 'X'::bytea || substring(data from 2) "
+                     "WHERE sha256 = %s AND seq = 0", (sha256,))
+
+
+def test_verify_checks_the_bytes_and_export_import_carries_them(make_server, tmp_path):
+    server = make_server(**UNLIMITED)
+    client = server.client()
+    agent = shell_agent(client, "carried")
+    task_id = new_task(client)
+    stage(client, task_id, "x", b"carried across\n")
+    run(client, task_id, agent)
+    assert wait_status(client, task_id, "done", "failed")["status"] == "done"
+    server.stop()
+
+    assert "2 artifacts match their hashes" in cli(server.data_dir, "verify").stdout
+    export = tmp_path / "log.ndjson"
+    export.write_text(cli(server.data_dir, "export", "--artifacts", str(tmp_path / "bytes")).stdout)
+    assert sorted(p.name for p in (tmp_path / "bytes").iterdir()) == sorted([sha(b"carried across\n"),
+                                                                              sha(b"CARRIED ACROSS\n")])
+    lacking = cli(tmp_path / "empty", "import", str(export), "--artifacts", str(tmp_path / "nowhere"), check=False)
+    assert lacking.returncode != 0 and "nothing imported" in lacking.stderr, lacking
+    cli(tmp_path / "replica", "import", str(export), "--artifacts", str(tmp_path / "bytes"))
+    assert "2 artifacts match their hashes" in cli(tmp_path / "replica", "verify").stdout
+    output = sha(b"CARRIED ACROSS\n")
+    (tmp_path / "replica" / "admin-token").write_text(server.admin_token)  # its key came with the log
+    replica = make_server(tmp_path / "replica", **UNLIMITED)
+    got = replica.client().get(f"/tasks/{task_id}/artifacts/{output}")
+    assert got.status_code == 200 and got.content == b"CARRIED ACROSS\n"
+
+    _alter(server.data_dir, output)
+    damaged = cli(server.data_dir, "verify", check=False)
+    assert damaged.returncode == 1
+    assert f"artifact {output} ('y.txt' of task {task_id}) is altered" in damaged.stderr

@@ -14,9 +14,10 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
 from typing import NamedTuple
 
-from events import EventLog
+from events import EventLog, TypeFilter, decode
 
 CHUNK_BYTES = 1024 * 1024
 """How many bytes a backend writes, and `get` yields, at a time."""
@@ -133,3 +134,71 @@ def name_problem(name: str) -> str | None:
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
         return f"An artifact's name holds a control character: {name[:80]!r}."
     return None
+
+
+class Recorded(NamedTuple):
+    """Where the log first names an artifact's bytes, for a sentence about them."""
+
+    task_id: str
+    name: str
+
+
+async def recorded(log: EventLog) -> dict[str, Recorded]:
+    """Every SHA-256 the log's `artifact.*` events name, in the order first named."""
+    found: dict[str, Recorded] = {}
+    after, head = 0, await log.read_head()
+    while after < head:
+        page = await log.read_all(after, 5000, types=TypeFilter(["artifact."]), until=head)
+        for event in page.events:
+            data = decode(event)
+            found.setdefault(data.sha256, Recorded(data.task_id, data.name))  # type: ignore[attr-defined]
+        after = page.next
+    return found
+
+
+async def problems(store: ArtifactStore, named: dict[str, Recorded]) -> list[str]:
+    """A sentence for each artifact whose bytes are missing from the store or are not what the log
+    recorded: `verify`'s check of what the chain covers by hash only."""
+    found = []
+    for sha256, where in named.items():
+        what = f"artifact {sha256} ({where.name!r} of task {where.task_id})"
+        try:
+            held = await digest(store, sha256)
+        except NotStored:
+            found.append(f"{what} is missing from the store")
+            continue
+        if held != sha256:
+            found.append(f"{what} is altered: the stored bytes hash to {held}")
+    return found
+
+
+async def export_to(store: ArtifactStore, named: dict[str, Recorded], directory: Path) -> None:
+    """Each artifact's bytes as `<directory>/<sha256>`, written aside and renamed into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for sha256 in named:
+        partial = directory / f".{sha256}.part"
+        with open(partial, "wb") as out:
+            async for chunk in store.get(sha256):
+                out.write(chunk)
+        partial.replace(directory / sha256)
+
+
+async def import_from(store: ArtifactStore, wanted: set[str], directory: Path) -> list[str]:
+    """Store the bytes of every artifact in `wanted` from `<directory>/<sha256>`; a sentence for each
+    missing or whose bytes do not hash to its name (that one is not stored)."""
+    found = []
+    for sha256 in sorted(wanted):
+        source = directory / sha256
+        if not source.is_file():
+            found.append(f"artifact {sha256} is not in {directory}")
+            continue
+        stored = await store.put(_read(source), 2**62)
+        if stored.sha256 != sha256:
+            found.append(f"{source} holds other bytes than its name says (they hash to {stored.sha256})")
+    return found
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK_BYTES):
+            yield chunk
