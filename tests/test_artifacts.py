@@ -4,12 +4,16 @@ listed and served by their SHA-256, refused with a sentence (appending nothing) 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import msgspec
+import pytest
 
 from tests.api_helpers import UNLIMITED, log_unchanged, no_unhandled_errors, read_log, refused
-from tests.server import cli, storage_env
+from tests.server import BACKEND, Server, cli, storage_env
 from tests.worker import Worker, shell_agent, wait_status
 
 READS_AND_WRITES = "mkdir -p outputs; tr a-z A-Z < inputs/x > outputs/y.txt; cat inputs/x"
@@ -207,3 +211,38 @@ def test_verify_checks_the_bytes_and_export_import_carries_them(make_server, tmp
     damaged = cli(server.data_dir, "verify", check=False)
     assert damaged.returncode == 1
     assert f"artifact {output} ('y.txt' of task {task_id}) is altered" in damaged.stderr
+
+
+def _tiny_disk_server(make_server, tmp_path) -> Server | None:
+    """A server whose artifact store is a 256 KiB tmpfs of its own (a mount namespace of its own, so no
+    other process sees it): a real full disk. None where mounts cannot be made (not root)."""
+    data_dir = tmp_path / "tiny"
+    (data_dir / "artifacts").mkdir(parents=True)
+    mount = f"mount -t tmpfs -o size=256k tmpfs {data_dir / 'artifacts'}"
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode != 0:
+        return None
+    server = Server(data_dir, UNLIMITED)
+    serve = server.argv()
+    server.argv = lambda: ["unshare", "-m", "sh", "-c", f'{mount} && exec "$0" "$@"', *serve]
+    return server.start()
+
+
+@pytest.mark.skipif(BACKEND != "sqlite", reason="on PostgreSQL the bytes go to the database, not to a disk of ours")
+def test_a_full_disk_answers_507_and_records_nothing(make_server, tmp_path):
+    server = _tiny_disk_server(make_server, tmp_path)
+    if server is None:
+        pytest.skip("no mount namespace can be made here (needs root): no real full disk to fill")
+    try:
+        client = server.client()
+        task_id = new_task(client)
+        with log_unchanged(client):
+            refused(stage(client, task_id, "big", b"z" * (1024 * 1024)), 507, "insufficient_storage",
+                    ("out of space",))
+        assert client.get(f"/tasks/{task_id}/artifacts").json() == []
+        seen = Path(f"/proc/{server.process.pid}/root") / (server.data_dir / "artifacts").relative_to("/")
+        assert [p for p in seen.rglob("*") if p.is_file()] == []  # no partial file left behind
+        assert stage(client, task_id, "small", b"fits").status_code == 201  # the space came back
+        no_unhandled_errors(server)
+    finally:
+        server.stop()

@@ -25,6 +25,11 @@ def open_store(log: SqliteLog) -> FileStore:
     return FileStore(log.path.parent / "artifacts")
 
 
+def _flushed(out) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -55,12 +60,12 @@ class FileStore(ArtifactStore):
         hashing = Hashing(limit)
         partial = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(partial, "xb", buffering=0) as out:
+            with open(partial, "xb") as out:  # buffered: its write() writes all or raises, never writes short
                 async for chunk in rechunked(chunks):
                     hashing.add(chunk)
                     await asyncio.to_thread(out.write, chunk)
                 stored = hashing.stored()
-                await asyncio.to_thread(os.fsync, out.fileno())
+                await asyncio.to_thread(_flushed, out)
             await asyncio.to_thread(self._place, partial, stored.sha256)
             return stored
         except OSError as exc:

@@ -112,7 +112,7 @@ async def write_checked(chunks: AsyncIterable[bytes], file: File, into: Path) ->
     """`chunks` written to `into`, refused (the file removed) unless they are the file's bytes."""
     found = hashlib.sha256()
     try:
-        with open(into, "wb", buffering=0) as out:
+        with open(into, "wb") as out:  # buffered: its write() writes all or raises
             async for chunk in chunks:
                 found.update(chunk)
                 await asyncio.to_thread(out.write, chunk)
