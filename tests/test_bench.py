@@ -32,6 +32,7 @@ TINY = {  # a run's id: its subcommand, arguments ("{dir}" is the test's own dir
     "processes": ("processes", ["--duration", "1", "--rounds", "1", "--dir", "{dir}"], "CPU seconds of each process"),
     "http": ("http", ["--duration", "1", "--rounds", "1", "--small", "50", "--big", "200", "--dir", "{dir}"],
              "difference 50 vs 200"),
+    "artifacts": ("artifacts", ["--mib", "2", "--dir", "{dir}"], "download (GET, streamed)"),
     "http-nodes": ("http-nodes", ["--duration", "1", "--rounds", "1", "--dir", "{dir}"], "2 nodes against 1 (GET)"),
 }
 
