@@ -299,7 +299,9 @@ def verify(args) -> int:
         print(f"mission-control: {sentence}", file=sys.stderr)
     if report.ok and not damaged:
         checked = f"; the digest checked: event {against[0]} still carries its hash" if against else ""
-        print(f"ok: {report.checked} events, head {report.head}{checked}; {len(named)} artifacts match their hashes")
+        print(f"ok: {report.checked} events, head {report.head}{checked}")
+        if named:
+            print(f"ok: {len(named)} artifacts match their hashes")
         return 0
     if report.ok:
         return 1
