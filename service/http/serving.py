@@ -29,7 +29,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_connections = 1000
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_CoalescedWrites(transport, self.loop))
         self._awaiting_headers = True  # from the connection, or a request's first byte, to its headers' end
         self._unparsed = 0  # bytes received while awaiting headers: what httptools may be buffering
         self._header_timer = None
@@ -125,6 +125,41 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
         elif self.cycle is None or self.cycle.response_complete:
             self.transport.close()  # only stray bytes since the last answer
+
+
+class _CoalescedWrites:
+    """A transport whose writes within one turn of the event loop leave in one send.
+
+    uvicorn writes a response's status line and headers, then its body, as two sends: two
+    segments on the wire and two wake-ups of the client, which on a machine with few cores
+    preempts the server mid-response. Joined, an answer is one segment; a streamed body still
+    leaves chunk by chunk, each at the end of the turn that wrote it."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending = []
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class _Refused(Exception):
