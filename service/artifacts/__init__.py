@@ -9,6 +9,7 @@ the store knows bytes by their hash only, and the same bytes are kept once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import re
@@ -192,13 +193,14 @@ async def import_from(store: ArtifactStore, wanted: set[str], directory: Path) -
         if not source.is_file():
             found.append(f"artifact {sha256} is not in {directory}")
             continue
-        stored = await store.put(_read(source), 2**62)
+        stored = await store.put(file_chunks(source), 2**62)
         if stored.sha256 != sha256:
             found.append(f"{source} holds other bytes than its name says (they hash to {stored.sha256})")
     return found
 
 
-async def _read(path: Path) -> AsyncIterator[bytes]:
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
+    """A file's bytes, a chunk at a time, read off the event loop: what `put` takes from a file."""
     with open(path, "rb") as source:
-        while chunk := source.read(CHUNK_BYTES):
+        while chunk := await asyncio.to_thread(source.read, CHUNK_BYTES):
             yield chunk

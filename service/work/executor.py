@@ -15,7 +15,7 @@ import hashlib
 import mimetypes
 import os
 import stat
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -99,13 +99,6 @@ def left_outputs(run_dir: Path) -> list[Path]:
             if stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
                 found.append(Path(entry.path))
     return sorted(found, key=lambda path: path.name)
-
-
-async def read_chunks(path: Path, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    """A file's bytes, a chunk at a time, read off the event loop."""
-    with open(path, "rb", buffering=0) as source:
-        while chunk := await asyncio.to_thread(source.read, size):
-            yield chunk
 
 
 async def write_checked(chunks: AsyncIterable[bytes], file: File, into: Path) -> None:

@@ -22,13 +22,14 @@ from events import EventLog, Meta, StorageError, WrongExpectedVersion, streams
 from events import types as t
 from projections.agents import AGENT_KINDS
 from projections.artifacts import File
+from service.artifacts import file_chunks
 from projections.readmodels import ReadModels
 from service.commands.deciders import FailRun, Fence, Refused
 from service.commands.handling import Commands
 from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans
-from service.work.executor import Executor, LeaseLost, Pacing, read_chunks, write_checked
+from service.work.executor import Executor, LeaseLost, Pacing, write_checked
 from service.work.reports import Reports, WorkerIdentity
 
 log = structlog.get_logger("mission_control.local")
@@ -101,7 +102,7 @@ class DirectReporter:
         assert self.reports.artifacts is not None
         with _lease_lost():
             await self.reports.leased(self.who, run.run_id, run.lease)
-        stored = await self.reports.artifacts.put(read_chunks(file), self.reports.settings.max_artifact_bytes)
+        stored = await self.reports.artifacts.put(file_chunks(file), self.reports.settings.max_artifact_bytes)
         return File(name=name, sha256=stored.sha256, size=stored.size, content_type=content_type)
 
 

@@ -32,7 +32,8 @@ from events.types import AgentKind
 from service.work import wire
 from service.work.agents.process import kill_orphans, records
 from projections.artifacts import File
-from service.work.executor import Executor, LeaseLost, Pacing, read_chunks, runs_dir, write_checked
+from service.artifacts import file_chunks
+from service.work.executor import Executor, LeaseLost, Pacing, runs_dir, write_checked
 
 log = structlog.get_logger("mission_control.worker")
 
@@ -205,7 +206,7 @@ class HttpReporter:
         async def once() -> httpx.Response:
             headers = {"MC-Lease": run.lease, "Content-Type": content_type,
                        "Content-Length": str(file.stat().st_size)}
-            return await self.api.client.put(path, content=read_chunks(file), headers=headers)
+            return await self.api.client.put(path, content=file_chunks(file), headers=headers)
 
         answer = await self._transfer(run, "upload", once)
         return msgspec.json.decode(answer.content, type=File)
