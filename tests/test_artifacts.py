@@ -246,3 +246,16 @@ def test_a_full_disk_answers_507_and_records_nothing(make_server, tmp_path):
         no_unhandled_errors(server)
     finally:
         server.stop()
+
+
+def test_an_output_that_cannot_be_stored_fails_the_run_naming_it(make_server):
+    server = make_server(MC_MAX_ARTIFACT_BYTES="1000", **UNLIMITED)
+    client = server.client()
+    agent = shell_agent(client, "too-much")
+    task_id = new_task(client, "mkdir -p outputs outputs/sub; head -c 2000 /dev/zero > outputs/big; "
+                               "ln -s /etc/passwd outputs/link; echo ok > outputs/sub/skipped")
+    run(client, task_id, agent)
+    failed = wait_status(client, task_id, "done", "failed")
+    assert failed["status"] == "failed" and "'big'" in failed["error"] and "1000" in failed["error"], failed
+    assert client.get(f"/tasks/{task_id}/artifacts").json() == []  # nor the symlink, nor what lies in a directory
+    no_unhandled_errors(server)
