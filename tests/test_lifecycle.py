@@ -345,6 +345,8 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
         t.TaskRetried(task_id=TASK),
         t.TaskStarted(task_id=TASK, run_id="run-2", agent_id="agent-2", desktop_id="laptop", lease_epoch=1),
         t.TaskOutput(task_id=TASK, run_id=RUN, seq=9, stream="text", chunk="a late report changes nothing"),
+        t.ArtifactRecorded(task_id=TASK, run_id="run-2", name="r.txt", sha256="a" * 64, size=1,
+                           content_type="text/plain", direction="output"),  # in the append of its ending
         t.TaskReview(task_id=TASK, run_id="run-2", result="r"),
         t.ApprovalCreated(approval_id=APPROVAL, task_id=TASK, run_id="run-2"),
         t.ApprovalResolved(approval_id=APPROVAL, task_id=TASK, decision="approve"),
@@ -357,11 +359,11 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
     at = [f"2026-01-01T00:00:{n:02}Z" for n in range(len(history) + 1)]
     assert [msgspec.structs.asdict(r) for r in found] == [
         dict(run_id=RUN, number=1, agent_id="agent", desktop_id=DESKTOP, status="failed", queued_at=None,
-             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2"),
+             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2", artifacts=[]),
         dict(run_id="run-2", number=2, agent_id="agent-2", desktop_id="laptop", status="done", queued_at=None,
-             started_at=at[6], ended_at=at[8], exit_code=None, reason=None, error=None),
+             started_at=at[6], ended_at=at[9], exit_code=None, reason=None, error=None, artifacts=["a" * 64]),
         dict(run_id="run-3", number=3, agent_id="agent", desktop_id=DESKTOP, status="cancelled", queued_at=None,
-             started_at=at[13], ended_at=at[14], exit_code=None, reason=None, error="cancelled: enough"),
+             started_at=at[14], ended_at=at[15], exit_code=None, reason=None, error="cancelled: enough", artifacts=[]),
     ]
     assert "task.output" not in OUTPUT_FREE and "task.started" in OUTPUT_FREE
 
