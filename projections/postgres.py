@@ -183,6 +183,17 @@ class PostgresReadModels(ReadModels):
             found.setdefault(task_id, []).append(DECODERS["presence"].decode(state).device_id)
         return found
 
+    async def _task_and_watchers(self, task_id: str) -> tuple[Task | None, list[str]]:
+        # One round trip to the server instead of two: a GET of a task is this read.
+        rows = await self.log.query(
+            "SELECT t.state, ARRAY(SELECT p.state FROM presence p WHERE p.task_id = t.id AND p.expires_at > %s "
+            "ORDER BY p.id) FROM tasks t WHERE t.id = %s", (now_rfc3339(), _text(task_id)),
+        )
+        if not rows:
+            return None, []
+        state, presence = rows[0]
+        return DECODERS["tasks"].decode(state), [DECODERS["presence"].decode(p).device_id for p in presence]
+
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
         where, params = ["TRUE"], []
         if status is not None:

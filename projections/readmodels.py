@@ -164,6 +164,12 @@ class ReadModels(ABC):
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
         """Devices whose presence has not expired, judged against the clock now."""
 
+    async def _task_and_watchers(self, task_id: str) -> tuple[Task | None, list[str]]:
+        """The task and `watchers([task_id])`'s devices for it: two reads, unless the backend can
+        do with one (a round trip to a server costs more than a read on the loop)."""
+        found: Task | None = await self._get(TASKS, task_id)
+        return found, (await self.watchers([task_id])).get(task_id, []) if found is not None else []
+
     @abstractmethod
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
         """Approvals, oldest first, each with its task; only those whose task is in `projects`
@@ -235,9 +241,11 @@ class ReadModels(ABC):
 
     async def task(self, task_id: str, *, with_watchers: bool = True) -> Task | None:
         """The task; its `watchers` and queue position (more reads) only for answers that show them."""
-        found: Task | None = await self._get(TASKS, task_id)
-        if found is not None and with_watchers:
-            found.watchers = (await self.watchers([task_id])).get(task_id, [])
+        if not with_watchers:
+            return await self._get(TASKS, task_id)
+        found, watchers = await self._task_and_watchers(task_id)
+        if found is not None:
+            found.watchers = watchers
             await self.place_in_queue([found])
         return found
 

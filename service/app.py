@@ -20,6 +20,7 @@ from service.api import (
 from service.artifacts import open_store
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
+from service.http import auth
 from service.http.errors import HttpError, error_response, refusal_response, storage_unavailable
 from service.http.endpoints import walk
 from service.http.metrics import Metrics
@@ -103,6 +104,8 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         await models.prepare()
         await local.ensure_echo_agent(log, models)
         commands = Commands(log, models)
+        keys = auth.Keys(log, models)
+        keys.start()
         await local.recover(models, commands, settings)  # before this node's desktop starts a new session
         leases = open_leases(log)  # shared by every node on the log's database
         await leases.prepare()
@@ -124,7 +127,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         try:
             yield {  # request.state.*
                 "log": log, "models": models, "commands": commands, "reports": reports, "local": desktop,
-                "dispatcher": dispatcher, "artifacts": store,
+                "dispatcher": dispatcher, "keys": keys, "artifacts": store,
             }
         finally:
             app.state.ready = False
@@ -138,6 +141,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
             if sender is not None:
                 await sender.close()
             await leases.close()
+            await keys.close()
             await store.close()
             await log.close()
 

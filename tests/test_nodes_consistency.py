@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -105,16 +106,21 @@ def test_a_read_on_one_node_reflects_every_write_the_other_acknowledged(nodes):
     assert b.client().get("/overview").json()["tasks"]["pending"] == 25
 
 
-def test_a_key_revoked_through_one_node_is_refused_by_the_other_at_once(nodes):
+def test_a_key_revoked_through_one_node_is_refused_by_every_node_within_a_second(nodes):
     a, b = two(nodes)
     issued = cli(nodes.data_dir(0), "token", "create", "--user", "carol", "--scopes", "task:read", env=nodes.env)
     token = issued.stdout.strip().splitlines()[-1]
     key_id = issued.stdout.split()[1]  # "key <id> for carol with ..."
-    assert b.client(token).get("/tasks").status_code == 200
+    for node in (a, b):  # each node now knows the key (and may remember it)
+        assert node.client(token).get("/tasks").status_code == 200
     cli(nodes.data_dir(0), "token", "revoke", key_id, env=nodes.env)
+    revoked = time.monotonic()
     for node in (b, a):
-        refused = node.client(token).get("/tasks")
-        assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+        while (answer := node.client(token).get("/tasks")).status_code == 200 and time.monotonic() - revoked < 5:
+            time.sleep(0.02)
+        assert answer.status_code == 401 and "revoked" in answer.json()["detail"]
+    # API.md: revocation is effective on every node within one second.
+    assert time.monotonic() - revoked <= 1.0, f"the revoked key was still served {time.monotonic() - revoked:.2f} s on"
 
 
 def sse_events(node: Server, last_event_id: int, until: int) -> list[int]:

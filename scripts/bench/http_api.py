@@ -1,6 +1,7 @@
 """`bench.py http`: the HTTP API under wrk, each route against the floor it stands on.
 
     .venv/bin/python scripts/bench.py http [--duration 5] [--rounds 3] [--connections 32] [--big 100000]
+    .venv/bin/python scripts/bench.py http --backend postgres
 
 - POST /tasks (durable, 201) through `mission-control serve` (one process) vs a bare Starlette
   endpoint that answers a constant 201, under uvicorn in a process of its own. Target >= 0.6.
@@ -39,7 +40,7 @@ import httpx
 from events import types as t
 from tests.server import API, Server, Uvicorn
 
-from . import common
+from . import common, raw_postgres
 from .common import command, fill_log, target, workdir
 
 START_TIMEOUT = 60.0
@@ -53,6 +54,9 @@ LOAD_ARGUMENTS = (  # what `Load` reads
 
 HTTP_ARGUMENTS = (
     *LOAD_ARGUMENTS,
+    (("--backend",), {"choices": ("sqlite", "postgres"), "default": "sqlite",
+                      "help": "sqlite (default: every route, against the aiosqlite peer), or postgres (POST and GET "
+                              "on a database of its own, against a naive asyncpg peer on another)"}),
     (("--small",), {"type": int, "default": 1_000, "help": "tasks in the small log for /overview (default 1,000)"}),
     (("--big",), {"type": int, "default": 100_000, "help": "tasks in the big log for /overview (default 100,000)"}),
     (("--dir",), {"type": Path, "help": "where to put the data dirs (default: a temporary dir)"}),
@@ -172,6 +176,45 @@ app = Starlette(lifespan=lifespan, routes=[
 """
 
 
+def naive_asyncpg_peer_app(url: str) -> str:
+    """The naive peer on PostgreSQL, written the same way: Starlette and an asyncpg pool, one
+    INSERT per POST (autocommit: durable once answered, as synchronous_commit is on), one SELECT
+    by id per GET; no auth, no events, no read models."""
+    return f"""
+import contextlib, json, uuid
+import asyncpg
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    app.state.pool = await asyncpg.create_pool({url!r})
+    await app.state.pool.execute("CREATE TABLE IF NOT EXISTS naive_tasks (id uuid PRIMARY KEY, body text NOT NULL)")
+    yield
+    await app.state.pool.close()
+
+
+async def create(request):
+    task = {{**json.loads(await request.body()), "id": str(uuid.uuid4()), "status": "pending"}}
+    await request.app.state.pool.execute("INSERT INTO naive_tasks VALUES ($1, $2)", uuid.UUID(task["id"]), json.dumps(task))
+    return JSONResponse(task, 201)
+
+
+async def read(request):
+    body = await request.app.state.pool.fetchval(
+        "SELECT body FROM naive_tasks WHERE id = $1", uuid.UUID(request.path_params["task_id"]))
+    return Response(body, 200, media_type="application/json") if body else JSONResponse({{}}, 404)
+
+
+app = Starlette(lifespan=lifespan, routes=[
+    Route("{API}/tasks", create, methods=["POST"]),
+    Route("{API}/tasks/{{task_id}}", read, methods=["GET"]),
+])
+"""
+
+
 # --- processes ----------------------------------------------------------------------------
 
 
@@ -193,9 +236,11 @@ UNLIMITED = {"MC_RATE_LIMIT_PER_SECOND": "1000000000", "MC_RATE_LIMIT_BURST": "1
 
 
 @contextlib.contextmanager
-def mission_control(data_dir: Path) -> Iterator[tuple[str, str]]:
-    """`mission-control serve` on loopback: (base url, admin token)."""
-    with Server(data_dir, UNLIMITED).start(START_TIMEOUT) as server:
+def mission_control(data_dir: Path, database: str | None = None) -> Iterator[tuple[str, str]]:
+    """`mission-control serve` on loopback, on the data dir's SQLite file or on `database`:
+    (base url, admin token)."""
+    env = UNLIMITED if database is None else {**UNLIMITED, "MC_DATABASE_URL": database}
+    with Server(data_dir, env).start(START_TIMEOUT) as server:
         yield server.base_url, server.admin_token
 
 
@@ -321,6 +366,8 @@ def fill(data_dir: Path, tasks: int) -> float:
 )
 def bench_http(args: argparse.Namespace) -> None:
     wrk = ensure_wrk()
+    if args.backend == "postgres":
+        return bench_http_postgres(wrk, args)
     print(f"http: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, best of {args.rounds} alternating "
           f"rounds, on 127.0.0.1; {os.cpu_count()} CPUs; `mission-control serve` is one process, durable "
           "(synchronous=FULL)")
@@ -377,3 +424,31 @@ def bench_http(args: argparse.Namespace) -> None:
             small, big = compare(load, targets, args.rounds)
         spread = share(abs(big - small), max(small, big))
         verdict(f"difference {args.small:,} vs {args.big:,}", spread, spread <= 0.10, "<= 0.10")
+
+
+def bench_http_postgres(wrk: str, args: argparse.Namespace) -> None:
+    """POST /tasks and GET /tasks/{id} with the log on PostgreSQL, one node, against the naive
+    asyncpg peer, each on a fresh database of its own on the same server."""
+    body = b'{"type": "prompt", "content": "benchmark task", "priority": 5}'
+    with (workdir(args.dir) as where, raw_postgres.fresh_database() as ours, raw_postgres.fresh_database() as theirs):
+        print(f"http --backend postgres: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, best of "
+              f"{args.rounds} alternating rounds; {os.cpu_count()} CPUs; one `mission-control serve` node; "
+              f"{raw_postgres.describe(ours)}")
+        load = Load(wrk, args, where)
+        with (mission_control(where / "api", ours) as (url, token),
+              bare_server(where, "naive_asyncpg", naive_asyncpg_peer_app(theirs)) as naive):
+            print("POST /tasks")
+            served, peer = compare(load, [
+                Target("mission-control serve (201, durable)", f"{url}{API}/tasks", token, body),
+                Target("the naive asyncpg peer (INSERT)", f"{naive}{API}/tasks", None, body),
+            ], args.rounds)
+            verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
+            print("GET /tasks/{id}")
+            peer_id = httpx.post(f"{naive}{API}/tasks", content=body).json()["id"]
+            task_id = httpx.post(f"{url}{API}/tasks", content=body, headers={
+                "Authorization": f"Bearer {token}", "Content-Type": "application/json"}).json()["id"]
+            served, peer = compare(load, [
+                Target("mission-control serve (200)", f"{url}{API}/tasks/{task_id}", token),
+                Target("the naive asyncpg peer (SELECT by id)", f"{naive}{API}/tasks/{peer_id}"),
+            ], args.rounds)
+            verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")

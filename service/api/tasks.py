@@ -154,14 +154,16 @@ async def create_task(request: Request, who: Principal) -> Response:
 
 async def _target_project(request: Request, who: Principal, requested: uuid.UUID | None) -> str:
     log, models = request.state.log, request.state.models
+    exists = False
     if requested is None and who.project_id is not None:
         project_id = who.project_id
     elif who.project_id is None and (requested is None or str(requested) == default_project_id(who.user)):
         project_id = await ensure_default_project(log, models, who.user, meta(request, who))
+        exists = True  # read, or created, just now
     else:
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
-    if await models.project(project_id) is None or not await can_see_project(request, who, project_id):
+    if (not exists and await models.project(project_id) is None) or not await can_see_project(request, who, project_id):
         raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
@@ -172,7 +174,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
 )
 async def get_task(request: Request, who: Principal) -> Response:
     task = await visible_task(request, who)
-    if "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
+    if request.scope["query_string"] and "asOf" in request.query_params:  # (an empty value never gets here: the middleware refuses it)
         position = query_int(request, "asOf", 0, 0)
         past = await request.state.models.task_as_of(task.id, position)
         if past is None:

@@ -6,21 +6,25 @@ A key is `mc_` and 43 random URL-safe characters. Only its SHA-256 is recorded (
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
 import re
 import secrets
+import time
 import uuid
 
 import msgspec
 
-from events import EventLog, Meta, WrongExpectedVersion
+from events import EventLog, Meta, TypeFilter, WrongExpectedVersion
 from events import streams
 from events import types as t
 from projections.projects import Project
 from projections.readmodels import ReadModels
 from service.http.errors import HttpError
+from service.work.jobs import cancelled
 from service.work.wire import DesktopName
 
 SCOPES = ("task:read", "task:write", "approval:write", "agent:write", "audit:read", "worker", "admin")
@@ -65,10 +69,8 @@ def unauthorized(detail: str) -> HttpError:
     return HttpError(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
 
-async def authenticate(models: ReadModels, token: str | None) -> Principal:
-    if not token:
-        raise unauthorized("An API key is required: send Authorization: Bearer <key>.")
-    digest = hash_token(token)
+async def authenticate(models: ReadModels, digest: str) -> Principal:
+    """Whose is the key with this hash, as the read models hold it now."""
     key = await models.api_key_by_hash(digest)
     if key is None or not hmac.compare_digest(key.token_hash, digest):
         raise unauthorized("The API key is not known.")
@@ -76,6 +78,53 @@ async def authenticate(models: ReadModels, token: str | None) -> Principal:
         raise unauthorized("The API key has been revoked.")
     return Principal(user=key.user, key_id=key.id, scopes=frozenset(key.scopes), project_id=key.project_id,
                      desktop_id=key.desktop_id)
+
+
+class Keys:
+    """Who a presented key is, remembered between requests: a key's lookup was a read on every
+    request. What is remembered is forgotten as soon as the log's tail brings any key's event
+    (`apikey.issued`, `apikey.revoked`: from any process on the log, within the tail's delay),
+    and is never trusted longer than `max_age` whatever the tail, so a revocation takes effect
+    on every node within that bound. Refusals are not remembered: an unknown key is looked up
+    each time it is presented."""
+
+    max_age = 0.5
+    capacity = 10_000
+
+    def __init__(self, log: EventLog, models: ReadModels) -> None:
+        self._log = log
+        self._models = models
+        self._known: dict[str, tuple[float, Principal]] = {}  # the token's hash -> (when looked up, whose)
+        self._watch: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._watch = asyncio.create_task(self._forget_on_change(), name="mc-keys")
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            await cancelled([self._watch])
+
+    async def principal(self, token: str | None) -> Principal:
+        if not token:
+            raise unauthorized("An API key is required: send Authorization: Bearer <key>.")
+        digest = hash_token(token)
+        now = time.monotonic()
+        known = self._known.get(digest)
+        if known is not None and now - known[0] < self.max_age:
+            return known[1]
+        principal = await authenticate(self._models, digest)
+        if len(self._known) >= self.capacity:
+            self._known.clear()
+        self._known[digest] = (now, principal)
+        return principal
+
+    async def _forget_on_change(self) -> None:
+        async with contextlib.aclosing(self._log.tail_pages(self._log.head, types=KEY_EVENTS)) as pages:
+            async for _ in pages:
+                self._known.clear()
+
+
+KEY_EVENTS = TypeFilter(["apikey."])
 
 
 async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sys
+import threading
 from contextvars import ContextVar
 
 import msgspec
@@ -27,6 +30,39 @@ class _DroppedClientIsNoServerError(logging.Filter):
         return not (record.msg == _INCOMPLETE and client_dropped.get())
 
 
+class _TurnLogger:
+    """structlog's PrintLogger, except that the lines one turn of the event loop writes leave in
+    one write at the end of that turn (one access-log line a request, written and flushed alone,
+    was a system call a request). Off the loop, or with no loop running, a line leaves at once.
+    A process killed mid-turn loses that turn's lines; the log of events is never at stake."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self._pending = threading.local()  # one loop a thread: each flushes its own lines
+
+    def msg(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(message + "\n")
+            return
+        lines = getattr(self._pending, "lines", None)
+        if not lines:
+            lines = self._pending.lines = []
+            loop.call_soon(self._flush)
+        lines.append(message)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+    def _flush(self) -> None:
+        lines, self._pending.lines = self._pending.lines, []
+        self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        self._file.write(text)
+        self._file.flush()
+
+
 def _json_line(event: dict) -> str:
     return _encoder.encode(event).decode()
 
@@ -47,7 +83,7 @@ def configure(level: str = "INFO") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=functools.partial(lambda logger, *_: logger, _TurnLogger(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -53,10 +53,18 @@ class Metrics:
         )
         self.run_slots = Gauge("mc_run_slots", "Runs that may be in flight at once (MC_MAX_CONCURRENT).", registry=r)
         self.approvals_pending = Gauge("mc_approvals_pending", "Approvals waiting for a decision.", registry=r)
+        self._children: dict[tuple[str, str, int], tuple] = {}
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.request_seconds.labels(method, route).observe(seconds)
+        # A labelled child looked up once per (method, route, status): `labels()` costs more than
+        # the increment, and routes and statuses are few.
+        children = self._children.get((method, route, status))
+        if children is None:
+            children = self._children[(method, route, status)] = (
+                self.requests.labels(method, route, str(status)), self.request_seconds.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, appends: int, seconds: float) -> None:
         self.batch_size.observe(appends)

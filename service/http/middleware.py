@@ -14,7 +14,6 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import StorageError
-from service.http.auth import authenticate
 from service.http.bodies import whole_number
 from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
@@ -96,7 +95,7 @@ class ApiMiddleware:
         elif path == STREAM_PATH:  # browsers' EventSource cannot send headers
             token = QueryParams(scope.get("query_string", b"")).get("access_token")
         try:
-            principal = await authenticate(scope["state"]["models"], token)  # the lifespan state
+            principal = await scope["state"]["keys"].principal(token)  # the lifespan state
         except HttpError as rejected:
             return rejected
         except StorageError:  # the key cannot be looked up just now: the app's own answer to it
