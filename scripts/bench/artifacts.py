@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-
 from tests.server import Server
 
 from .common import command, database, database_options, line, ratio, workdir
