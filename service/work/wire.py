@@ -170,6 +170,9 @@ class Ending(Message, kw_only=True):
     output: list[Chunk] = []
     usage: dict[str, int] | None = None
     artifacts: list[dict[str, Any]] = []
+    """The files the run left under `outputs/`, each uploaded first (`PUT /worker/runs/{runId}/artifacts/{name}`):
+    `{name, sha256, size, contentType}` as the upload answered. Recorded with the ending; one never
+    uploaded refuses it (409 `artifact_missing`)."""
 
 
 class RunStatus(Message, kw_only=True):
