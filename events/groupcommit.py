@@ -189,13 +189,17 @@ class GroupCommitLog(EventLog):
         batch: list[_Append],
         position: int,
         previous: str,
-        stream_version: Callable[[str], int],
+        stream_versions: Callable[[list[str]], dict[str, int]],
         recorded_for_key: Callable[[str], tuple[str, list[RecordedEvent]] | None],
     ) -> _Staged:
         """The batch numbered from the chain's tail (`position`, `previous` hash) as the
-        transaction sees it; `stream_version` and `recorded_for_key` ask that transaction."""
+        transaction sees it; `stream_versions` (the versions of streams that have events, asked once
+        for every stream of the batch this process does not know) and `recorded_for_key` ask that
+        transaction."""
         if position != self._versions_at:  # another process appended: what we knew may be stale
             self._versions.clear()
+        unknown = list({append.stream for append in batch if append.stream not in self._versions})
+        stored = stream_versions(unknown) if unknown else {}
         versions: dict[str, int] = {}  # this batch's, merged into self._versions once committed
         recorded_at = now_rfc3339()  # one group commit, one instant
         recorded_at_json = _canonical.encode(recorded_at)
@@ -217,7 +221,7 @@ class GroupCommitLog(EventLog):
             if version is None:
                 version = self._versions.get(append.stream)
             if version is None:
-                version = stream_version(append.stream)
+                version = stored.get(append.stream, 0)
             if append.expected is not None and append.expected != version:
                 outcomes.append(_Outcome.failed(WrongExpectedVersion(append.stream, append.expected, version)))
                 continue

@@ -377,7 +377,7 @@ class PostgresLog(GroupCommitLog):
     def _stage(self, conn: psycopg.Connection, batch: list[_Append]) -> _Staged:
         return self._staged(
             batch, *self._lock_head(conn),
-            stream_version=lambda stream: self._stream_version(conn, stream),
+            stream_versions=lambda names: self._stream_versions(conn, names),
             recorded_for_key=lambda key: self._recorded_for_key(conn, key),
         )
 
@@ -387,6 +387,15 @@ class PostgresLog(GroupCommitLog):
             "SELECT version FROM events WHERE stream = %s ORDER BY version DESC LIMIT 1", (stream,)
         ).fetchone()
         return row[0] if row else 0
+
+    @staticmethod
+    def _stream_versions(conn: psycopg.Connection, names: list[str]) -> dict[str, int]:
+        """In one round trip; each found by the (stream, version) index, newest first."""
+        rows = conn.execute(
+            "SELECT name, (SELECT version FROM events WHERE stream = name ORDER BY version DESC LIMIT 1) "
+            "FROM unnest(%s::text[]) AS name", (names,),
+        ).fetchall()
+        return {name: version for name, version in rows if version is not None}
 
     @staticmethod
     def _recorded_for_key(conn: psycopg.Connection, key: str):

@@ -70,7 +70,9 @@ class _Tx:
         return self._conn.execute(sql, params).fetchall()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._conn.executemany(sql, rows)
+        rows = list(rows)
+        if rows:  # an empty one still prepares its statement, and most of a fold's writes are empty
+            self._conn.executemany(sql, rows)
 
     def read_events(self, after: int, until: int, limit: int) -> list[RecordedEvent]:
         rows = self._conn.execute(
@@ -78,6 +80,9 @@ class _Tx:
             (after, until, limit),
         ).fetchall()
         return [_row(r) for r in rows]
+
+
+_STREAM_VERSION = "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?"
 
 
 def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
@@ -252,9 +257,9 @@ class SqliteLog(GroupCommitLog):
         tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
         return self._staged(
             batch, *(tail or (0, GENESIS_HASH)),
-            stream_version=lambda stream: conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)
-            ).fetchone()[0],
+            stream_versions=lambda names: {  # a read in the file is cheap: one per stream, by the index
+                name: conn.execute(_STREAM_VERSION, (name,)).fetchone()[0] for name in names
+            },
             recorded_for_key=lambda key: self._recorded_for_key(conn, key),
         )
 

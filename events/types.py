@@ -36,6 +36,25 @@ class EventData(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fie
 # Tasks
 
 
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
+
+
+class TokenUsage(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
+    """The tokens a run spent, as its agent reported them (the openai kind's final usage chunk, an
+    exec agent's `MC-USAGE` line): what a worker's ending carries."""
+
+    prompt_tokens: Tokens
+    completion_tokens: Tokens
+
+
+class RunUsage(TokenUsage, kw_only=True):
+    """A run's usage as its ending event records it: priced by the server with the agent's
+    `config.pricing` when the run ended, so a rebuild never prices it again."""
+
+    cost_usd: str | None = None
+    """An exact decimal string (never a float); None: the agent names no prices."""
+
+
 class TaskCreated(EventData):
     event_type: ClassVar[str] = "task.created"
     task_id: str
@@ -135,6 +154,8 @@ class TaskReview(EventData):
     task_id: str
     run_id: str
     result: str | None = None
+    usage: RunUsage | msgspec.UnsetType = msgspec.UNSET
+    """What the run spent, when its agent reported it (absent otherwise, as before usage was kept)."""
 
 
 class TaskCompleted(EventData):
@@ -142,6 +163,8 @@ class TaskCompleted(EventData):
     task_id: str
     run_id: str
     result: str | None = None
+    usage: RunUsage | msgspec.UnsetType = msgspec.UNSET
+    """As on task.review; absent on the completion that approves a review (the review carried it)."""
 
 
 class TaskFailed(EventData):
@@ -156,6 +179,8 @@ class TaskFailed(EventData):
     run_id: str | None = None
     exit_code: int | None = None
     result: str | None = None
+    usage: RunUsage | msgspec.UnsetType = msgspec.UNSET
+    """As on task.review."""
 
 
 class TaskCancelled(EventData):

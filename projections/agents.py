@@ -8,6 +8,7 @@ import msgspec
 
 from events import Event
 from events import types as t
+from projections.usage import Usage
 
 
 class KindPolicy(NamedTuple):
@@ -37,6 +38,8 @@ class Agent(msgspec.Struct, kw_only=True, rename="camel"):
     status: t.AgentStatus = "active"
     created_at: str
     version: int = 0
+    usage: Usage = msgspec.field(default_factory=Usage)
+    """Summed at read time over the runs the caller may see (its projects' tasks), never stored by `evolve`."""
 
 
 def evolve(agent: Agent | None, event: Event) -> Agent | None:

@@ -22,6 +22,7 @@ from projections.projects import Project
 from projections.readmodels import ReadModels
 from projections.store import APIKEYS, COUNTER_TABLES, DECODERS, MODELS, Changes, Model
 from projections.tasks import Task, TaskState
+from projections.usage import UsageShare
 
 T = TypeVar("T")
 
@@ -94,9 +95,11 @@ class PostgresReadModels(ReadModels):
     async def _transact(self, fn: Callable[[Any], T]) -> T:
         return await self.log.transact(fn)
 
-    def _create(self, tx) -> None:
+    def _create(self, tx) -> bool:
+        tables = {row[0] for row in tx.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
         for statement in _ddl():
             tx.execute(statement)
+        return any(m.table not in tables for m in MODELS)
 
     def _drop(self, tx) -> None:
         for name in (*COUNTER_TABLES, *(m.table for m in MODELS)):
@@ -105,9 +108,10 @@ class PostgresReadModels(ReadModels):
     def _checkpoint(self, tx) -> int:
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
-    def _load(self, tx, model: Model, key: str) -> bytes | None:
-        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = %s", (_text(key),))
-        return bytes(rows[0][0]) if rows else None
+    def _load(self, tx, model: Model, keys: list[str]) -> dict[str, bytes]:
+        stored_as = {_text(key): key for key in keys}  # an id is stored as `_text` made it
+        rows = tx.execute(f"SELECT id, state FROM {model.table} WHERE id = ANY(%s)", (list(stored_as),))
+        return {stored_as[key]: bytes(state) for key, state in rows}
 
     def _save(self, tx, changes: Changes) -> None:
         for model in MODELS:
@@ -228,6 +232,17 @@ class PostgresReadModels(ReadModels):
     async def _counter_values(self) -> tuple[dict[str, int], int]:
         values = dict(await self.log.query("SELECT name, value FROM counters"))
         return values, (await self.log.query("SELECT position FROM checkpoint"))[0][0]
+
+    async def usage_shares(self, agent_id, project_ids) -> list[UsageShare]:
+        where, params = ["TRUE"], []
+        if agent_id is not None:
+            where.append("agent_id = %s")
+            params.append(_text(agent_id))
+        if project_ids is not None:
+            where.append("project_id = ANY(%s)")
+            params.append(project_ids)
+        rows = await self.log.query(f"SELECT state FROM usage_shares WHERE {' AND '.join(where)}", params)
+        return [DECODERS["usage_shares"].decode(r[0]) for r in rows]
 
     async def running_count(self) -> int:
         rows = await self.log.query(

@@ -23,6 +23,7 @@ from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop, Placement
 from projections.projects import Project
+from projections.usage import Usage, UsageShare, total
 from projections.store import AGENTS, APIKEYS, APPROVALS, DESKTOPS, PROJECTS, TASKS, Changes, Model, fold
 from projections.lifecycle import QUEUED, STATUSES
 from projections.tasks import Task, TaskState, evolve
@@ -63,8 +64,9 @@ class ReadModels(ABC):
         """Run fn(tx) in a write transaction of the log's, serialised with its appends."""
 
     @abstractmethod
-    def _create(self, tx: Any) -> None:
-        """Create the stores of every model, the counters and the checkpoint, if missing."""
+    def _create(self, tx: Any) -> bool:
+        """Create the stores of every model, the counters and the checkpoint, if missing; whether a
+        model's store was missing."""
 
     @abstractmethod
     def _drop(self, tx: Any) -> None:
@@ -75,8 +77,8 @@ class ReadModels(ABC):
         """The position of the last event folded."""
 
     @abstractmethod
-    def _load(self, tx: Any, model: Model, key: str) -> bytes | None:
-        """A model's stored state (JSON), if it has one under `key`."""
+    def _load(self, tx: Any, model: Model, keys: list[str]) -> dict[str, bytes]:
+        """A model's stored states (JSON) under `keys`, by key: those it has."""
 
     @abstractmethod
     def _save(self, tx: Any, changes: Changes) -> None:
@@ -84,7 +86,7 @@ class ReadModels(ABC):
         keeps no row, so the stores do not depend on how events were batched), the checkpoint."""
 
     def _apply(self, tx: Any, events: list[RecordedEvent]) -> None:
-        self._save(tx, fold(events, lambda model, key: self._load(tx, model, key)))
+        self._save(tx, fold(events, lambda model, keys: self._load(tx, model, keys)))
 
     def _catch_up(self, tx: Transaction, until: int) -> int:
         """Fold at most a page of what lies between the checkpoint and `until`; the new checkpoint."""
@@ -105,8 +107,15 @@ class ReadModels(ABC):
         self._apply(tx, fresh)
 
     async def prepare(self) -> None:
-        """Create the stores if missing and fold whatever the log holds that they lack."""
-        await self._transact(self._create)
+        """Create the stores if missing and fold whatever the log holds that they lack. Models
+        folded by a release that lacked one of them are rebuilt, once: a model added since (the
+        usage kept per agent and project) is folded from the first event, and so is what it adds to
+        the others (a task's usage), as if they had always been kept."""
+        def create(tx: Transaction) -> None:  # and rebuild in the same transaction: a crash leaves neither
+            if self._create(tx) and self._checkpoint(tx) > 0:
+                self._refold_all(tx)
+
+        await self._transact(create)
         await self.refold()
 
     async def refold(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -123,19 +132,18 @@ class ReadModels(ABC):
         """Drop every read model and refold it from the log, all in one transaction: a server
         running beside it never reads half-built models (its appends wait for the rebuild)."""
         head = await self.log.read_head()
+        return await self._transact(lambda tx: self._refold_all(tx, head, progress))
 
-        def refold_all(tx: Transaction) -> int:
-            self._drop(tx)
-            self._create(tx)
-            done = 0
-            while events := tx.read_events(done, EVERYTHING, PAGE):  # up to the head, and whatever came since
-                self._apply(tx, events)
-                done = events[-1].position
-                if progress is not None:
-                    progress(done, max(head, done))
-            return done
-
-        return await self._transact(refold_all)
+    def _refold_all(self, tx: Transaction, head: int = 0, progress: Callable[[int, int], None] | None = None) -> int:
+        self._drop(tx)
+        self._create(tx)
+        done = 0
+        while events := tx.read_events(done, EVERYTHING, PAGE):  # up to the head, and whatever came since
+            self._apply(tx, events)
+            done = events[-1].position
+            if progress is not None:
+                progress(done, max(head, done))
+        return done
 
     # --- reads: what the API serves, from the models alone --------------------------------
 
@@ -205,6 +213,22 @@ class ReadModels(ABC):
             streams=values.get("log.streams", 0),
             checkpoint=checkpoint,
         )
+
+    @abstractmethod
+    async def usage_shares(self, agent_id: str | None, project_ids: list[str] | None) -> list[UsageShare]:
+        """The usage kept per agent and project: of `agent_id` (None: every agent) over the tasks of
+        `project_ids` (None: every project), in no particular order."""
+
+    async def usage(self, agent_id: str | None = None, project_ids: list[str] | None = None) -> Usage:
+        """Summed over the runs of `agent_id` (None: any agent) on the tasks of `project_ids` (None: all)."""
+        return total(share.usage for share in await self.usage_shares(agent_id, project_ids))
+
+    async def usage_by_agent(self, project_ids: list[str] | None = None) -> dict[str, Usage]:
+        """Each agent's usage over the tasks of `project_ids` (None: all); agents with none left out."""
+        shares: dict[str, list[Usage]] = {}
+        for share in await self.usage_shares(None, project_ids):
+            shares.setdefault(share.agent_id, []).append(share.usage)
+        return {agent_id: total(usages) for agent_id, usages in shares.items()}
 
     @abstractmethod
     async def running_count(self) -> int:

@@ -36,6 +36,9 @@ class Run(msgspec.Struct, kw_only=True, rename="camel"):
     exit_code: int | None = None
     reason: t.FailureKind | None = None
     error: str | None = None
+    usage: t.RunUsage | None = None
+    """What it spent, as its ending recorded it (None: its agent reported nothing; `costUsd` None:
+    its agent names no prices)."""
     artifacts: list[str] = []
     """The SHA-256 of its input and output artifacts, in the order they were recorded."""
 
@@ -77,6 +80,8 @@ def runs(events: Iterable[Event]) -> list[Run]:
         run.status = status  # type: ignore[assignment]
         if status not in ("running", "awaiting_input") and run.ended_at is None:
             run.ended_at = event.recorded_at
+        if getattr(data, "usage", msgspec.UNSET) is not msgspec.UNSET:
+            run.usage = data.usage  # type: ignore[union-attr]
         if isinstance(data, t.TaskFailed):
             run.reason, run.error, run.exit_code = data.reason, data.error, data.exit_code
         elif isinstance(data, t.TaskCancelled):

@@ -20,6 +20,7 @@ from projections.readmodels import ReadModels
 from projections.store import APIKEYS, COUNTER_TABLES, DECODERS, MODELS, Changes, Model
 from projections.lifecycle import ACTIVE
 from projections.tasks import Task, TaskState
+from projections.usage import UsageShare
 
 T = TypeVar("T")
 
@@ -49,6 +50,10 @@ def _upsert(model: Model) -> str:
 
 
 _UPSERTS = {m.table: _upsert(m) for m in MODELS}
+
+
+_LOAD_CHUNK = 500
+"""Keys a read of the fold asks for at once, well within SQLite's limit on bound values."""
 
 
 def _one_of(column: str, values: list[str]) -> str:
@@ -84,9 +89,11 @@ class SqliteReadModels(ReadModels):
     async def _transact(self, fn: Callable[[Any], T]) -> T:
         return await self.log.transact(fn)
 
-    def _create(self, tx) -> None:
+    def _create(self, tx) -> bool:
+        tables = {row[0] for row in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for statement in _ddl():
             tx.execute(statement)
+        return any(m.table not in tables for m in MODELS)
 
     def _drop(self, tx) -> None:
         for name in (*COUNTER_TABLES, *(m.table for m in MODELS)):
@@ -95,9 +102,12 @@ class SqliteReadModels(ReadModels):
     def _checkpoint(self, tx) -> int:
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
-    def _load(self, tx, model: Model, key: str) -> bytes | None:
-        rows = tx.execute(f"SELECT state FROM {model.table} WHERE id = ?", (key,))
-        return rows[0][0] if rows else None
+    def _load(self, tx, model: Model, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), _LOAD_CHUNK):
+            chunk = keys[start : start + _LOAD_CHUNK]
+            found.update(tx.execute(f"SELECT id, state FROM {model.table} WHERE {_one_of('id', chunk)}", chunk))
+        return found
 
     def _save(self, tx, changes: Changes) -> None:
         for model in MODELS:
@@ -206,6 +216,17 @@ class SqliteReadModels(ReadModels):
     async def _counter_values(self) -> tuple[dict[str, int], int]:
         values = dict(await self.log.query("SELECT name, value FROM counters"))
         return values, (await self.log.query("SELECT position FROM checkpoint"))[0][0]
+
+    async def usage_shares(self, agent_id, project_ids) -> list[UsageShare]:
+        where, params = ["1"], []
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if project_ids is not None:
+            where.append(_one_of("project_id", project_ids))
+            params += project_ids
+        rows = await self.log.query(f"SELECT state FROM usage_shares WHERE {' AND '.join(where)}", params)
+        return [DECODERS["usage_shares"].decode(r[0]) for r in rows]
 
     async def running_count(self) -> int:
         rows = await self.log.query(_RUNNING_SQL, _RUNNING)

@@ -16,7 +16,7 @@ import msgspec
 
 from events import RecordedEvent, UnknownEventType, typed
 from events.types import EventData
-from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks
+from projections import agents, apikeys, approvals, desktops, presence, projects, queue, tasks, usage
 
 logger = logging.getLogger("mission_control.projections")
 
@@ -73,7 +73,13 @@ QUEUE = Model(
     {"priority": lambda s: s.priority, "queued_position": lambda s: s.queued_position},
     ("priority DESC, queued_position",),
 )
-MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE)
+USAGE = Model(
+    "usage_shares", usage.UsageShare, lambda data: None, lambda old, event: old,  # kept by `fold`: see `_spent`
+    {"agent_id": lambda s: s.agent_id, "project_id": lambda s: s.project_id},
+    ("agent_id", "project_id"),
+)
+"""Each agent's usage over each project's tasks (key `<agentId> <projectId>`)."""
+MODELS = (TASKS, APPROVALS, PRESENCE, AGENTS, PROJECTS, APIKEYS, DESKTOPS, QUEUE, USAGE)
 DECODERS = {m.table: msgspec.json.Decoder(m.state) for m in MODELS}
 """Each model's stored state (JSON) back into its type, by table: every backend reads with these."""
 
@@ -82,23 +88,35 @@ COUNTER_TABLES = ("counters", "checkpoint")
 """Kept beside the models: named counts (`tasks.running`, `desktops.online`, ...) and the last folded position."""
 
 
-class Changes:
-    """The states a run of events touches, each loaded once (by `load`, the stored JSON or
-    None), and how far each counter moves."""
+Loader = Callable[[Model, list[str]], dict[str, bytes]]
+"""The stored states (JSON) of a model under some keys: those it has, by key."""
 
-    def __init__(self, load: Callable[[Model, str], bytes | None]):
+
+class Changes:
+    """The states a run of events touches, each loaded once (by `load`), and how far each counter moves."""
+
+    def __init__(self, load: Loader):
         self._load = load
         self.states: dict[str, dict[str, Any]] = {m.table: {} for m in MODELS}
         self.counts: dict[str, int] = {}
         self.position = 0
         """The last event folded."""
 
-    def get(self, model: Model, key: str) -> Any:
+    def prefetch(self, model: Model, keys: set[str]) -> None:
+        """Loads the states under `keys` in one read (one round trip to a database server),
+        rather than one read per key as events ask for them."""
         cached = self.states[model.table]
-        if key not in cached:
-            stored = self._load(model, key)
-            cached[key] = None if stored is None else msgspec.json.decode(stored, type=model.state)
-        return cached[key]
+        wanted = [key for key in keys if key not in cached]
+        if wanted:
+            stored = self._load(model, wanted)
+            for key in wanted:
+                found = stored.get(key)
+                cached[key] = None if found is None else msgspec.json.decode(found, type=model.state)
+
+    def get(self, model: Model, key: str) -> Any:
+        if key not in self.states[model.table]:
+            self.prefetch(model, {key})
+        return self.states[model.table][key]
 
     def put(self, model: Model, key: str, old: Any, new: Any) -> None:
         self.states[model.table][key] = new
@@ -127,9 +145,23 @@ class Changes:
         return [(name, delta) for name, delta in self.counts.items() if delta]
 
 
-def fold(events: list[RecordedEvent], load: Callable[[Model, str], bytes | None]) -> Changes:
+def _spent(changes: Changes, data: EventData) -> tuple[str, str, usage.Usage] | None:
+    """(agent, project, its share) when the event ends a run: the task's fold counts it on the task,
+    and the agent's share of the task's project counts it the same way. The key needs the task (an
+    ending names only its run), so this model is kept here rather than by its own `evolve`."""
+    task_id = tasks.task_id_of(data)
+    task = changes.get(TASKS, task_id) if task_id is not None else None
+    if task is None or task.agent_id is None:
+        return None
+    used = usage.ended(task.status, task.run_id, data)
+    return None if used is None else (task.agent_id, task.project_id, used)
+
+
+def fold(events: list[RecordedEvent], load: Loader) -> Changes:
     """The changes `events` (which start right after the checkpoint) make to the read models."""
     changes = Changes(load)
+    touched: list[tuple[Any, list[tuple[Model, str]]]] = []  # each event, and the states it changes
+    keys: dict[str, set[str]] = {m.table: set() for m in MODELS}
     for recorded in events:
         if recorded.version == 1:
             changes.count("log.streams", 1)
@@ -138,10 +170,21 @@ def fold(events: list[RecordedEvent], load: Callable[[Model, str], bytes | None]
         except (UnknownEventType, msgspec.ValidationError, LookupError) as exc:
             logger.warning("read models skip the event at position %d: %s", recorded.position, exc)
             continue
-        for model in MODELS:
-            key = model.key_of(event.data)
-            if key is not None:
-                old = changes.get(model, key)
-                changes.put(model, key, old, model.evolve(old, event))
+        states = [(model, key) for model in MODELS if (key := model.key_of(event.data)) is not None]
+        for model, key in states:
+            keys[model.table].add(key)
+        touched.append((event, states))
+    for model in MODELS:
+        changes.prefetch(model, keys[model.table])
+    for event, states in touched:
+        spent = _spent(changes, event.data)  # judged on the task as it was before the event
+        for model, key in states:
+            old = changes.get(model, key)
+            changes.put(model, key, old, model.evolve(old, event))
+        if spent is not None:
+            agent_id, project_id, used = spent
+            key = usage.share_key(agent_id, project_id)
+            old = changes.get(USAGE, key) or usage.UsageShare(agent_id=agent_id, project_id=project_id)
+            changes.put(USAGE, key, old, msgspec.structs.replace(old, usage=usage.add(old.usage, used)))
     changes.position = events[-1].position
     return changes

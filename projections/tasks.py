@@ -13,7 +13,9 @@ import msgspec
 
 from events import Event, parse_rfc3339, rfc3339
 from events import types as t
+from projections import usage as spending
 from projections.artifacts import File, file_of
+from projections.usage import Usage
 from projections.lifecycle import LEADS_TO, Status
 
 
@@ -53,6 +55,8 @@ class Task(msgspec.Struct, kw_only=True, rename="camel"):
     input_prompt: str | None = None
     """What the agent asked for while `awaiting_input`."""
     created_position: int = 0
+    usage: Usage = msgspec.field(default_factory=Usage)
+    """Summed over its runs (projections/usage.py)."""
 
 
 class TaskState(Task, kw_only=True, rename="camel"):
@@ -105,6 +109,8 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
     changes: dict[str, Any] = {"version": event.version}
     if (status := LEADS_TO.get(type(data))) is not None:
         changes["status"] = status
+    if (spent := spending.ended(task.status, task.run_id, data)) is not None:
+        changes["usage"] = spending.add(task.usage, spent)
     if isinstance(data, t.TaskUpdated):
         changes |= {
             f: getattr(data, f) for f in data.__struct_fields__

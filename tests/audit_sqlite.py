@@ -56,3 +56,9 @@ def replace_events(db: Path, events: list[RecordedEvent], drop_from: int) -> Non
     """Delete every event from position `drop_from` on and write `events` in their place."""
     tamper(db, ("DELETE FROM events WHERE position >= ?", (drop_from,)),
            *((f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", row(e)) for e in events))
+
+
+def as_an_older_release_left_it(db: Path, table: str) -> None:
+    """The read models as a release that did not keep `table` left them: without it."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"DROP TABLE {table}")

@@ -140,10 +140,14 @@ class ProviderHandler(BaseHTTPRequestHandler):
         model = body["model"]
         if model == "broken":
             return self._json(500, {"error": {"message": "the model fell over"}})
+        if model == "no-stream":  # a server that ignores `stream`: one JSON answer, its usage in it
+            return self._json(200, {"choices": [{"message": {"role": "assistant", "content": "Whole."}}],
+                                    "usage": {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        usage = (body.get("stream_options") or {}).get("include_usage")  # as OpenAI: asked for, or none
         if model == "chat":
             turns = [m["content"] for m in body["messages"] if m["role"] == "user"]
             if len(turns) == 1:
@@ -152,8 +156,24 @@ class ProviderHandler(BaseHTTPRequestHandler):
                 self._deltas([], finish=True)
             else:
                 self._deltas([f"You said: {turns[-1]}"], finish=True)
+            if usage:  # the final chunk: no choices, the completion's usage
+                self._usage(100 * len(body["messages"]), 7)
             self._sse("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
+        elif model == "metered":  # the usage the request's `meter` (the agent's params) names, in the final chunk
+            self._deltas(["Counted."], finish=True)
+            if usage:
+                self._usage(*body["meter"])
+            self._sse("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        elif model == "meter-every-chunk":  # usage so far in every chunk, as some servers send it
+            try:
+                for n in range(1, 600):
+                    self._sse(json.dumps({"choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}],
+                                          "usage": {"prompt_tokens": 10, "completion_tokens": n}}))
+                    time.sleep(0.02)
+            except OSError:
+                self.server.disconnected.set()
         elif model == "garbage":
             self._sse("{this is not json")
         elif model == "hangup":
@@ -173,6 +193,11 @@ class ProviderHandler(BaseHTTPRequestHandler):
             self._sse(json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}))
         if finish:
             self._sse(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+
+    def _usage(self, prompt: int, completion: int) -> None:
+        self._sse(json.dumps({"choices": [], "usage": {
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        }}))
 
     def _sse(self, data: str) -> None:
         event = f"data: {data}\n\n".encode()
@@ -219,6 +244,10 @@ def test_openai_streams_deltas_and_a_message_becomes_the_next_turn(api, provider
     (first_headers, first), (_, second) = provider.requests
     assert first_headers["Authorization"] == "Bearer sk-loopback"
     assert first["stream"] is True and first["model"] == "chat"
+    assert first["stream_options"] == second["stream_options"] == {"include_usage": True}
+    # Each completion's final usage chunk, summed over the run: 2 then 4 messages sent, 7 tokens back.
+    (completed,) = events(api, started["id"], "task.completed")
+    assert completed["payload"]["usage"] == {"promptTokens": 600, "completionTokens": 14, "costUsd": None}
     assert first["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Greet me"}]
     assert second["messages"] == first["messages"] + [
         {"role": "assistant", "content": "Hello world"}, {"role": "user", "content": "Thanks!"},

@@ -969,8 +969,9 @@ def test_overview_counts_tasks_and_desktops(c):
         assert overview.status_code == 200
         figures = overview.json()
         assert set(figures) == {
-            "tasks", "activeDesktops", "activeAgents", "approvalsPending", "maxConcurrent", "resources", "log",
+            "tasks", "activeDesktops", "activeAgents", "approvalsPending", "maxConcurrent", "resources", "log", "usage",
         }
+        assert set(figures["usage"]) == {"promptTokens", "completionTokens", "costUsd", "unpricedRuns"}
         assert figures["maxConcurrent"] == 5 and figures["activeAgents"] >= 1
         assert figures["activeDesktops"] >= 1 and figures["tasks"]["running"] >= 2
         assert set(figures["resources"]["memory"]) == {"used", "total", "percent"}

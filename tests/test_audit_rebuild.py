@@ -12,7 +12,7 @@ import pytest
 from events import Meta, open_log
 from events import types as t
 from tests.api_helpers import wait_for
-from tests.audit_sqlite import database, read_models, recorded
+from tests.audit_sqlite import as_an_older_release_left_it, database, read_models, recorded
 from tests.audit_tools import differences, with_terminal_stderr
 
 COMMANDS = 600
@@ -24,6 +24,8 @@ class Driver:
 
     def __init__(self, client: httpx.Client, seed: int):
         self.client, self.random = client, random.Random(seed)
+        self.spend = random.Random(seed + 1)
+        """Usage and prices: drawn apart, so the commands' sequence does not depend on them."""
         self.tasks: list[str] = []
         self.agents: list[str] = []
         self.projects: list[str] = []
@@ -48,6 +50,9 @@ class Driver:
     def create(self) -> None:
         r = self.random
         echo = r.choice([{}, {"fail": "boom"}, {"ask": "sure?"}, {"chunks": r.randint(1, 5)}, {"delayMs": 30}])
+        spend = self.spend
+        if spend.random() < 0.5:  # what a provider would report, priced when the agent has prices
+            echo["usage"] = {"promptTokens": spend.randint(0, 10**6), "completionTokens": spend.randint(0, 10**5)}
         body = {"type": "prompt", "content": f"job {r.random()}", "title": r.choice([None, "a", "b"]),
                 "requiresApproval": r.random() < 0.3, "priority": r.randint(1, 10), "metadata": {"echo": echo},
                 "desktopId": r.choice([None, "local", "elsewhere"])}  # elsewhere: no such desktop, its runs 503
@@ -108,7 +113,9 @@ class Driver:
             agent = self.random.choice(self.agents)
             self.send("POST", f"/agents/{agent}/{self.random.choice(['pause', 'resume'])}")
         else:
-            self.agents.append(self.send("POST", "/agents", json={"name": f"e{len(self.agents)}", "kind": "echo"}).json()["id"])
+            pricing = {"promptPerMillion": f"{self.spend.randint(0, 300) / 100}", "completionPerMillion": "0.6"}
+            body = {"name": f"e{len(self.agents)}", "kind": "echo", "config": {"pricing": pricing}}
+            self.agents.append(self.send("POST", "/agents", json=body).json()["id"])
 
     def finish(self) -> None:
         """End every run still going, so the log stops moving."""
@@ -135,12 +142,36 @@ def test_rebuilt_read_models_equal_the_live_ones(make_app_server, tmp_path):
     db = database(server.data_dir)
     live, head = read_models(db), len(recorded(db))
     assert len(live["tasks"]) > 100 and live["approvals"] and live["presence"] and live["agents"]
+    assert len(live["usage_shares"]) > 1  # the unpriced echo agent's and a priced one's
 
     status, shown = with_terminal_stderr(server.data_dir, "rebuild", stdout=tmp_path / "rebuilt")
     assert status == 0 and "rebuilding read models" in shown
     assert (tmp_path / "rebuilt").read_text() == f"rebuilt every read model from {head} events\n"
     assert not differences(read_models(db), live)
     assert len(recorded(db)) == head  # a rebuild appends nothing
+
+
+@pytest.mark.sqlite_file  # reads or holds the SQLite file itself
+def test_read_models_an_older_release_kept_are_rebuilt_once_with_what_it_did_not_keep(make_app_server):
+    server = make_app_server()
+    client = server.client()
+    echo = client.post("/agents", json={"name": "priced", "kind": "echo", "config": {"pricing": {
+        "promptPerMillion": "2", "completionPerMillion": "3"}}}).json()["id"]
+    for usage in ({"promptTokens": 10, "completionTokens": 1}, None):
+        task = client.post("/tasks", json={"type": "prompt", "content": "x", "metadata": {"echo": {"usage": usage}}}).json()
+        assert client.post(f"/tasks/{task['id']}/run", json={"agentId": echo}).status_code == 200
+        wait_for(lambda: client.get(f"/tasks/{task['id']}").json()["status"] == "done", what="the run to end")
+    kept = client.get(f"/agents/{echo}").json()["usage"]
+    assert kept == {"promptTokens": 10, "completionTokens": 1, "costUsd": "0.000023", "unpricedRuns": 1}
+    server.stop()
+    db = database(server.data_dir)
+    live = read_models(db)
+
+    as_an_older_release_left_it(db, "usage_shares")
+    server.start()
+    assert server.client().get(f"/agents/{echo}").json()["usage"] == kept
+    rebuilt = read_models(db)  # the restart has appended since (its desktop online), not to these
+    assert (rebuilt["usage_shares"], rebuilt["tasks"]) == (live["usage_shares"], live["tasks"])
 
 
 async def _append_without_projector(db, count: int) -> None:

@@ -18,6 +18,7 @@ from projections.agents import AGENT_KINDS, Agent
 from projections.desktops import Placement
 from projections.runs import OUTPUT_FREE, runs
 from projections.tasks import Task, evolve, served
+from projections.usage import Usage
 from service.http import openapi
 from service.work.agents.kinds import KINDS
 from service.app import create_app
@@ -337,6 +338,9 @@ def test_losing_a_run_is_decided_once_and_only_under_its_epoch():
     assert decide(task_in("running"), msgspec.structs.replace(lose, run_id="run-0")) == []
 
 
+USED = t.RunUsage(prompt_tokens=1200, completion_tokens=30, cost_usd="0.000198")
+
+
 def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
     created = t.TaskCreated(task_id=TASK, type="prompt", content="x", project_id="p", created_by="alice")
     history = [
@@ -347,7 +351,7 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
         t.TaskOutput(task_id=TASK, run_id=RUN, seq=9, stream="text", chunk="a late report changes nothing"),
         t.ArtifactRecorded(task_id=TASK, run_id="run-2", name="r.txt", sha256="a" * 64, size=1,
                            content_type="text/plain", direction="output"),  # in the append of its ending
-        t.TaskReview(task_id=TASK, run_id="run-2", result="r"),
+        t.TaskReview(task_id=TASK, run_id="run-2", result="r", usage=USED),
         t.ApprovalCreated(approval_id=APPROVAL, task_id=TASK, run_id="run-2"),
         t.ApprovalResolved(approval_id=APPROVAL, task_id=TASK, decision="approve"),
         t.TaskCompleted(task_id=TASK, run_id="run-2", result="r"),
@@ -359,12 +363,21 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
     at = [f"2026-01-01T00:00:{n:02}Z" for n in range(len(history) + 1)]
     assert [msgspec.structs.asdict(r) for r in found] == [
         dict(run_id=RUN, number=1, agent_id="agent", desktop_id=DESKTOP, status="failed", queued_at=None,
-             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2", artifacts=[]),
+             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2", usage=None,
+             artifacts=[]),
         dict(run_id="run-2", number=2, agent_id="agent-2", desktop_id="laptop", status="done", queued_at=None,
-             started_at=at[6], ended_at=at[9], exit_code=None, reason=None, error=None, artifacts=["a" * 64]),
+             started_at=at[6], ended_at=at[9], exit_code=None, reason=None, error=None, usage=USED,
+             artifacts=["a" * 64]),
         dict(run_id="run-3", number=3, agent_id="agent", desktop_id=DESKTOP, status="cancelled", queued_at=None,
-             started_at=at[14], ended_at=at[15], exit_code=None, reason=None, error="cancelled: enough", artifacts=[]),
+             started_at=at[14], ended_at=at[15], exit_code=None, reason=None, error="cancelled: enough", usage=None,
+             artifacts=[]),
     ]
+    # The task's usage counts each run once: the review's usage, not again at its approval; the
+    # failed and the cancelled run ran without reporting any, so their cost is not known.
+    folded = None
+    for n, data in enumerate(history, 1):
+        folded = evolve(folded, _event(data, n))
+    assert folded.usage == Usage(prompt_tokens=1200, completion_tokens=30, cost_usd="0.000198", unpriced_runs=2)
     assert "task.output" not in OUTPUT_FREE and "task.started" in OUTPUT_FREE
 
 

@@ -48,6 +48,8 @@ def test_the_tour_runs_as_written_and_leaves_the_checkout_clean(tmp_path):
     assert '[{"content":"Urgent, for lab-1","priority":9,"queuePosition":1},' in out
     assert '{"status":"done","result":"Find the numbers\\n\\nChart them"}' in out
     assert "draining\nonline\n" in out
+    assert '{"promptTokens":1234,"completionTokens":567,"costUsd":"0.0005253","unpricedRuns":0}' in out
+    assert "crossed the budget of agent metered" in out and '"budget_exceeded"\n{"costUsd":"0.0010506"}\n' in out
     # Each flow again with `mission-control`, a client of the same server.
     assert "Say hello to Mission ControlHello\n\nSay hello from the CLIHello\n\nSay hello from the CLI" in out
     assert "Plan the trip\nMarsPlan the trip\nMars" in out  # the curl output, then --follow's own

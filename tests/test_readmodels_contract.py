@@ -12,6 +12,7 @@ import pytest
 from events import Meta
 from events import types as t
 from projections.readmodels import ReadModels, read_models
+from projections.usage import Usage
 
 
 def uid() -> str:
@@ -42,6 +43,7 @@ async def snapshot(models: ReadModels) -> tuple:
         await models.agents(), await models.projects(), await models.api_keys(), await models.counters(),
         await models.running_count(), await models.desktops(), await models.placements(),
         [x.id for x in await models.active_runs()],
+        await models.usage(), await models.usage_by_agent(),
     )
 
 
@@ -229,7 +231,11 @@ async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_fac
     ))
     await append(models, f"presence-{ids[0]}", t.PresenceMarked(task_id=ids[0], device_id="phone"))
     await append(models, "desktop-d", registered("d"), t.DesktopDraining(desktop_id="d", by="admin"))
+    for n, i in enumerate(ids[2:12]):
+        await append(models, f"task-{i}", t.TaskCompleted(task_id=i, run_id="r", usage=t.RunUsage(
+            prompt_tokens=n, completion_tokens=1, cost_usd=f"0.{n:018}1")))  # 19 places: no float holds them
     live = await snapshot(models)
+    assert live[-2].cost_usd == "0.000000000000000046"
 
     assert await models.rebuild() == models.log.head
     assert await snapshot(models) == live
@@ -248,6 +254,47 @@ async def test_rebuild_and_refold_agree_with_the_live_projection(models, log_fac
     assert (await models.task(later)).status == "pending"
     assert (await models.task(ids[1])).status == "done"
     assert (await models.counters()).checkpoint == await models.log.read_head()
+
+
+def used(prompt: int, completion: int, cost: str | None) -> t.RunUsage:
+    return t.RunUsage(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
+
+
+async def test_usage_is_summed_per_agent_and_project_exactly_and_each_run_once(models):
+    p1, p2 = uid(), uid()
+    a, b, c, d, e = (uid() for _ in range(5))
+
+    def run(task_id: str, run_id: str, agent: str) -> t.TaskStarted:
+        return t.TaskStarted(task_id=task_id, run_id=run_id, agent_id=agent)
+
+    await append(models, f"task-{a}", created(a, p1), run(a, "r1", "g1"),
+                 t.TaskFailed(task_id=a, run_id="r1", reason="exit", error="x", usage=used(100, 10, "0.1")),
+                 t.TaskRetried(task_id=a), run(a, "r2", "g2"),
+                 t.TaskCompleted(task_id=a, run_id="r2", usage=used(5, 5, None)))  # g2 names no prices
+    await append(models, f"task-{b}", created(b, p2, requires_approval=True), run(b, "r1", "g1"),
+                 t.TaskReview(task_id=b, run_id="r1", usage=used(1, 2, "0.2")),
+                 t.TaskCompleted(task_id=b, run_id="r1"))  # the approval: the same run, not counted again
+    await append(models, f"task-{c}", created(c, p2), run(c, "r1", "g1"), t.TaskCancelled(task_id=c, run_id="r1"))
+    await append(models, f"task-{d}", created(d, p1),  # queued, never started: it spent nothing
+                 t.TaskQueued(task_id=d, run_id="r1", agent_id="g1"),
+                 t.TaskFailed(task_id=d, run_id="r1", reason="queue_timeout", error="waited"))
+    await append(models, f"task-{e}", created(e, p1))
+
+    def usage(prompt: int, completion: int, cost: str, unpriced: int) -> Usage:
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost, unpriced_runs=unpriced)
+
+    assert (await models.task(a)).usage == usage(105, 15, "0.1", 1)
+    assert (await models.task(b)).usage == usage(1, 2, "0.2", 0)
+    assert (await models.task(c)).usage == usage(0, 0, "0", 1)  # cancelled while running: its cost is not known
+    assert (await models.task(d)).usage == (await models.task(e)).usage == Usage()
+    assert await models.usage() == usage(106, 17, "0.3", 2)
+    assert await models.usage(project_ids=[p1]) == usage(105, 15, "0.1", 1)
+    assert await models.usage(project_ids=[]) == Usage()
+    assert await models.usage("g1") == usage(101, 12, "0.3", 1)
+    assert await models.usage("g1", [p2]) == usage(1, 2, "0.2", 1)
+    assert await models.usage(uid()) == Usage()
+    assert await models.usage_by_agent([p1]) == {"g1": usage(100, 10, "0.1", 0), "g2": usage(5, 5, "0", 1)}
+    assert (await models.tasks(project_ids=[p2]))[0][0].usage == usage(0, 0, "0", 1)  # in listings too
 
 
 async def test_the_queue_in_order_with_positions_and_sorted_listings(models):

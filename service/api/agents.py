@@ -13,11 +13,12 @@ from events import streams
 from events import types as t
 from projections import agents
 from projections.agents import AGENT_KINDS, Agent
+from projections.usage import Usage
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
 from service.commands.requests import record
-from service.http.auth import Principal
+from service.http.auth import Principal, visible_projects
 from service.http.bodies import parse_uuid
 from service.http.errors import bad_request, json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
@@ -46,18 +47,28 @@ async def _agent(request: Request) -> Agent:
     return agent
 
 
+async def _with_usage(request: Request, who: Principal, found: list[Agent]) -> list[Agent]:
+    """The agents, each with its usage over the runs the caller may see: its projects' tasks."""
+    models = request.state.models
+    projects = await visible_projects(models, who)
+    spent = await models.usage_by_agent(projects)
+    for agent in found:
+        agent.usage = spent.get(agent.id, Usage())
+    return found
+
+
 @endpoint(
-    summary="Agents.", scope="task:read", answer=list[Agent],
+    summary="Agents, each with its usage over the caller's projects.", scope="task:read", answer=list[Agent],
 )
 async def list_agents(request: Request, who: Principal) -> Response:
-    return json_response(await request.state.models.agents())
+    return json_response(await _with_usage(request, who, await request.state.models.agents()))
 
 
 @endpoint(
-    summary="An agent.", scope="task:read", answer=Agent,
+    summary="An agent, with its usage over the caller's projects.", scope="task:read", answer=Agent,
 )
 async def get_agent(request: Request, who: Principal) -> Response:
-    return json_response(await _agent(request))
+    return json_response((await _with_usage(request, who, [await _agent(request)]))[0])
 
 
 # Agent routes check the scope before reading the path or the body: a key without it learns nothing.
@@ -90,7 +101,8 @@ async def update_agent(request: Request, who: Principal) -> Response:
 
 
 async def _agent_event(request, who, agent: Agent, event, raw: bytes) -> Response:
-    return json_response(await record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve))
+    changed = await record(request, who, streams.agent(agent.id), [event], agent.version, raw, agents.evolve)
+    return json_response((await _with_usage(request, who, [changed]))[0])
 
 
 @endpoint(

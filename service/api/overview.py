@@ -8,17 +8,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.api import schemas
-from service.http.auth import Principal
+from service.http.auth import Principal, visible_projects
 from service.http.errors import json_response
 from service.http.endpoints import endpoint
 
 
 @endpoint(
-    summary="Counts, resources and the log's head.", scope="task:read", answer=schemas.Overview,
+    summary="Counts, resources, the log's head and the usage of the runs the caller may see.", scope="task:read", answer=schemas.Overview,
 )
 async def overview(request: Request, who: Principal) -> Response:
     log = request.state.log
-    figures = await request.state.models.counters()
+    models = request.state.models
+    figures = await models.counters()
     memory = psutil.virtual_memory()
     return json_response(schemas.Overview(
         tasks=figures.tasks,
@@ -34,6 +35,7 @@ async def overview(request: Request, who: Principal) -> Response:
             ),
         ),
         log=schemas.LogFigures(head=await log.read_head(), streams=figures.streams),  # the CLI's appends too
+        usage=await models.usage(project_ids=await visible_projects(models, who)),
     ))
 
 

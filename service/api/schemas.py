@@ -13,6 +13,7 @@ from events import types as t
 from projections.approvals import ApprovalStatus
 from projections.desktops import DesktopStatus
 from projections.lifecycle import Status
+from projections.usage import Usage
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Url = Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
@@ -190,6 +191,8 @@ class Overview(Struct, kw_only=True, rename="camel"):
     max_concurrent: int
     resources: Resources
     log: LogFigures
+    usage: Usage
+    """Summed over the runs of the tasks in the caller's projects."""
 
 
 class EventsPage(Struct):

@@ -236,6 +236,7 @@ async def run_task(request: Request, who: Principal) -> Response:
             running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
             desktops=await models.placements(), queue=body.queue if body else False,
             queue_timeout_seconds=body.queue_timeout_seconds if body else None,
+            spent_usd=(await models.usage(agent_id)).cost_usd,
         )
 
     async with commands.admission():  # the run reaches its desktop by that desktop's poll

@@ -102,6 +102,12 @@ def _short(text: str | None, width: int = 60) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def usage_text(usage) -> str:
+    """`$0.0005253 for 1234 prompt + 567 completion tokens`, and how many runs that leaves out."""
+    text = f"${usage.cost_usd} for {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
+    return text + (f" ({usage.unpriced_runs} runs not priced)" if usage.unpriced_runs else "")
+
+
 def task_view(task: Task) -> Table:
     return _pairs([
         ("id", task.id), ("title", task.title), ("status", _styled(task.status)), ("type", task.type),
@@ -113,7 +119,7 @@ def task_view(task: Task) -> Table:
                                                    if task.metadata else None),
         ("watchers", ", ".join(task.watchers)), ("created", f"{task.created_at} by {task.created_by}"),
         ("started", task.started_at), ("completed", task.completed_at), ("version", task.version),
-        ("archived", "yes" if task.archived else None),
+        ("archived", "yes" if task.archived else None), ("usage", usage_text(task.usage) if task.runs else None),
     ])
 
 
@@ -150,9 +156,10 @@ def approval_view(approval) -> Table:
 
 
 def agents_table(agents: list) -> Table:
-    table = _table("ID", "NAME", "KIND", "STATUS", "CREATED")
+    table = _table("ID", "NAME", "KIND", "STATUS", "CREATED", "COST")
     for agent in agents:
-        table.add_row(agent.id, agent.name, agent.kind, _styled(agent.status), agent.created_at)
+        table.add_row(agent.id, agent.name, agent.kind, _styled(agent.status), agent.created_at,
+                      f"${agent.usage.cost_usd}")
     return table
 
 
@@ -174,6 +181,7 @@ def overview_view(overview) -> Table:
         ("resources", f"cpu {overview.resources.cpu:.1f}%, memory {memory.used}/{memory.total} MiB "
                       f"({memory.percent:.1f}%)"),
         ("log", f"head {overview.log.head}, {overview.log.streams} streams"),
+        ("usage", usage_text(overview.usage)),
     ])
 
 

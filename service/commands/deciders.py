@@ -14,7 +14,7 @@ import msgspec
 
 from events import parse_rfc3339
 from events import types as t
-from projections import lifecycle
+from projections import lifecycle, usage
 from projections.agents import AGENT_KINDS, Agent
 from projections.approvals import Approval
 from projections.artifacts import File
@@ -26,7 +26,7 @@ Code = Literal[
     "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
     "dependency_not_done", "concurrency_limit", "agent_unavailable", "precondition_failed",
     "conflict", "idempotency_conflict", "desktop_unavailable", "desktop_full", "lease_lost", "output_gap",
-    "not_registered", "artifact_missing",
+    "not_registered", "budget_exceeded", "artifact_missing",
 ]
 """Why a command was refused. The HTTP layer maps each to a status (service/http/bodies.py)."""
 
@@ -109,6 +109,8 @@ class StartRun(Command):
     """Wait in the queue (`task.queued`) instead of a refusal that waiting would cure: the limit
     reached, the desktop full or not online, a dependency not done yet."""
     queue_timeout_seconds: int | None = None
+    spent_usd: str = "0"
+    """What the agent's runs have cost so far (every project's), against its `config.budgetUsd`."""
 
 
 class DispatchRun(Command):
@@ -122,6 +124,8 @@ class DispatchRun(Command):
     desktops: list[Placement]
     now: str
     """The time (RFC 3339 UTC) its deadline is judged against."""
+    spent_usd: str = "0"
+    """As in StartRun."""
 
 
 class CancelTask(Command):
@@ -169,6 +173,8 @@ class FinishRun(Command):
     approval_id: str
     result: str | None
     fence: Fence | None = None
+    usage: t.RunUsage | None = None
+    """What the run spent, priced: recorded on its ending."""
     last_seq: int | None = None
     """The run's last output seq once `output` is recorded (None: not checked)."""
     output: list[tuple[int, str, str]] = []
@@ -182,6 +188,7 @@ class FailRun(Command):
     reason: t.FailureKind
     error: str
     fence: Fence | None = None
+    usage: t.RunUsage | None = None
     last_seq: int | None = None
     exit_code: int | None = None
     result: str | None = None
@@ -278,6 +285,9 @@ def _start(task: TaskState, c: StartRun) -> list[t.EventData]:
             )
     if c.agent.status != "active":
         raise Refused("agent_unavailable", f"Agent {c.agent.name} is {c.agent.status}; it takes no runs.")
+    spent = usage.over_budget(c.agent.name, c.agent.config, c.spent_usd)
+    if spent is not None:  # waiting would not cure it: only a larger budget does
+        raise Refused("budget_exceeded", spent)
     if task.type not in kind.task_types:
         raise Refused(
             "agent_mismatch", f"A {task.type} task cannot run on agent {c.agent.name}: its kind, "
@@ -340,6 +350,9 @@ def _dispatch(task: TaskState, c: DispatchRun) -> list[t.EventData]:
         return [t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="dependency_failed", error=never)]
     if c.agent is None or c.agent.status != "active":  # paused: the run waits until it is resumed
         return []
+    spent = usage.over_budget(c.agent.name, c.agent.config, c.spent_usd)
+    if spent is not None:  # nothing but a larger budget would start it: it fails rather than wait for ever
+        return [t.TaskFailed(task_id=task.id, run_id=task.run_id, reason="error", error=spent)]
     try:
         desktop = _startable(task, c.agent.kind, c.running, c.limit, c.dependencies, c.desktops)
     except Refused:
@@ -500,21 +513,26 @@ def _request_input(task: TaskState, c: RequestInput) -> list[t.EventData]:
     return [t.TaskInputRequested(task_id=task.id, run_id=c.run_id, prompt=c.prompt)]
 
 
+def _used(used: t.RunUsage | None) -> t.RunUsage | msgspec.UnsetType:
+    """An ending's `usage`: absent, not null, when the agent reported none."""
+    return msgspec.UNSET if used is None else used
+
+
 def _finish(task: TaskState, c: FinishRun) -> list[t.EventData]:
     fenced(task, c.run_id, c.fence, "finish")
     output = _ending_output(task, c.run_id, c.output, c.last_seq) + _recorded(task, c.run_id, c.artifacts, "output")
     if task.status == "awaiting_input":  # API.md: awaiting_input leads to running or failed, never done
         return output + [t.TaskFailed(
-            task_id=task.id, run_id=c.run_id, reason="error", result=c.result,
+            task_id=task.id, run_id=c.run_id, reason="error", result=c.result, usage=_used(c.usage),
             error="The run ended while it waited for input; its question was never answered.",
         )]
     if task.requires_approval:
         return output + [
-            t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result),
+            t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result, usage=_used(c.usage)),
             t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id,
                               artifacts=[f.sha256 for f in c.artifacts]),
         ]
-    return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result)]
+    return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result, usage=_used(c.usage))]
 
 
 def _fail(task: TaskState, c: FailRun) -> list[t.EventData]:
@@ -522,7 +540,7 @@ def _fail(task: TaskState, c: FailRun) -> list[t.EventData]:
     return _ending_output(task, c.run_id, c.output, c.last_seq) + _recorded(task, c.run_id, c.artifacts, "output") + [
         t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
-            result=c.result,
+            result=c.result, usage=_used(c.usage),
         )
     ]
 

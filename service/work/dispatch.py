@@ -114,6 +114,8 @@ class Dispatcher:
             return 0
         desktops = await self.models.placements()
         agents: dict[str, Agent | None] = {}
+        spent: dict[str, str] = {}
+        """Each agent's cost so far, against its budget: read once a pass, as its agent is."""
         statuses: dict[str, str | None] = {}
         now = now_rfc3339()
         started = 0
@@ -134,9 +136,11 @@ class Dispatcher:
                 agent_id = task.agent_id or ""
                 if agent_id not in agents:
                     agents[agent_id] = await self.models.agent(agent_id)
+                    spent[agent_id] = (await self.models.usage(agent_id)).cost_usd
                 command = DispatchRun(
                     agent=agents[agent_id], running=running, limit=self.limit,
                     dependencies={dep: statuses[dep] for dep in task.depends_on}, desktops=desktops, now=now,
+                    spent_usd=spent[agent_id],
                 )
                 if not decide(task, command):  # pure, and what most of the queue gets: nothing to record
                     if task.queue_deadline is not None:

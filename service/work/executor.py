@@ -16,12 +16,15 @@ import mimetypes
 import os
 import stat
 from collections.abc import AsyncIterable, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import msgspec
 import structlog
 
+from events.types import TokenUsage
+from projections import usage
 from projections.artifacts import File
 from service.work.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.work.agents.kinds import KINDS
@@ -134,6 +137,8 @@ class Executor:
         self._over = False
         """Cancelled, or its lease lost: nothing more is reported."""
         self._agent: asyncio.Task | None = None
+        self._usage: TokenUsage | None = None
+        """What the agent last reported it has spent."""
 
     @property
     def run_dir(self) -> Path:
@@ -204,8 +209,14 @@ class Executor:
         ctx = RunContext(
             task=run.task, task_id=run.task_id, run_id=run.run_id, agent=run.agent, prompt=run.prompt,
             workdir=self.run_dir, emit=self._output.emit, request_input=self._ask,
-            messages=self.messages,
+            messages=self.messages, spent=self._spent,
         )
+        ending = await self._outcome(ctx)
+        ending.usage = self._usage
+        return ending
+
+    async def _outcome(self, ctx: RunContext) -> Ending:
+        run = self.assignment
         try:
             kind = KINDS.get(run.agent.kind)
             if kind is None:
@@ -227,6 +238,20 @@ class Executor:
             if not self._over:
                 log.exception("run failed", task_id=run.task_id, run_id=run.run_id)
             return Ending(outcome="failed", reason="error", error=recordable(f"{type(exc).__name__}: {exc}"))
+
+    def _spent(self, tokens: TokenUsage) -> None:
+        """The agent's report of its usage so far; the run stops once it costs more than the budget left."""
+        self._usage = tokens
+        left = self.assignment.budget_left_usd
+        if left is None:
+            return
+        cost = usage.cost(tokens, self.assignment.agent.config)
+        if cost is not None and cost > Decimal(left):
+            raise RunFailed(
+                "error", f"The run was stopped: its usage ({tokens.prompt_tokens} prompt and "
+                f"{tokens.completion_tokens} completion tokens, ${usage.text(cost)}) crossed the budget of agent "
+                f"{self.assignment.agent.name} (config.budgetUsd), of which ${left} was left when it started.",
+            )
 
     async def _ask(self, prompt: str) -> None:
         self._asked += 1
@@ -268,7 +293,7 @@ class Executor:
             with contextlib.suppress(Exception):
                 fallback = Ending(
                     outcome="failed", reason="error", error="The run ended, but its ending could not be recorded.",
-                    output=ending.output, last_seq=ending.last_seq,
+                    output=ending.output, last_seq=ending.last_seq, usage=ending.usage,
                 )
                 await self._report(lambda: self.reporter.finish(run, fallback))
 

@@ -19,12 +19,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from decimal import Decimal
 
 import msgspec
 
 from events import EventLog, Meta, RecordedEvent, TypeFilter, canonical_json, decode, streams, typed
 from events import types as t
-from projections import artifacts
+from projections import artifacts, usage
+from projections.agents import Agent
 from projections.artifacts import File
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
@@ -279,8 +281,16 @@ class Reports:
             agent=wire.AgentBrief(id=agent.id, name=agent.name, kind=agent.kind, config=agent.config),
             prompt=compose_prompt(project.context if project else None, dependencies, task),
             timeout_seconds=task.timeout_seconds or self.settings.default_timeout_seconds,
-            lease_seconds=self.lease_seconds, inputs=await self._inputs(task),
+            lease_seconds=self.lease_seconds, budget_left_usd=await self._budget_left(agent),
+            inputs=await self._inputs(task),
         )
+
+    async def _budget_left(self, agent: Agent) -> str | None:
+        cap = usage.budget(agent.config)
+        if cap is None:
+            return None
+        spent = Decimal((await self.models.usage(agent.id)).cost_usd)
+        return usage.text(max(Decimal(0), usage.EXACT.subtract(cap, spent)))
 
     async def _inputs(self, task: TaskState) -> list[File]:
         """The files the run consumed as it started (recorded with its `task.started`)."""
@@ -334,16 +344,20 @@ class Reports:
         task, fence = await self._leased(who, run_id, lease)
         output = _chunks(body.output)
         outputs = await self._outputs(run_id, body)
+        used = None
+        if body.usage is not None:  # priced now, with the agent's prices as they stand, and kept so
+            agent = await self.models.agent(task.agent_id or "")
+            used = usage.priced(body.usage, agent.config if agent else {})
         command: FinishRun | FailRun
         if body.outcome == "done":
             command = FinishRun(
                 run_id=run_id, approval_id=str(uuid.uuid4()), result=body.result, fence=fence,
-                last_seq=body.last_seq, output=output, artifacts=outputs,
+                last_seq=body.last_seq, output=output, usage=used, artifacts=outputs,
             )
         else:
             command = FailRun(
                 run_id=run_id, reason=body.reason or "error", error=body.error or "The run failed.", fence=fence,
-                last_seq=body.last_seq, exit_code=body.exit_code, result=body.result, output=output,
+                last_seq=body.last_seq, exit_code=body.exit_code, result=body.result, output=output, usage=used,
                 artifacts=outputs,
             )
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), idem, known=task)

@@ -104,6 +104,9 @@ class Assignment(Message, kw_only=True):
     inputs: list[File] = []
     """The files the run finds under `inputs/` in its working directory: fetch each from
     `GET /worker/runs/{runId}/artifacts/{sha256}`."""
+    budget_left_usd: str | None = None
+    """What is left of the agent's `config.budgetUsd` as the run is handed out (None: no budget): a run
+    whose usage, priced with `agent.config.pricing`, costs more is stopped and fails."""
 
 
 EndedReason = Literal["cancelled", "lost", "superseded", "revoked", "finished"]
@@ -168,7 +171,8 @@ class Ending(Message, kw_only=True):
     last_seq: int = 0
     """The run's last output seq once `output` is applied: no ending is recorded with output missing."""
     output: list[Chunk] = []
-    usage: dict[str, int] | None = None
+    usage: t.TokenUsage | None = None
+    """The tokens the run spent, if its agent reported them; the server prices them."""
     artifacts: list[dict[str, Any]] = []
     """The files the run left under `outputs/`, each uploaded first (`PUT /worker/runs/{runId}/artifacts/{name}`):
     `{name, sha256, size, contentType}` as the upload answered. Recorded with the ending; one never

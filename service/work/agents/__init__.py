@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from events.types import TokenUsage
 from service.work.wire import AgentBrief, TaskBrief
 
 RESULT_LIMIT = 64 * 1024
@@ -34,6 +35,11 @@ class RunFailed(Exception):
 
 class Config(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
     """Base of an agent kind's `config`: camelCase keys, a misspelt one is an error."""
+
+    pricing: dict[str, str] | None = None
+    """Dollars per million tokens; every kind may have them (checked by projections.usage)."""
+    budget_usd: str | None = None
+    """What the agent's runs may cost in all, in dollars."""
 
 
 def parse_config(kind: type[C], config: dict[str, Any]) -> C:
@@ -60,6 +66,10 @@ class RunContext(msgspec.Struct, kw_only=True):
     """request_input(prompt): the task waits for input; the answer arrives on `messages`."""
     messages: asyncio.Queue
     """Messages sent to the task while it runs, in order."""
+    spent: Callable[[TokenUsage], None]
+    """spent(tokens): what the run has spent so far, as its provider or program reports it (each
+    report the whole so far, the last the run's). Raises RunFailed once that crosses what is left of
+    the agent's budget: the agent then stops."""
 
     async def ask(self, prompt: str) -> str:
         """Ask for input and wait for the next message."""

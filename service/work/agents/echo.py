@@ -2,12 +2,18 @@
 
 A task's `metadata.echo` steers it: `delayMs` (the run's length), `chunks` (how many
 output events), `fail` (fail with this error), `ask` (ask this question first and echo
-the answer).
+the answer), `usage` (`{"promptTokens": n, "completionTokens": n}`: report that the run spent
+these, as a provider's last chunk would; anything else there is ignored).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+import msgspec
+
+from events.types import TokenUsage
 
 from service.work.agents import RunContext, RunFailed
 
@@ -26,6 +32,8 @@ async def run(ctx: RunContext) -> str | None:
     for start in range(0, len(text), size):
         await asyncio.sleep(delay / chunks)
         await ctx.emit("text", text[start : start + size])
+    with contextlib.suppress(msgspec.ValidationError):
+        ctx.spent(msgspec.convert(options.get("usage"), TokenUsage))
     if isinstance(options.get("fail"), str):
         raise RunFailed("error", options["fail"])
     return text

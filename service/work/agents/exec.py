@@ -7,6 +7,11 @@ A stdout line that starts with the marker asks for input: the rest of the line i
 question, the task waits (`awaiting_input`) and the answer arrives on stdin as a message.
 Marker lines are not output. The deliverable is the program's stdout (its tail, bounded);
 a non-zero exit fails the run with the code.
+
+A stderr line `MC-USAGE {"promptTokens": n, "completionTokens": n}` reports what the run has
+spent so far (the last such line is the run's usage; the final newline may be missing). It is not
+output; a malformed one (not that JSON object of two whole numbers) is kept as output and counts
+for nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Annotated
 
 import msgspec
 
+from events.types import TokenUsage
 from service.work.agents import RunContext
 from service.work.agents.process import Output, ProcessConfig, finished, run_process
 
@@ -28,12 +34,19 @@ class ExecConfig(ProcessConfig, kw_only=True):
     input_marker: NonEmpty = "@@mc:input "
 
 
-class InputLines:
-    """Splits the marker lines out of a stdout stream, passing everything else through as
-    soon as it cannot be the start of a marker line (so a prompt without a newline shows)."""
+USAGE_MARKER = "MC-USAGE "
 
-    def __init__(self, marker: str, output: Callable[[str], Awaitable[None]], ask: Callable[[str], Awaitable[None]]):
-        self.marker, self.output, self.ask = marker, output, ask
+
+class InputLines:
+    """Splits the marker lines out of a stream, passing everything else through as soon as it
+    cannot be the start of a marker line (so a prompt without a newline shows). `ask` gets the rest
+    of each marker line; with `last_line_ends`, an unfinished marker line at the end counts too."""
+
+    def __init__(
+        self, marker: str, output: Callable[[str], Awaitable[None]], ask: Callable[[str], Awaitable[None]],
+        last_line_ends: bool = False,
+    ):
+        self.marker, self.output, self.ask, self.last_line_ends = marker, output, ask, last_line_ends
         self.held = ""
         """The start of a line that is (so far) the marker or a prefix of it."""
         self.at_line_start = True
@@ -67,9 +80,12 @@ class InputLines:
         await self._pass(passed)
 
     async def close(self) -> None:
-        """At the end of the stream an unfinished marker line is plain output."""
+        """At the end of the stream an unfinished marker line is plain output (unless `last_line_ends`)."""
         held, self.held = self.held, ""
-        await self._pass([held])
+        if self.last_line_ends and len(held) >= len(self.marker):
+            await self.ask(held[len(self.marker):].removesuffix("\r"))
+        else:
+            await self._pass([held])
 
     async def _pass(self, passed: list[str]) -> None:
         if text := "".join(passed):
@@ -82,6 +98,16 @@ async def run(ctx: RunContext) -> str | None:
     output = Output(ctx)
     lines = InputLines(config.input_marker, output.stdout, ctx.request_input)
 
+    async def spent(line: str) -> None:
+        try:
+            tokens = msgspec.json.decode(line, type=TokenUsage)
+        except msgspec.DecodeError:  # ValidationError included
+            await output.stderr(f"{USAGE_MARKER}{line}\n")
+            return
+        ctx.spent(tokens)
+
+    usage_lines = InputLines(USAGE_MARKER, output.stderr, spent, last_line_ends=True)
+
     async def feed(stdin: asyncio.StreamWriter) -> None:
         stdin.write(ctx.prompt.encode() + b"\n")
         await stdin.drain()
@@ -89,6 +115,7 @@ async def run(ctx: RunContext) -> str | None:
             stdin.write((await ctx.messages.get()).encode() + b"\n")
             await stdin.drain()
 
-    code = await run_process(ctx, config.argv, config, lines.feed, output.stderr, feed)
+    code = await run_process(ctx, config.argv, config, lines.feed, usage_lines.feed, feed)
     await lines.close()
+    await usage_lines.close()
     return finished(code, output.tail.text)

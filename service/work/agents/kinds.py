@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from events.types import AgentKind
+from projections import usage
 from service.work.agents import AgentFunction, parse_config
 from service.work.agents import echo, shell
 from service.work.agents import exec as exec_agent
@@ -28,7 +29,9 @@ KINDS: dict[AgentKind, Kind] = {
 
 
 def check_config(kind: str, config: dict[str, Any]) -> None:
-    """ValueError with a sentence if `config` does not suit an agent of `kind`."""
+    """ValueError with a sentence if `config` does not suit an agent of `kind` (its prices and budget
+    included, which any kind may have)."""
+    usage.check_config(config)
     schema = KINDS[kind].config
     if schema is not None:
         parse_config(schema, config)

@@ -6,6 +6,11 @@ name of the server's environment variable holding the key (it must end in `_API_
 agent cannot be pointed at any other secret of the server); `system` (a system message);
 `params` (more request fields, e.g. temperature); `connectTimeoutSeconds`, `readTimeoutSeconds`.
 
+The request asks for usage on the stream (`stream_options.include_usage`; `params` may override
+it for a server that refuses the field): each usage the server sends (`usage.prompt_tokens`,
+`usage.completion_tokens`, in the final chunk, or in every chunk) is reported as the run's usage so
+far, summed over the run's completions; a usage that is not two whole numbers is ignored.
+
 Deltas stream as `text` output. A message sent while a completion streams becomes the next
 user turn once it ends; the run finishes when a completion ends with no message waiting, and
 its deliverable is that last completion's text. An error answer, HTTP 4xx/5xx, a malformed
@@ -21,6 +26,7 @@ from typing import Annotated, Any
 import httpx
 import msgspec
 
+from events.types import Tokens, TokenUsage
 from service.work.agents import Config, RunContext, RunFailed
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -49,8 +55,10 @@ async def run(ctx: RunContext) -> str | None:
     conversation.append({"role": "user", "content": ctx.prompt})
     timeout = httpx.Timeout(config.read_timeout_seconds, connect=config.connect_timeout_seconds)
     async with httpx.AsyncClient(headers=headers, timeout=timeout, follow_redirects=False) as client:
+        spent = _Spent(ctx)
         while True:
-            answer = await _complete(client, config, conversation, ctx)
+            answer = await _complete(client, config, conversation, spent)
+            spent.completed()
             conversation.append({"role": "assistant", "content": answer})
             follow_ups = []
             while not ctx.messages.empty():
@@ -60,25 +68,66 @@ async def run(ctx: RunContext) -> str | None:
             conversation += follow_ups
 
 
-async def _complete(client: httpx.AsyncClient, config: OpenAIConfig, conversation: list, ctx: RunContext) -> str:
+class _Spent:
+    """The run's usage: the completions finished, and the one streaming (whose usage the server may
+    send more than once, each time the whole so far)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.before = TokenUsage(prompt_tokens=0, completion_tokens=0)
+        self.current: TokenUsage | None = None
+
+    def report(self, chunk: dict) -> None:
+        try:
+            found = msgspec.convert(chunk.get("usage"), _ProviderUsage)
+        except msgspec.ValidationError:  # absent (null) or not whole numbers: nothing to count
+            return
+        self.current = TokenUsage(prompt_tokens=found.prompt_tokens, completion_tokens=found.completion_tokens)
+        self.ctx.spent(TokenUsage(
+            prompt_tokens=self.before.prompt_tokens + found.prompt_tokens,
+            completion_tokens=self.before.completion_tokens + found.completion_tokens,
+        ))
+
+    def completed(self) -> None:
+        if self.current is not None:
+            self.before = TokenUsage(
+                prompt_tokens=self.before.prompt_tokens + self.current.prompt_tokens,
+                completion_tokens=self.before.completion_tokens + self.current.completion_tokens,
+            )
+        self.current = None
+
+
+class _ProviderUsage(msgspec.Struct):
+    """The OpenAI wire's `usage` (other fields, such as total_tokens, are ignored)."""
+
+    prompt_tokens: Tokens
+    completion_tokens: Tokens
+
+
+async def _complete(client: httpx.AsyncClient, config: OpenAIConfig, conversation: list, spent: _Spent) -> str:
     url = config.base_url.rstrip("/") + "/chat/completions"
-    body = {**config.params, "model": config.model, "messages": conversation, "stream": True}
+    body = {
+        "stream_options": {"include_usage": True}, **config.params,
+        "model": config.model, "messages": conversation, "stream": True,
+    }
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code >= 300:
                 detail = (await response.aread())[:500].decode(errors="replace")
                 raise RunFailed("error", f"{url} answered HTTP {response.status_code}: {_error_text(detail)}")
             if response.headers.get("content-type", "").startswith("application/json"):  # did not stream
-                message = _field(_json(await response.aread()), "choices", 0, "message")
-                return _text(message.get("content"))
-            return await _stream(response, ctx)
+                answer = _json(await response.aread())
+                spent.report(answer)
+                return _text(_field(answer, "choices", 0, "message").get("content"))
+            return await _stream(response, spent)
     except httpx.TimeoutException as exc:
         raise RunFailed("error", f"{url} did not answer in time ({type(exc).__name__}).") from None
     except httpx.HTTPError as exc:
         raise RunFailed("error", f"The connection to {url} failed: {type(exc).__name__}: {exc}") from None
 
 
-async def _stream(response: httpx.Response, ctx: RunContext) -> str:
+async def _stream(response: httpx.Response, spent: _Spent) -> str:
+    ctx = spent.ctx
     parts: list[str] = []
     finished = False
     async for line in response.aiter_lines():
@@ -88,6 +137,7 @@ async def _stream(response: httpx.Response, ctx: RunContext) -> str:
         if data == "[DONE]":
             return "".join(parts)
         chunk = _json(data)
+        spent.report(chunk)
         choices = chunk.get("choices") or []  # a usage-only chunk has none
         if not choices:
             continue
