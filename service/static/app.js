@@ -555,6 +555,8 @@ function describe(event) {
     case "agent.registered": return `${p.name} (${p.kind})`;
     case "project.created": return p.name;
     case "apikey.issued": return `${p.user}: ${(p.scopes || []).join(", ")}`;
+    case "artifact.staged": return `${p.name} (${p.size} bytes) for the next run`;
+    case "artifact.recorded": return `${p.direction} ${p.name} (${p.size} bytes)`;
     default: return "";
   }
 }
