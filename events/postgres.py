@@ -224,6 +224,12 @@ class PostgresLog(GroupCommitLog):
     def _connect(self) -> psycopg.Connection:
         return psycopg.connect(self.url, **self._options("log"))
 
+    def connect(self, role: str) -> psycopg.Connection:
+        """A connection of its own to the log's database (autocommit), made as the log's are: for a
+        store beside the log whose writes are no part of an append (service/artifacts/postgres.py)."""
+        with _translated():
+            return psycopg.connect(self.url, **self._options(role))
+
     def _open_writer(self) -> None:
         conn = self._connect()
         try:

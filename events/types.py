@@ -203,6 +203,8 @@ class ApprovalCreated(EventData):
     approval_id: str
     task_id: str
     run_id: str
+    artifacts: list[str] = []
+    """The SHA-256 of each output artifact of the run: what the approval judges."""
 
 
 class ApprovalResolved(EventData):
@@ -211,6 +213,8 @@ class ApprovalResolved(EventData):
     task_id: str
     decision: Decision
     feedback: str | None = None
+    artifacts: list[str] = []
+    """The SHA-256 of the artifacts approved (or rejected): exactly those the approval judged."""
 
 
 # Presence (its own stream per task, so watching a task never moves the task's version)
@@ -471,3 +475,39 @@ class NotificationFailed(EventData):
 EVENT_TYPES.update(
     {cls.event_type: cls for cls in (DeviceRegistered, DeviceRemoved, NotificationSent, NotificationFailed)}
 )
+
+
+# Artifacts (in the task's stream): files a run takes in or leaves behind, recorded by their
+# SHA-256 so that the chain covers the bytes; the bytes are kept content-addressed beside the log.
+
+ArtifactDirection = Literal["input", "output"]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ArtifactSize = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ArtifactStaged(EventData):
+    """A file put for the task's next run (a later one of the same name, before it starts, replaces it)."""
+
+    event_type: ClassVar[str] = "artifact.staged"
+    task_id: str
+    name: str
+    sha256: Sha256
+    size: ArtifactSize
+    content_type: str
+
+
+class ArtifactRecorded(EventData):
+    """A file that belongs to a run: an input it consumed (in the append of its `task.started`) or
+    an output it left (in the append of its ending)."""
+
+    event_type: ClassVar[str] = "artifact.recorded"
+    task_id: str
+    run_id: str
+    name: str
+    sha256: Sha256
+    size: ArtifactSize
+    content_type: str
+    direction: ArtifactDirection
+
+
+EVENT_TYPES.update({cls.event_type: cls for cls in (ArtifactStaged, ArtifactRecorded)})

@@ -24,6 +24,8 @@ class Approval(msgspec.Struct, kw_only=True, rename="camel"):
     resolved_at: str | None = None
     resolved_by: str | None = None
     feedback: str | None = None
+    artifacts: list[str] = []
+    """The SHA-256 of the run's output artifacts: what it judges."""
     created_position: int = 0
 
 
@@ -31,7 +33,7 @@ def evolve(approval: Approval | None, event: Event) -> Approval | None:
     data = event.data
     if isinstance(data, t.ApprovalCreated):
         return Approval(
-            id=data.approval_id, task_id=data.task_id, run_id=data.run_id,
+            id=data.approval_id, task_id=data.task_id, run_id=data.run_id, artifacts=data.artifacts,
             created_at=event.recorded_at, created_position=event.position,
         )
     if isinstance(data, t.ApprovalResolved) and approval is not None:

@@ -16,7 +16,7 @@ RunStatus = Literal["queued", "running", "awaiting_input", "review", "done", "fa
 
 OUTPUT_FREE = [
     name for name in t.EVENT_TYPES if name.startswith("task.") and name != "task.output"
-]
+] + ["artifact.recorded"]
 """The event types `runs` reads: a type filter for the task's stream."""
 
 
@@ -39,6 +39,8 @@ class Run(msgspec.Struct, kw_only=True, rename="camel"):
     usage: t.RunUsage | None = None
     """What it spent, as its ending recorded it (None: its agent reported nothing; `costUsd` None:
     its agent names no prices)."""
+    artifacts: list[str] = []
+    """The SHA-256 of its input and output artifacts, in the order they were recorded."""
 
 
 def runs(events: Iterable[Event]) -> list[Run]:
@@ -68,6 +70,10 @@ def runs(events: Iterable[Event]) -> list[Run]:
             by_id[run.run_id] = run
             continue
         run = by_id.get(getattr(data, "run_id", None) or "")
+        if isinstance(data, t.ArtifactRecorded):
+            if run is not None:
+                run.artifacts.append(data.sha256)
+            continue
         status = LEADS_TO.get(type(data))
         if run is None or status is None or status == "pending":
             continue

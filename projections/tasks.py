@@ -14,6 +14,7 @@ import msgspec
 from events import Event, parse_rfc3339, rfc3339
 from events import types as t
 from projections import usage as spending
+from projections.artifacts import File, file_of
 from projections.usage import Usage
 from projections.lifecycle import LEADS_TO, Status
 
@@ -81,6 +82,10 @@ class TaskState(Task, kw_only=True, rename="camel"):
     """Questions the current run has asked."""
     messages: int = 0
     """Messages sent to the current run."""
+    staged: list[File] = []
+    """Files staged for the next run, which consumes them as it starts."""
+    review_artifacts: list[str] = []
+    """The SHA-256 of the outputs the current review's approval judges."""
 
 
 def served(task: Task) -> Task:
@@ -127,7 +132,7 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
             run_id=data.run_id, agent_id=data.agent_id, started_at=event.recorded_at,
             completed_at=None, runs=task.runs + (0 if was_queued else 1), result=None, error=None, approval_id=None,
             run_desktop_id=data.desktop_id, lease_epoch=data.lease_epoch, placed_position=event.position,
-            output_seq=0, asks=0, messages=0, queue_deadline=None,
+            output_seq=0, asks=0, messages=0, queue_deadline=None, staged=[], review_artifacts=[],
         )
         if not was_queued:
             changes |= dict(queued_position=0, queued_at=None)
@@ -141,7 +146,9 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
     elif isinstance(data, t.TaskReview):
         changes |= dict(result=data.result, input_prompt=None)
     elif isinstance(data, t.ApprovalCreated):
-        changes["approval_id"] = data.approval_id
+        changes |= dict(approval_id=data.approval_id, review_artifacts=data.artifacts)
+    elif isinstance(data, t.ArtifactStaged):
+        changes["staged"] = [f for f in task.staged if f.name != data.name] + [file_of(data)]
     elif isinstance(data, t.TaskCompleted):
         changes |= dict(completed_at=event.recorded_at, input_prompt=None)
         if data.result is not None:
@@ -161,7 +168,8 @@ def evolve(task: TaskState | None, event: Event) -> TaskState | None:
 
 
 def task_id_of(data: t.EventData) -> str | None:
-    """The task whose state an event moves: every task.* and approval.* event."""
-    if isinstance(data, (t.ApprovalCreated, t.ApprovalResolved)) or data.event_type.startswith("task."):
+    """The task whose state an event moves: every task.*, approval.* and artifact.* event."""
+    if isinstance(data, (t.ApprovalCreated, t.ApprovalResolved, t.ArtifactStaged, t.ArtifactRecorded)) or (
+            data.event_type.startswith("task.")):
         return data.task_id  # type: ignore[attr-defined]
     return None

@@ -14,8 +14,10 @@ from starlette.routing import Match, Mount, Route
 from events import IdempotencyConflict, InvalidEvent, LogClosed, StorageError, WrongExpectedVersion, open_log
 from projections.readmodels import read_models
 from service.api import (
-    API_PREFIX, agents, approvals, desktops, devices, health, log as log_routes, overview, projects, stream, tasks, worker,
+    API_PREFIX, agents, approvals, artifacts, desktops, devices, health, log as log_routes, overview, projects, stream,
+    tasks, worker,
 )
+from service.artifacts import open_store
 from service.commands.deciders import Refused
 from service.commands.handling import Commands
 from service.http import auth
@@ -109,7 +111,9 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         await local.recover(models, commands, settings)  # before this node's desktop starts a new session
         leases = open_leases(log)  # shared by every node on the log's database
         await leases.prepare()
-        reports = Reports(log, models, commands, leases, settings)
+        store = open_store(log)  # beside the log: every node on it serves every artifact
+        await store.prepare()
+        reports = Reports(log, models, commands, leases, settings, artifacts=store)
         reports.start()
         desktop = None if settings.no_local_desktop else local.LocalDesktop(reports, models, commands, settings)
         if desktop is not None:
@@ -125,7 +129,7 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
         try:
             yield {  # request.state.*
                 "log": log, "models": models, "commands": commands, "reports": reports, "local": desktop,
-                "dispatcher": dispatcher, "keys": keys,
+                "dispatcher": dispatcher, "keys": keys, "artifacts": store,
             }
         finally:
             app.state.ready = False
@@ -140,12 +144,14 @@ def create_app(settings: Settings, *, webhooks: bool = True) -> Starlette:
                 await sender.close()
             await leases.close()
             await keys.close()
+            await store.close()
             await log.close()
 
     metrics = Metrics()
     api = [
         *tasks.routes(), *approvals.routes(), *agents.routes(), *projects.routes(), *log_routes.routes(),
-        *overview.routes(), *desktops.routes(), *devices.routes(), *worker.routes(), *metrics.counting(stream.routes()),
+        *overview.routes(), *desktops.routes(), *devices.routes(), *worker.routes(), *artifacts.routes(),
+        *metrics.counting(stream.routes()),
     ]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=api), *health.routes()],

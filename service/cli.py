@@ -17,6 +17,7 @@ from events import types as t
 from events.envelope import decode
 from events.verify import ChainBroken, Rechain, verify_chain
 from projections.readmodels import read_models
+from service.artifacts import export_to, import_from, open_store, problems, recorded
 from service.client import cli as client_commands
 from service.http import auth
 from service.settings import Settings, env_name, from_env
@@ -285,12 +286,25 @@ def verify(args) -> int:
             return _fail("--against takes POSITION:HASH with the whole 64-digit hash, as GET /audit/digest gives them")
         against = (int(position), digest.lower())
 
+    async def work(log, progress):
+        report = await verify_chain(log, against=against, progress=progress)
+        store = open_store(log)
+        await store.prepare()
+        named = await recorded(log)
+        return report, named, await problems(store, named)
+
     with _progress("verifying") as progress:
-        report = asyncio.run(_with_log(settings, lambda log, _: verify_chain(log, against=against, progress=progress)))
-    if report.ok:
+        report, named, damaged = asyncio.run(_with_log(settings, lambda log, _: work(log, progress)))
+    for sentence in damaged:
+        print(f"mission-control: {sentence}", file=sys.stderr)
+    if report.ok and not damaged:
         checked = f"; the digest checked: event {against[0]} still carries its hash" if against else ""
         print(f"ok: {report.checked} events, head {report.head}{checked}")
+        if named:
+            print(f"ok: {len(named)} artifacts match their hashes")
         return 0
+    if report.ok:
+        return 1
     if against is not None and report.first_bad_position > report.head:  # the chain held to the head
         print(f"mission-control: the digest's position {against[0]} lies beyond the head {report.head}: "
               "this log is shorter than the one the digest was taken of", file=sys.stderr)
@@ -315,6 +329,10 @@ def export(args) -> int:
             if progress:
                 progress(after, head)
         out.flush()
+        if args.artifacts:
+            store = open_store(log)
+            await store.prepare()
+            await export_to(store, await recorded(log), Path(args.artifacts))
 
     with _progress("exporting") as progress:
         asyncio.run(_with_log(settings, lambda log, _: work(log, progress)))
@@ -349,6 +367,20 @@ def _recorded(path: Path, progress: Callable[[int, int], None] | None) -> Iterat
         progress(size, size)
 
 
+def _artifacts_named(path: Path) -> set[str]:
+    """The SHA-256 of every artifact an export's events name."""
+    import msgspec
+
+    named = set()
+    with path.open("rb") as lines:
+        for line in lines:
+            if b'"artifact.' in line:  # a cheap test first: most lines are no artifact's
+                event = msgspec.json.decode(line)
+                if event["type"].startswith("artifact."):
+                    named.add(event["payload"]["sha256"])
+    return named
+
+
 def import_(args) -> int:
     source = Path(args.file)
     if not source.is_file():
@@ -361,6 +393,12 @@ def import_(args) -> int:
         head = await log.read_head()
         if head:
             raise _Failed(f"{settings.log_name} already holds {head} events; import needs an empty data dir")
+        if args.artifacts:  # every artifact's bytes first, so no event names bytes this store lacks
+            store = open_store(log)
+            await store.prepare()
+            missing = await import_from(store, _artifacts_named(source), Path(args.artifacts))
+            if missing:
+                raise _Failed(f"refused {source}, nothing imported: {'; '.join(missing[:5])}")
         events = _recorded(source, progress)
         return await log.import_recorded(rechain.carry(events, "mission-control:cli") if rechain else events)
 
@@ -487,6 +525,8 @@ def parser() -> argparse.ArgumentParser:
     sub = command("export", export, "Write the log as NDJSON, one recorded event a line, to stdout.",
                   "mission-control export --after 0 > log.ndjson")
     sub.add_argument("--after", type=int, default=0, help="start after this position")
+    sub.add_argument("--artifacts", metavar="DIR", default=None,
+                     help="also write every artifact's bytes the log names, as DIR/<sha256>")
     data_dir(sub)
 
     sub = command("import", import_, "Load an export into an empty data dir, checking the chain; "
@@ -496,6 +536,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--rechain", action="store_true",
                      help="carry forward a log hashed with code-point key order (before RFC 8785): re-encode and "
                           "re-hash it, recording the old head hash in a last log.rechained event")
+    sub.add_argument("--artifacts", metavar="DIR", default=None,
+                     help="the artifacts' bytes an `export --artifacts DIR` wrote: each is stored, checked against "
+                          "its hash, before any event; one the export names that DIR lacks refuses the import")
     data_dir(sub)
 
     sub = command("worker", worker, "Run this machine as a desktop of a server until SIGTERM, which drains it.",

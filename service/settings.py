@@ -32,6 +32,9 @@ class Settings(msgspec.Struct, kw_only=True):
     max_concurrent: int = 5
     """Runs that may be `running` or `awaiting_input` at once, across all tasks."""
     max_body_bytes: int = 1024 * 1024
+    """A JSON request body."""
+    max_artifact_bytes: Positive = 100 * 1024 * 1024
+    """An artifact's upload (`PUT /tasks/{id}/artifacts/{name}`, and a worker's of a run's outputs)."""
     max_json_depth: int = 32
     max_string_length: int = 256 * 1024
     require_approval: bool = False

@@ -68,6 +68,21 @@ def wait_for(condition: Callable[[], T], timeout: float = 15.0, what: str = "con
         time.sleep(0.02)
 
 
+REVOCATION_SECONDS = 1.0
+"""API.md: a revoked key is refused by every node within one second (nodes remember keys briefly)."""
+
+
+def refused_once_revoked(request: Callable[[], httpx.Response], revoked: float | None = None) -> httpx.Response:
+    """`request` sent again until a just-revoked key is refused (401), which must happen within
+    REVOCATION_SECONDS of `revoked` (a `time.monotonic()`; default now); the refusal."""
+    revoked = time.monotonic() if revoked is None else revoked
+    while (answer := request()).status_code != 401 and time.monotonic() - revoked < 5:
+        time.sleep(0.02)
+    late = time.monotonic() - revoked
+    assert late <= REVOCATION_SECONDS, f"the revoked key was still served {late:.2f} s after its revocation"
+    return answer
+
+
 def refused(response: httpx.Response, status: int, code: str | None = None, mentions: tuple[str, ...] = ()) -> dict:
     """An API.md error: the status, JSON {detail, code}, a sentence that names what was wrong."""
     assert response.status_code == status, f"{response.status_code} {response.text[:500]}"

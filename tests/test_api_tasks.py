@@ -17,7 +17,8 @@ from events import Meta
 from events import types as t
 from service.work.local import ECHO_AGENT_ID
 from tests.api_helpers import (
-    as_json, device, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, wait_for,
+    as_json, device, head, log_unchanged, no_unhandled_errors, post_racing, read_log, refused, refused_once_revoked,
+    wait_for,
 )
 
 MiB = 1024 * 1024
@@ -908,7 +909,7 @@ def test_401_without_a_valid_key(c, api_server):
     revokee = api_server.client(token)
     assert revokee.get("/tasks").status_code == 200
     cli(api_server.data_dir, "token", "revoke", key_id)
-    refused(revokee.get("/tasks"), 401, "unauthorized", ("revoked",))
+    refused(refused_once_revoked(lambda: revokee.get("/tasks")), 401, "unauthorized", ("revoked",))
 
 
 def test_403_without_the_scope(c, api_server, pending):

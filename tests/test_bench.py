@@ -33,6 +33,7 @@ TINY = {  # a run's id: its subcommand, arguments ("{dir}" is the test's own dir
     "processes": ("processes", ["--duration", "1", "--rounds", "1", "--dir", "{dir}"], "CPU seconds of each process"),
     "http": ("http", ["--duration", "1", "--rounds", "1", "--small", "50", "--big", "200", "--dir", "{dir}"],
              "difference 50 vs 200"),
+    "artifacts": ("artifacts", ["--mib", "2", "--dir", "{dir}"], "download (GET, streamed)"),
     "http-postgres": ("http", ["--duration", "1", "--rounds", "1", "--backend", "postgres", "--dir", "{dir}"],
                       "the naive asyncpg peer (SELECT by id)"),
     "http-nodes": ("http-nodes", ["--duration", "1", "--rounds", "1", "--dir", "{dir}"], "2 nodes against 1 (GET)"),

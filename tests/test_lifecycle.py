@@ -349,6 +349,8 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
         t.TaskRetried(task_id=TASK),
         t.TaskStarted(task_id=TASK, run_id="run-2", agent_id="agent-2", desktop_id="laptop", lease_epoch=1),
         t.TaskOutput(task_id=TASK, run_id=RUN, seq=9, stream="text", chunk="a late report changes nothing"),
+        t.ArtifactRecorded(task_id=TASK, run_id="run-2", name="r.txt", sha256="a" * 64, size=1,
+                           content_type="text/plain", direction="output"),  # in the append of its ending
         t.TaskReview(task_id=TASK, run_id="run-2", result="r", usage=USED),
         t.ApprovalCreated(approval_id=APPROVAL, task_id=TASK, run_id="run-2"),
         t.ApprovalResolved(approval_id=APPROVAL, task_id=TASK, decision="approve"),
@@ -361,11 +363,14 @@ def test_a_task_s_runs_each_with_its_desktop_and_how_it_ended():
     at = [f"2026-01-01T00:00:{n:02}Z" for n in range(len(history) + 1)]
     assert [msgspec.structs.asdict(r) for r in found] == [
         dict(run_id=RUN, number=1, agent_id="agent", desktop_id=DESKTOP, status="failed", queued_at=None,
-             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2", usage=None),
+             started_at=at[2], ended_at=at[4], exit_code=2, reason="exit", error="exit 2", usage=None,
+             artifacts=[]),
         dict(run_id="run-2", number=2, agent_id="agent-2", desktop_id="laptop", status="done", queued_at=None,
-             started_at=at[6], ended_at=at[8], exit_code=None, reason=None, error=None, usage=USED),
+             started_at=at[6], ended_at=at[9], exit_code=None, reason=None, error=None, usage=USED,
+             artifacts=["a" * 64]),
         dict(run_id="run-3", number=3, agent_id="agent", desktop_id=DESKTOP, status="cancelled", queued_at=None,
-             started_at=at[13], ended_at=at[14], exit_code=None, reason=None, error="cancelled: enough", usage=None),
+             started_at=at[14], ended_at=at[15], exit_code=None, reason=None, error="cancelled: enough", usage=None,
+             artifacts=[]),
     ]
     # The task's usage counts each run once: the review's usage, not again at its approval; the
     # failed and the cancelled run ran without reporting any, so their cost is not known.

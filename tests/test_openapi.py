@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from service.http import openapi
-from service.http.endpoints import declaration_of, walk
+from service.http.endpoints import PATH_PARAMS, declaration_of, walk
 from service.app import create_app
 from service.http.auth import SCOPES
 from service.work.local import ECHO_AGENT_ID
@@ -150,10 +150,9 @@ def test_bodies_answers_and_errors_are_the_handlers_types(document):
         if operation["security"]:
             assert {"401", "403"} <= operation["responses"].keys(), (method, path)
         for parameter in operation["parameters"]:
-            if parameter["in"] == "path":  # an id, a desktop's name, or a device's (any label)
+            if parameter["in"] == "path":  # an id, a desktop's or device's name, an artifact's name or SHA-256
                 assert parameter["required"] and (parameter["schema"].get("format") == "uuid" or (
-                    parameter["name"] == "desktop_id" and parameter["schema"]["pattern"]) or (
-                    parameter["name"] == "device_id" and parameter["schema"]["maxLength"])), (method, path)
+                    parameter["schema"] == PATH_PARAMS.get(parameter["name"]))), (method, path)
     list_tasks = document["paths"][API + "/tasks"]["get"]
     assert {p["name"] for p in list_tasks["parameters"]} == {
         "status", "desktopId", "agentId", "projectId", "search", "archived", "sort", "limit", "offset"}
@@ -196,6 +195,8 @@ def test_every_route_needs_the_scope_the_document_names(app, document):
         "desktop_id": "local",
         "device_id": "scope-test",
         "run_id": str(uuid.uuid4()),
+        "name": "scoped.txt",
+        "sha256": "0" * 64,
     }
     keys = _scoped_keys(app)
     checked = 0

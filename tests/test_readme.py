@@ -43,6 +43,7 @@ def test_the_tour_runs_as_written_and_leaves_the_checkout_clean(tmp_path):
     assert '{"status":"awaiting_input","inputPrompt":"Which planet?"}' in out
     assert '{"status":"review","result":"Write the launch note"}' in out
     assert '{"status":"done","result":"hello from Linux\\n"}' in out
+    assert '{"name":"ranked.csv","direction":"output","size":14}' in out and "grace,5\nada,3\n2\n" in out
     assert '{"number":1,"desktopId":"local","status":"done","exitCode":null,"reason":null}' in out
     assert '[{"content":"Urgent, for lab-1","priority":9,"queuePosition":1},' in out
     assert '{"status":"done","result":"Find the numbers\\n\\nChart them"}' in out

@@ -197,3 +197,36 @@ def test_a_restart_leaves_a_workers_run_to_its_lease_and_gives_the_nodes_desktop
     assert worker.finish(run, last_seq=2) == "done"
     assert [decode(e).seq for e in _events(second, run.task_id, "task.output")] == [1, 2]
     assert second.call(second.models.desktop("local")).epoch == 2  # the node's own desktop: a new session
+
+
+def test_an_ending_names_only_outputs_uploaded_under_the_runs_lease(app):
+    worker = Worker(app)
+    worker.register()
+    run = _placed(app, app.client(), worker)
+    store = app.state["artifacts"]
+
+    async def upload() -> dict:
+        await app.state["reports"].leased(WORKER, run.run_id, run.lease)  # the upload route's check
+
+        async def body():
+            yield b"the report\n"
+
+        stored = await store.put(body(), 100)
+        return {"name": "report.txt", "sha256": stored.sha256, "size": stored.size, "contentType": "text/plain"}
+
+    uploaded = app.call(upload())
+    never = {**uploaded, "sha256": "f" * 64}
+    head = app.log.head
+    for named in ([never], [{**uploaded, "name": "../up"}], [{"name": "x"}]):
+        ending = wire.Ending(outcome="done", result="fine", artifacts=named)
+        with pytest.raises(Refused) as refused:
+            app.call(app.state["reports"].finish(WORKER, run.run_id, run.lease, ending, None))
+        assert refused.value.code == "artifact_missing"
+    assert app.log.head == head  # refused: nothing recorded
+    ending = wire.Ending(outcome="done", result="fine", artifacts=[uploaded])
+    assert app.call(app.state["reports"].finish(WORKER, run.run_id, run.lease, ending, None)).status == "done"
+    recorded = [decode(e) for e in _events(app, run.task_id) if e.type == "artifact.recorded"]
+    assert [(a.name, a.sha256, a.direction, a.run_id) for a in recorded] == [
+        ("report.txt", uploaded["sha256"], "output", run.run_id)]
+    with pytest.raises(Refused):  # the run is over: no more uploads under its lease
+        app.call(app.state["reports"].leased(WORKER, run.run_id, run.lease))

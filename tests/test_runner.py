@@ -133,7 +133,7 @@ def test_each_run_gets_a_minimal_environment_and_its_own_directory(api, shell, s
     started = start(api, shell, 'pwd; echo "$HOME|$PATH|$MC_TASK_ID|${PYTEST_CURRENT_TEST-unset}"; env | wc -l')
     done = until_status(api, started["id"])
     workdir, variables, count = done["result"].splitlines()
-    assert workdir == str((shared_server.data_dir / "runs" / started["id"]).resolve())
+    assert workdir == str((shared_server.data_dir / "runs" / done["runId"]).resolve())  # one per run
     assert variables == f"{workdir}|/usr/local/bin:/usr/bin:/bin|{started['id']}|unset"
     assert int(count) <= 6  # PATH HOME MC_TASK_ID MC_RUN_ID, and what sh itself sets (PWD, SHLVL)
 
@@ -213,12 +213,13 @@ def test_a_replayed_cancel_leaves_the_next_run_alone(api):
 
 
 def test_retry_is_a_new_run_and_history_keeps_both(api, shell):
-    # The working directory outlives a run: the second run finds what the first left.
-    started = start(api, shell, "test -f marker || { touch marker; echo first; exit 1; }; echo second")
+    # The second run finds what was staged for it after the first (each run has a directory of its own).
+    started = start(api, shell, "test -f inputs/go || { echo first; exit 1; }; echo second")
     assert until_status(api, started["id"])["status"] == "failed"
     first_run = events(api, started["id"], "task.started")[0]["payload"]["runId"]
 
     assert api.post(f"/tasks/{started['id']}/retry").json()["status"] == "pending"
+    assert api.put(f"/tasks/{started['id']}/artifacts/go", content=b"1").status_code == 201
     again = api.post(f"/tasks/{started['id']}/run", json={"agentId": shell})
     assert again.status_code == 200
     done = until_status(api, started["id"])

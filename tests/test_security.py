@@ -35,8 +35,8 @@ SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     ("task:read", frozenset({"GET"}),
      rf"{_A}/(tasks|approvals|agents|projects|desktops)(/.*)?|{_A}/(overview|me)|{_A}/activity/stream"),
     ("task:read", frozenset({"GET", "POST", "DELETE"}), rf"{_A}/devices(/{_ID})?"),
-    ("task:write", frozenset({"POST", "PATCH", "DELETE"}),
-     rf"{_A}/tasks(/{_ID}(/(run|cancel|retry|messages|presence))?)?"),
+    ("task:write", frozenset({"POST", "PATCH", "PUT", "DELETE"}),
+     rf"{_A}/tasks(/{_ID}(/(run|cancel|retry|messages|presence|artifacts/{_ID}))?)?"),
     ("approval:write", frozenset({"POST"}), rf"{_A}/tasks/{_ID}/review|{_A}/approvals/{_ID}/resolve"),
     ("agent:write", frozenset({"POST", "PATCH"}), rf"{_A}/agents(/{_ID}(/(pause|resume))?)?"),
     ("audit:read", frozenset({"GET"}), rf"{_A}/events|{_A}/audit/.+"),
@@ -44,7 +44,7 @@ SCOPE_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
     ("admin", frozenset({"GET"}), r"/metrics"),
     ("admin", frozenset({"POST"}), rf"{_A}/desktops/{_ID}/(drain|resume)"),
     ("admin", frozenset({"DELETE"}), rf"{_A}/desktops/{_ID}"),
-    ("worker", frozenset({"POST"}), rf"{_A}/worker/.+"),
+    ("worker", frozenset({"GET", "POST", "PUT"}), rf"{_A}/worker/.+"),
 )
 PUBLIC: tuple[tuple[frozenset[str], str], ...] = (
     (frozenset({"GET"}), r"/healthz|/readyz|/openapi\.json|/|/static/.*"),

@@ -20,7 +20,7 @@ def test_a_run_on_a_remote_desktop_runs_under_its_worker_with_its_environment(ma
         assert done["result"] == "yes\n"  # the variable is in the worker's environment only
         # The shell's parent is the worker: the server's process tree never held the run.
         assert f"parent={worker.pid}\n" in output(client, task_id)
-        assert (tmp_path / "box" / "runs" / task_id).is_dir()
+        assert (tmp_path / "box" / "runs" / done["runId"]).is_dir()  # a working directory per run
 
 
 def test_a_worker_refused_by_the_server_exits_2_with_its_sentence(make_server, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import inspect
 
-from . import append, desktops, http_api, http_nodes, notify, processes, queue, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
+from . import append, artifacts, desktops, http_api, http_nodes, notify, processes, queue, replay, run, sse, verify  # noqa: F401  (each registers its subcommand)
 from .common import COMMANDS
 
 USAGE = """Benchmarks of Mission Control, each against the raw floor it stands on. Loopback and local files only.
@@ -17,6 +17,7 @@ USAGE = """Benchmarks of Mission Control, each against the raw floor it stands o
     .venv/bin/python scripts/bench.py http-nodes [--duration 5] [--rounds 3]
     .venv/bin/python scripts/bench.py replay [--events 1000000]
     .venv/bin/python scripts/bench.py notify [--tasks 300]
+    .venv/bin/python scripts/bench.py artifacts [--mib 64] [--backend postgres]
 
 A subcommand is one function registered with @command; it prints its own figures.
 """

@@ -26,7 +26,7 @@ def approval_out(approval: Approval, task: Task | None) -> schemas.ApprovalOut:
     return schemas.ApprovalOut(
         id=approval.id, task_id=approval.task_id, status=approval.status, created_at=approval.created_at,
         resolved_at=approval.resolved_at, resolved_by=approval.resolved_by, feedback=approval.feedback,
-        task=summary,
+        artifacts=approval.artifacts, task=summary,
     )
 
 

@@ -155,6 +155,8 @@ class ApprovalOut(Struct, kw_only=True, rename="camel"):
     resolved_at: str | None
     resolved_by: str | None
     feedback: str | None
+    artifacts: list[str] = []
+    """The SHA-256 of each output artifact of the run it was opened for: resolving it approves exactly those."""
     task: TaskSummary | None
 
 

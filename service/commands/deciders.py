@@ -17,6 +17,7 @@ from events import types as t
 from projections import lifecycle, usage
 from projections.agents import AGENT_KINDS, Agent
 from projections.approvals import Approval
+from projections.artifacts import File
 from projections.desktops import Placement
 from projections.tasks import TaskState
 
@@ -25,7 +26,7 @@ Code = Literal[
     "not_found", "agent_not_found", "already_exists", "forbidden", "invalid_status", "agent_mismatch",
     "dependency_not_done", "concurrency_limit", "agent_unavailable", "precondition_failed",
     "conflict", "idempotency_conflict", "desktop_unavailable", "desktop_full", "lease_lost", "output_gap",
-    "not_registered", "budget_exceeded",
+    "not_registered", "budget_exceeded", "artifact_missing",
 ]
 """Why a command was refused. The HTTP layer maps each to a status (service/http/bodies.py)."""
 
@@ -161,6 +162,12 @@ class RequestInput(Command):
     """The last output seq before the question (None: not checked)."""
 
 
+class StageArtifact(Command):
+    """A file (its bytes stored already) for the task's next run."""
+
+    file: File
+
+
 class FinishRun(Command):
     run_id: str
     approval_id: str
@@ -172,6 +179,8 @@ class FinishRun(Command):
     """The run's last output seq once `output` is recorded (None: not checked)."""
     output: list[tuple[int, str, str]] = []
     """The run's last output, as in RecordOutput: recorded in the same append as its end."""
+    artifacts: list[File] = []
+    """The files the run left under `outputs/` (their bytes stored already): recorded with its end."""
 
 
 class FailRun(Command):
@@ -185,6 +194,8 @@ class FailRun(Command):
     result: str | None = None
     output: list[tuple[int, str, str]] = []
     """The run's last output, as in RecordOutput: recorded in the same append as its end."""
+    artifacts: list[File] = []
+    """The files the run left under `outputs/`, as in FinishRun."""
 
 
 class LoseRun(Command):
@@ -296,7 +307,7 @@ def _start(task: TaskState, c: StartRun) -> list[t.EventData]:
         )]
     return [t.TaskStarted(
         task_id=task.id, run_id=c.run_id, agent_id=c.agent.id, desktop_id=desktop.id, lease_epoch=desktop.epoch,
-    )]
+    ), *_recorded(task, c.run_id, task.staged, "input")]
 
 
 _QUEUEABLE = frozenset({"dependency_not_done", "concurrency_limit", "desktop_unavailable", "desktop_full"})
@@ -349,7 +360,21 @@ def _dispatch(task: TaskState, c: DispatchRun) -> list[t.EventData]:
     return [t.TaskStarted(
         task_id=task.id, run_id=task.run_id or "", agent_id=c.agent.id, desktop_id=desktop.id,
         lease_epoch=desktop.epoch,
-    )]
+    ), *_recorded(task, task.run_id or "", task.staged, "input")]
+
+
+def _recorded(task: TaskState, run_id: str, files: list[File], direction: t.ArtifactDirection) -> list[t.EventData]:
+    """The files as the run's: the staged ones it consumes as it starts, or the outputs it left."""
+    return [
+        t.ArtifactRecorded(task_id=task.id, run_id=run_id, name=f.name, sha256=f.sha256, size=f.size,
+                           content_type=f.content_type, direction=direction)
+        for f in files
+    ]
+
+
+def _stage(task: TaskState, c: StageArtifact) -> list[t.EventData]:
+    f = c.file
+    return [t.ArtifactStaged(task_id=task.id, name=f.name, sha256=f.sha256, size=f.size, content_type=f.content_type)]
 
 
 def place(desktop_id: str | None, kind: str, desktops: list[Placement]) -> Placement:
@@ -407,7 +432,8 @@ def _review(task: TaskState, c: Review) -> list[t.EventData]:
     if task.approval_id is None:  # recorded with every review, in its append; without one, nothing to resolve
         raise Refused("invalid_status", "This task's review has no approval to resolve.")
     resolved = t.ApprovalResolved(
-        approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback
+        approval_id=task.approval_id, task_id=task.id, decision=c.decision, feedback=c.feedback,
+        artifacts=task.review_artifacts,
     )
     if c.decision == "approve":  # carrying the run's deliverable, as a completion without review does
         return [resolved, t.TaskCompleted(task_id=task.id, run_id=task.run_id or "", result=task.result)]
@@ -494,7 +520,7 @@ def _used(used: t.RunUsage | None) -> t.RunUsage | msgspec.UnsetType:
 
 def _finish(task: TaskState, c: FinishRun) -> list[t.EventData]:
     fenced(task, c.run_id, c.fence, "finish")
-    output = _ending_output(task, c.run_id, c.output, c.last_seq)
+    output = _ending_output(task, c.run_id, c.output, c.last_seq) + _recorded(task, c.run_id, c.artifacts, "output")
     if task.status == "awaiting_input":  # API.md: awaiting_input leads to running or failed, never done
         return output + [t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason="error", result=c.result, usage=_used(c.usage),
@@ -503,14 +529,15 @@ def _finish(task: TaskState, c: FinishRun) -> list[t.EventData]:
     if task.requires_approval:
         return output + [
             t.TaskReview(task_id=task.id, run_id=c.run_id, result=c.result, usage=_used(c.usage)),
-            t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id),
+            t.ApprovalCreated(approval_id=c.approval_id, task_id=task.id, run_id=c.run_id,
+                              artifacts=[f.sha256 for f in c.artifacts]),
         ]
     return output + [t.TaskCompleted(task_id=task.id, run_id=c.run_id, result=c.result, usage=_used(c.usage))]
 
 
 def _fail(task: TaskState, c: FailRun) -> list[t.EventData]:
     fenced(task, c.run_id, c.fence, "fail")
-    return _ending_output(task, c.run_id, c.output, c.last_seq) + [
+    return _ending_output(task, c.run_id, c.output, c.last_seq) + _recorded(task, c.run_id, c.artifacts, "output") + [
         t.TaskFailed(
             task_id=task.id, run_id=c.run_id, reason=c.reason, error=c.error, exit_code=c.exit_code,
             result=c.result, usage=_used(c.usage),
@@ -534,7 +561,7 @@ _TASK_DECIDERS = {
     UpdateTask: _update, ArchiveTask: _archive, StartRun: _start, CancelTask: _cancel,
     RetryTask: _retry, SendMessage: _message, Review: _review, RecordOutput: _output,
     RequestInput: _request_input, FinishRun: _finish, FailRun: _fail, LoseRun: _lose, Renew: _renew,
-    DispatchRun: _dispatch,
+    DispatchRun: _dispatch, StageArtifact: _stage,
 }
 
 

@@ -7,6 +7,7 @@ declaration, walking the routes through their Mounts: the two cannot differ.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
@@ -40,7 +41,10 @@ def whole(minimum: int, maximum: int = MAX_INT, default: int | None = None) -> d
 UUID = {"type": "string", "format": "uuid"}
 TEXT = {"type": "string"}
 DESKTOP = {"type": "string", "pattern": DESKTOP_NAME.pattern}
-PATH_PARAMS = {"desktop_id": DESKTOP, "device_id": {"type": "string", "minLength": 1, "maxLength": 200}}
+PATH_PARAMS = {
+    "desktop_id": DESKTOP, "device_id": {"type": "string", "minLength": 1, "maxLength": 200},
+    "name": {"type": "string", "minLength": 1, "maxLength": 255}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}
 """A path parameter's schema when it is not a UUID."""
 LEASE = Param("MC-Lease", {"type": "string", "pattern": r"^[^:]+:[0-9]{1,18}$"},
               "The run's lease token, `<runId>:<epoch>`, as its assignment gave it.", "header", required=True)
@@ -69,6 +73,8 @@ class Declaration(msgspec.Struct, frozen=True, kw_only=True):
     body: Any = None
     """The msgspec type the JSON body is decoded into, if the route takes one."""
     body_required: bool = True
+    upload: bool = False
+    """The body is a file's bytes, of any content type, up to `max_artifact_bytes` (not JSON)."""
     status: int = 200
     answer: Any = None
     """The msgspec type the JSON answer is encoded from; None for an empty or non-JSON one."""
@@ -132,10 +138,16 @@ async def declared_body(request: Request, required: bool | None = None) -> tuple
     return await read_body(request, declared.body, declared.body_required if required is None else required)
 
 
+def documented_path(path: str) -> str:
+    """A route's path as OpenAPI writes it: without Starlette's convertors (`{name:path}` is `{name}`)."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+
+
 def walk(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, Route]]:
-    """(full path, route) of every route, through Mounts (a Mount of files has no routes)."""
+    """(full path, route) of every route, through Mounts (a Mount of files has no routes); the path as
+    OpenAPI writes it."""
     for route in routes:
         if isinstance(route, Mount):
             yield from walk(route.routes, prefix + route.path)
         elif isinstance(route, Route):
-            yield prefix + route.path, route
+            yield documented_path(prefix + route.path), route

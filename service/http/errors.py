@@ -32,7 +32,7 @@ REFUSALS: dict[Code, int] = {
     "forbidden": 403,
     "already_exists": 409, "invalid_status": 409, "agent_mismatch": 409, "dependency_not_done": 409,
     "conflict": 409, "idempotency_conflict": 409,
-    "lease_lost": 409, "output_gap": 409, "not_registered": 409, "budget_exceeded": 409,
+    "lease_lost": 409, "output_gap": 409, "not_registered": 409, "budget_exceeded": 409, "artifact_missing": 409,
     "precondition_failed": 412,
     "concurrency_limit": 429, "desktop_full": 429,
     "agent_unavailable": 503, "desktop_unavailable": 503,

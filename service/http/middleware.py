@@ -17,6 +17,7 @@ from events import StorageError
 from service.http.bodies import whole_number
 from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
+from service.api.artifacts import takes_upload
 from service.api.stream import PATH as STREAM_PATH
 
 access_log = structlog.get_logger("mission_control.access")
@@ -109,7 +110,9 @@ class ApiMiddleware:
             )
         declared = headers.get("content-length")
         size = whole_number(declared) if declared else 0
-        if size is None or size > settings.max_body_bytes:  # for every route; read_raw_body counts chunked ones
-            return body_too_large(settings.max_body_bytes)
+        # For every route; read_raw_body (an upload: the artifact store) counts chunked ones.
+        limit = settings.max_artifact_bytes if takes_upload(scope["method"], path) else settings.max_body_bytes
+        if size is None or size > limit:
+            return body_too_large(limit)
         scope["state"]["principal"] = principal
         return None

@@ -57,6 +57,7 @@ _ERROR_WORDS = {
     412: "If-Match differs from the task's version.",
     413: "The body is over the limit.",
     415: "The body is not application/json.",
+    507: "The artifact store is out of space; nothing was recorded.",
     429: "Too many requests for this key, the concurrency limit on runs, or the desktop's capacity; see Retry-After.",
     503: "The agent is not active, the desktop is not online or hosts no such kind, the service is not ready or "
          "is shutting down.",
@@ -93,6 +94,8 @@ def _errors(op: Declaration, path_params: list[str]) -> list[int]:
         found |= {404}
     if op.body is not None:
         found |= {400, 413, 415}
+    if op.upload:
+        found |= {400, 413, 507}
     if op.scope is not None:
         found |= {503}  # the log refuses work while the service shuts down
     return sorted(found)
@@ -157,6 +160,12 @@ def _operation(path: str, name: str, op: Declaration, path_params: list[str], sc
         operation["requestBody"] = {
             "required": op.body_required,
             "content": {"application/json": {"schema": schemas_of[op.body]}},
+        }
+    if op.upload:
+        operation["requestBody"] = {
+            "required": True, "description": "The file's bytes, sent as they are; its Content-Type is recorded "
+            "(default application/octet-stream). At most `MC_MAX_ARTIFACT_BYTES`; never empty.",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
         }
     return operation
 

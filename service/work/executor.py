@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import hashlib
+import mimetypes
+import os
+import stat
+from collections.abc import AsyncIterable, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -21,7 +25,7 @@ import structlog
 
 from events.types import TokenUsage
 from projections import usage
-
+from projections.artifacts import File
 from service.work.agents import RESULT_LIMIT, RunContext, RunFailed
 from service.work.agents.kinds import KINDS
 from service.work.wire import Ask, Assignment, Chunk, Ending, Registered
@@ -55,6 +59,12 @@ class Reporter(Protocol):
     async def finish(self, run: Assignment, ending: Ending) -> str:
         """Record how the run ended, with its unacknowledged output; the task's status after it."""
 
+    async def fetch(self, run: Assignment, file: File, into: Path) -> None:
+        """Write one of the run's inputs to `into`, its bytes checked against its hash."""
+
+    async def upload(self, run: Assignment, file: Path, name: str, content_type: str) -> File:
+        """Store a file the run left under `outputs/`; the ending names what this answers."""
+
 
 class Pacing(msgspec.Struct, frozen=True, kw_only=True):
     """How output is cut and sent: the server tells a worker these when it registers."""
@@ -74,8 +84,43 @@ class Pacing(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def runs_dir(workdir: Path) -> Path:
-    """Where a desktop's runs work (`<workdir>/runs/<taskId>`) and their `.pids` records are kept."""
+    """Where a desktop's runs work (`<workdir>/runs/<runId>`, one directory per run) and their `.pids`
+    records are kept."""
     return workdir / "runs"
+
+
+INPUTS, OUTPUTS = "inputs", "outputs"
+"""In a run's working directory: the files staged for it, and those it leaves as its artifacts."""
+
+
+def left_outputs(run_dir: Path) -> list[Path]:
+    """The regular files directly under `outputs/`, by name; a symlink (which could name any file of
+    the desktop) or a directory is no artifact."""
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(run_dir / OUTPUTS):
+            if stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                found.append(Path(entry.path))
+    return sorted(found, key=lambda path: path.name)
+
+
+async def write_checked(chunks: AsyncIterable[bytes], file: File, into: Path) -> None:
+    """`chunks` written to `into`, refused (the file removed) unless they are the file's bytes."""
+    found = hashlib.sha256()
+    try:
+        with open(into, "wb") as out:  # buffered: its write() writes all or raises
+            async for chunk in chunks:
+                found.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        if found.hexdigest() != file.sha256:
+            raise ValueError(f"its bytes hash to {found.hexdigest()}, not {file.sha256}")
+    except BaseException:
+        into.unlink(missing_ok=True)
+        raise
+
+
+def content_type_of(name: str) -> str:
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
 class Executor:
@@ -94,6 +139,44 @@ class Executor:
         self._agent: asyncio.Task | None = None
         self._usage: TokenUsage | None = None
         """What the agent last reported it has spent."""
+
+    @property
+    def run_dir(self) -> Path:
+        return runs_dir(self.workdir) / self.assignment.run_id
+
+    async def _fetch_inputs(self) -> None:
+        run = self.assignment
+        if not run.inputs:
+            return
+        inputs = self.run_dir / INPUTS
+        await asyncio.to_thread(inputs.mkdir, parents=True, exist_ok=True)
+        for file in run.inputs:
+            try:
+                await self._report(lambda: self.reporter.fetch(run, file, inputs / file.name))
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                raise RunFailed("error", f"Input {file.name!r} ({file.sha256}) could not be fetched: {exc}") from None
+
+    async def _upload_outputs(self, ending: Ending) -> Ending:
+        """The ending naming what the run left under `outputs/`, each stored; one that cannot be
+        stored fails the run (saying which), since its deliverable would be incomplete."""
+        run = self.assignment
+        stored = []
+        for path in await asyncio.to_thread(left_outputs, self.run_dir):
+            try:
+                file = await self._report(
+                    lambda: self.reporter.upload(run, path, path.name, content_type_of(path.name)))
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                log.warning("could not store an output", run_id=run.run_id, name=path.name, error=str(exc))
+                return msgspec.structs.replace(
+                    ending, outcome="failed", reason="error", artifacts=[msgspec.to_builtins(f) for f in stored],
+                    error=recordable(f"Output {path.name!r} could not be stored: {exc}"),
+                )
+            stored.append(file)
+        return msgspec.structs.replace(ending, artifacts=[msgspec.to_builtins(f) for f in stored])
 
     def deliver(self, message: str) -> None:
         self.messages.put_nowait(message)
@@ -125,7 +208,7 @@ class Executor:
         run = self.assignment
         ctx = RunContext(
             task=run.task, task_id=run.task_id, run_id=run.run_id, agent=run.agent, prompt=run.prompt,
-            workdir=runs_dir(self.workdir) / run.task_id, emit=self._output.emit, request_input=self._ask,
+            workdir=self.run_dir, emit=self._output.emit, request_input=self._ask,
             messages=self.messages, spent=self._spent,
         )
         ending = await self._outcome(ctx)
@@ -139,6 +222,7 @@ class Executor:
             if kind is None:
                 raise RunFailed("error", f"This desktop cannot run agents of kind {run.agent.kind}.")
             async with asyncio.timeout(run.timeout_seconds):
+                await self._fetch_inputs()
                 result = await kind.run(ctx)
             return Ending(outcome="done", result=_bounded(result))
         except TimeoutError:
@@ -199,6 +283,7 @@ class Executor:
     async def _finish(self, ending: Ending) -> None:
         run = self.assignment
         try:
+            ending = await self._upload_outputs(ending)
             ending.output, ending.last_seq = await self._output.close()
             await self._report(lambda: self.reporter.finish(run, ending))
         except LeaseLost:

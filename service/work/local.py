@@ -21,13 +21,15 @@ import structlog
 from events import EventLog, Meta, StorageError, WrongExpectedVersion, streams
 from events import types as t
 from projections.agents import AGENT_KINDS
+from projections.artifacts import File
+from service.artifacts import file_chunks
 from projections.readmodels import ReadModels
 from service.commands.deciders import FailRun, Fence, Refused
 from service.commands.handling import Commands
 from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans
-from service.work.executor import Executor, LeaseLost, Pacing
+from service.work.executor import Executor, LeaseLost, Pacing, write_checked
 from service.work.reports import Reports, WorkerIdentity
 
 log = structlog.get_logger("mission_control.local")
@@ -91,6 +93,17 @@ class DirectReporter:
         with _lease_lost():
             answer = await self.reports.finish(self.who, run.run_id, run.lease, ending, f"end-{run.run_id}")
         return answer.status
+
+    async def fetch(self, run: wire.Assignment, file: File, into: Path) -> None:
+        assert self.reports.artifacts is not None  # a node always has its log's store
+        await write_checked(self.reports.artifacts.get(file.sha256), file, into)
+
+    async def upload(self, run: wire.Assignment, file: Path, name: str, content_type: str) -> File:
+        assert self.reports.artifacts is not None
+        with _lease_lost():
+            await self.reports.leased(self.who, run.run_id, run.lease)
+        stored = await self.reports.artifacts.put(file_chunks(file), self.reports.settings.max_artifact_bytes)
+        return File(name=name, sha256=stored.sha256, size=stored.size, content_type=content_type)
 
 
 @contextlib.contextmanager

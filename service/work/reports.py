@@ -25,12 +25,14 @@ import msgspec
 
 from events import EventLog, Meta, RecordedEvent, TypeFilter, canonical_json, decode, streams, typed
 from events import types as t
-from projections import usage
+from projections import artifacts, usage
 from projections.agents import Agent
+from projections.artifacts import File
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
 from projections.tasks import Task, TaskState
-from service.commands.deciders import FailRun, Fence, FinishRun, RecordOutput, Refused, RequestInput
+from service.artifacts import ArtifactStore, name_problem
+from service.commands.deciders import FailRun, Fence, FinishRun, RecordOutput, Refused, RequestInput, fenced
 from service.commands.desktops import Drain, MarkOffline, Register
 from service.commands.handling import Commands, Idempotency
 from service.settings import Settings
@@ -78,9 +80,11 @@ class _Waiter:
 class Reports:
     def __init__(
         self, log_: EventLog, models: ReadModels, commands: Commands, leases: LeaseStore, settings: Settings,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, artifacts: ArtifactStore | None = None,
     ):
         self.log, self.models, self.commands, self.leases = log_, models, commands, leases
+        self.artifacts = artifacts
+        """Where a run's outputs were uploaded: an ending naming one it does not hold is refused."""
         self.settings = settings
         self.clock = clock
         self.lease_seconds = settings.lease_seconds
@@ -278,6 +282,7 @@ class Reports:
             prompt=compose_prompt(project.context if project else None, dependencies, task),
             timeout_seconds=task.timeout_seconds or self.settings.default_timeout_seconds,
             lease_seconds=self.lease_seconds, budget_left_usd=await self._budget_left(agent),
+            inputs=await self._inputs(task),
         )
 
     async def _budget_left(self, agent: Agent) -> str | None:
@@ -286,6 +291,14 @@ class Reports:
             return None
         spent = Decimal((await self.models.usage(agent.id)).cost_usd)
         return usage.text(max(Decimal(0), usage.EXACT.subtract(cap, spent)))
+
+    async def _inputs(self, task: TaskState) -> list[File]:
+        """The files the run consumed as it started (recorded with its `task.started`)."""
+        recorded = await self.log.read_stream(streams.task(task.id), types=TypeFilter(["artifact.recorded"]))
+        return [
+            artifacts.file_of(data) for data in map(decode, recorded)
+            if isinstance(data, t.ArtifactRecorded) and data.run_id == task.run_id and data.direction == "input"
+        ]
 
     def _remember(self, run_id: str, task_id: str, desktop_id: str) -> None:
         self._known[run_id] = (task_id, desktop_id)
@@ -330,6 +343,7 @@ class Reports:
                 return wire.RunStatus(status=earlier.status)
         task, fence = await self._leased(who, run_id, lease)
         output = _chunks(body.output)
+        outputs = await self._outputs(run_id, body)
         used = None
         if body.usage is not None:  # priced now, with the agent's prices as they stand, and kept so
             agent = await self.models.agent(task.agent_id or "")
@@ -338,16 +352,40 @@ class Reports:
         if body.outcome == "done":
             command = FinishRun(
                 run_id=run_id, approval_id=str(uuid.uuid4()), result=body.result, fence=fence,
-                last_seq=body.last_seq, output=output, usage=used,
+                last_seq=body.last_seq, output=output, usage=used, artifacts=outputs,
             )
         else:
             command = FailRun(
                 run_id=run_id, reason=body.reason or "error", error=body.error or "The run failed.", fence=fence,
                 last_seq=body.last_seq, exit_code=body.exit_code, result=body.result, output=output, usage=used,
+                artifacts=outputs,
             )
         updated, _ = await self.commands.task(task.id, command, self._caused(who, task), idem, known=task)
         await self.leases.heard(who.desktop_id)  # its lease is dropped by the keepers, which follow every ending
         return wire.RunStatus(status=updated.status)
+
+    async def _outputs(self, run_id: str, body: wire.Ending) -> list[File]:
+        """The files an ending names, each uploaded already (`PUT /worker/runs/{runId}/artifacts/{name}`)."""
+        try:
+            files = msgspec.convert(body.artifacts, list[File])
+        except msgspec.ValidationError as exc:
+            raise Refused("artifact_missing", f"The ending of run {run_id} names its artifacts wrongly: {exc}.") from None
+        for f in files:
+            problem = name_problem(f.name)
+            if problem is not None:
+                raise Refused("artifact_missing", problem)
+            if self.artifacts is None or not await self.artifacts.has(f.sha256):
+                raise Refused("artifact_missing", f"Output {f.name!r} of run {run_id} ({f.sha256}) was never "
+                              "uploaded; PUT it to /worker/runs/{runId}/artifacts/{name} before the ending.")
+        return files
+
+    async def leased(self, who: WorkerIdentity, run_id: str, lease: str) -> TaskState:
+        """The run's task, while the caller holds the run's lease and the run may still report (an
+        artifact's transfer); renews the lease, as any report does."""
+        task, fence = await self._leased(who, run_id, lease)
+        fenced(task, run_id, fence, "output")
+        await self._renew(who, run_id)
+        return task
 
     async def _leased(self, who: WorkerIdentity, run_id: str, lease: str) -> tuple[TaskState, Fence]:
         """The run's task and the fence its report is decided under; refused when the run is not

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from events import types as t
+from projections.artifacts import File
 
 DesktopName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 """1 to 63 of a-z, 0-9, '.', '_' and '-', starting with a letter or a digit."""
@@ -100,7 +101,9 @@ class Assignment(Message, kw_only=True):
     timeout_seconds: int
     """The effective timeout: the task's, or the server's default."""
     lease_seconds: float
-    inputs: list[dict[str, Any]] = []
+    inputs: list[File] = []
+    """The files the run finds under `inputs/` in its working directory: fetch each from
+    `GET /worker/runs/{runId}/artifacts/{sha256}`."""
     budget_left_usd: str | None = None
     """What is left of the agent's `config.budgetUsd` as the run is handed out (None: no budget): a run
     whose usage, priced with `agent.config.pricing`, costs more is stopped and fails."""
@@ -171,6 +174,9 @@ class Ending(Message, kw_only=True):
     usage: t.TokenUsage | None = None
     """The tokens the run spent, if its agent reported them; the server prices them."""
     artifacts: list[dict[str, Any]] = []
+    """The files the run left under `outputs/`, each uploaded first (`PUT /worker/runs/{runId}/artifacts/{name}`):
+    `{name, sha256, size, contentType}` as the upload answered. Recorded with the ending; one never
+    uploaded refuses it (409 `artifact_missing`)."""
 
 
 class RunStatus(Message, kw_only=True):

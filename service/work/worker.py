@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from importlib.metadata import version
@@ -30,7 +31,9 @@ import structlog
 from events.types import AgentKind
 from service.work import wire
 from service.work.agents.process import kill_orphans, records
-from service.work.executor import Executor, LeaseLost, Pacing, runs_dir
+from projections.artifacts import File
+from service.artifacts import file_chunks
+from service.work.executor import Executor, LeaseLost, Pacing, runs_dir, write_checked
 
 log = structlog.get_logger("mission_control.worker")
 
@@ -182,6 +185,57 @@ class HttpReporter:
                 ending = msgspec.structs.replace(ending, last_seq=expected - 1)
         finally:
             self.finishing.discard(run.run_id)
+
+    async def fetch(self, run: wire.Assignment, file: File, into: Path) -> None:
+        """Streamed to the file as it arrives, checked against its hash; resent whole after a failure."""
+        await self._transfer(run, "fetch", lambda: self._fetch_once(run, file, into))
+
+    async def _fetch_once(self, run: wire.Assignment, file: File, into: Path) -> httpx.Response:
+        path = f"/worker/runs/{run.run_id}/artifacts/{file.sha256}"
+        async with self.api.client.stream("GET", path, headers={"MC-Lease": run.lease}) as answer:
+            if answer.status_code == 200:
+                await write_checked(answer.aiter_bytes(), file, into)
+            else:
+                await answer.aread()
+            return answer
+
+    async def upload(self, run: wire.Assignment, file: Path, name: str, content_type: str) -> File:
+        """The file streamed from disk (never whole in memory); resent whole after a failure."""
+        path = f"/worker/runs/{run.run_id}/artifacts/{urllib.parse.quote(name, safe='')}"
+
+        async def once() -> httpx.Response:
+            headers = {"MC-Lease": run.lease, "Content-Type": content_type,
+                       "Content-Length": str(file.stat().st_size)}
+            return await self.api.client.put(path, content=file_chunks(file), headers=headers)
+
+        answer = await self._transfer(run, "upload", once)
+        return msgspec.json.decode(answer.content, type=File)
+
+    async def _transfer(self, run: wire.Assignment, what: str, once: Callable) -> httpx.Response:
+        """An artifact's transfer, tried again after a backoff while the server is away (as a report
+        is); LeaseLost when the run is no longer this desktop's, RuntimeError when it is refused."""
+        attempt = 0
+        while True:
+            try:
+                answer = await once()
+                if answer.status_code == 200:
+                    return answer
+                if answer.status_code in (401, 403):
+                    self.on_fatal(_detail(answer))
+                    raise LeaseLost(_detail(answer))
+                if answer.status_code in (404, 409):
+                    raise LeaseLost(_detail(answer))
+                if answer.status_code < 500 and answer.status_code != 429 or answer.status_code == 507:
+                    raise RuntimeError(f"the server refused to {what} it: {_detail(answer)}")
+                problem = f"HTTP {answer.status_code}: {_detail(answer)}"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            attempt += 1
+            if self.attempts is not None and attempt >= self.attempts:
+                raise ConnectionError(problem)
+            log.warning("an artifact's transfer failed, retrying", run_id=run.run_id, what=what, problem=problem,
+                        attempt=attempt)
+            await asyncio.sleep(backoff(attempt - 1))
 
     def _expected(self, run: wire.Assignment, answer: httpx.Response) -> int:
         """The `expectedSeq` of a 409 `output_gap` (`_post` lets nothing else through)."""
