@@ -738,6 +738,8 @@ def test_the_tray_shows_a_deliverables_artifacts_text_inline_images_as_images_an
         blob.get_by_role("button", name=re.compile("Download blob.bin")).click()
     assert Path(download.value.path()).read_bytes() == b"\x01\x02"
     assert download.value.suggested_filename == "blob.bin"
+    approval.get_by_role("button", name="Build the report").click()  # its panel lists them too
+    expect(page.tab.get_by_test_id("task-artifacts").get_by_test_id("artifact")).to_have_count(3)
 
 
 def test_usage_is_shown_where_the_server_reports_it(shared_server, open_page):
