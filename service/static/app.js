@@ -649,7 +649,7 @@ const renderBoard = coalesced(() => {
   const total = Math.max(state.totalTasks, state.tasks.size);
   const what = state.filters.archived ? "archived tasks" : "tasks";
   $("[data-testid=board-status] [data-field=shown]").textContent = !total
-    ? (filtering() ? `No ${what} match these filters.` : state.filters.archived ? "No task is archived." : "No task yet: create one above.")
+    ? (filtering() ? `No ${what} match these filters.` : state.filters.archived ? "No task is archived." : can("task:write") ? "No task yet: create one above." : "No task yet.")
     : state.tasks.size < total ? `Showing ${state.tasks.size} of ${total} ${what}` : `${total} ${what}`;
   $("[data-testid=load-more]").hidden = state.loaded >= state.totalTasks;
 });
