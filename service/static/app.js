@@ -942,6 +942,8 @@ function describe(event) {
     case "project.created": return p.name;
     case "apikey.issued": return `${p.user}: ${(p.scopes || []).join(", ")}`;
     case "notification.sent": return p.text || "";
+    case "device.registered": return `${p.kind} · ${deviceLabel(p.deviceId)}`;
+    case "device.removed": return deviceLabel(p.deviceId);
     case "artifact.staged": return `${p.name} (${p.size} bytes) for the next run`;
     case "artifact.recorded": return `${p.direction} ${p.name} (${p.size} bytes)`;
     default: return "";
@@ -960,6 +962,7 @@ function subject(event) {
     return "a task"; // its name follows once read
   }
   if (p.agentId) return (state.agents.get(p.agentId) || { name: "an agent" }).name;
+  if (event.stream.startsWith("devices-")) return `${event.stream.slice(8)}'s devices`;
   return event.stream.replace(/-([0-9a-f]{8})[0-9a-f-]{28}$/, " $1");
 }
 
