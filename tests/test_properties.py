@@ -198,7 +198,7 @@ def check(c: httpx.Client, fold: Fold, mine: set[str] | None = None, baseline: d
 
     expected_approvals = [
         {"id": a.id, "taskId": a.task_id, "status": a.status, "createdAt": a.created_at,
-         "resolvedAt": a.resolved_at, "resolvedBy": a.resolved_by, "feedback": a.feedback,
+         "resolvedAt": a.resolved_at, "resolvedBy": a.resolved_by, "feedback": a.feedback, "artifacts": a.artifacts,
          "task": {k: as_json(fold.tasks[a.task_id])[k] for k in ("id", "type", "content", "desktopId", "title")}}
         for a in sorted(fold.approvals.values(), key=lambda a: a.created_position)  # oldest first
         if ours(a.task_id)
