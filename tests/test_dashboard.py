@@ -49,8 +49,9 @@ class Page:
 
     def __init__(self, browser, base_url: str, width: int = 1680, height: int = 1050, scheme: str = "dark"):
         self.base_url = base_url
+        # Reduced motion: a row fading in is half transparent, and axe would judge its contrast mid-fade.
         self.context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
-                                           color_scheme=scheme)
+                                           color_scheme=scheme, reduced_motion="reduce")
         self.context.set_default_timeout(TIMEOUT_MS)
         self.errors: list[str] = []
         self.foreign: list[str] = []
