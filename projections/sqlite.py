@@ -53,6 +53,21 @@ def _upsert(model: Model) -> str:
 _UPSERTS = {m.table: _upsert(m) for m in MODELS}
 
 
+def _conditions(equal: dict[str, Any], within: dict[str, list[str] | None]) -> tuple[str, list[Any]]:
+    """A WHERE clause and its values: each column of `equal` equal to its value and each of
+    `within` one of its values, leaving out those given None."""
+    where, params = ["1"], []
+    for column, value in equal.items():
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    for column, values in within.items():
+        if values is not None:
+            where.append(_one_of(column, values))
+            params += values
+    return " AND ".join(where), params
+
+
 _LOAD_CHUNK = 500
 """Keys a read of the fold asks for at once, well within SQLite's limit on bound values."""
 
@@ -184,16 +199,10 @@ class SqliteReadModels(ReadModels):
         return found
 
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
-        where, params = ["1"], []
-        if status is not None:
-            where.append("a.status = ?")
-            params.append(status)
-        if projects is not None:
-            where.append(_one_of("t.project_id", projects))
-            params.extend(projects)
+        where, params = _conditions({"a.status": status}, {"t.project_id": projects})
         rows = await self.log.query(
-            "SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id "
-            f"WHERE {' AND '.join(where)} ORDER BY a.created_position", params,
+            f"SELECT a.state, t.state FROM approvals a JOIN tasks t ON t.id = a.task_id WHERE {where} "
+            "ORDER BY a.created_position", params,
         )
         return [(DECODERS["approvals"].decode(a), DECODERS["tasks"].decode(t)) for a, t in rows]
 
@@ -219,14 +228,8 @@ class SqliteReadModels(ReadModels):
         return values, (await self.log.query("SELECT position FROM checkpoint"))[0][0]
 
     async def usage_shares(self, agent_id, project_ids) -> list[UsageShare]:
-        where, params = ["1"], []
-        if agent_id is not None:
-            where.append("agent_id = ?")
-            params.append(agent_id)
-        if project_ids is not None:
-            where.append(_one_of("project_id", project_ids))
-            params += project_ids
-        rows = await self.log.query(f"SELECT state FROM usage_shares WHERE {' AND '.join(where)}", params)
+        where, params = _conditions({"agent_id": agent_id}, {"project_id": project_ids})
+        rows = await self.log.query(f"SELECT state FROM usage_shares WHERE {where}", params)
         return [DECODERS["usage_shares"].decode(r[0]) for r in rows]
 
     async def running_count(self) -> int:
