@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
+from tests.api_helpers import wait_for
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -383,10 +384,7 @@ def test_the_page_is_accessible_and_fits_at_a_phone_and_a_laptop_width(shared_se
 
 
 def wait_status(client, task_id: str, status: str) -> None:
-    deadline = time.monotonic() + 15
-    while client.get(f"/tasks/{task_id}").json()["status"] != status:
-        assert time.monotonic() < deadline, f"the task never reached {status}"
-        time.sleep(0.05)
+    wait_for(lambda: client.get(f"/tasks/{task_id}").json()["status"] == status, what=f"the task to reach {status}")
 
 
 def test_message_cancel_retry_and_review_from_the_task_panel(shared_server, open_page):
@@ -663,10 +661,7 @@ def test_at_the_limit_create_and_run_says_the_task_was_made_and_makes_it_once(ma
     expect(panel).to_have_attribute("data-task-id", made[0]["id"])
     assert client.post(f"/tasks/{holder['id']}/cancel", json={}).status_code == 200
     wait_status(client, holder["id"], "cancelled")
-    deadline = time.monotonic() + 15
-    while client.get("/overview").json()["tasks"]["running"]:
-        assert time.monotonic() < deadline, "the slot never came free"
-        time.sleep(0.05)
+    wait_for(lambda: not client.get("/overview").json()["tasks"]["running"], what="the slot to come free")
     panel.get_by_role("button", name="Run", exact=True).click()
     expect(page.card(made[0]["id"], "review")).to_be_visible()
     expect(error).to_have_text("")
@@ -695,10 +690,7 @@ def test_a_task_that_ends_while_the_tab_is_in_the_background_is_a_browser_notifi
     toggle = tab.get_by_test_id("notify-toggle")
     toggle.click()
     expect(toggle).to_have_attribute("aria-pressed", "true")
-    deadline = time.monotonic() + 15
-    while device not in [d["deviceId"] for d in nora.get("/devices").json()]:
-        assert time.monotonic() < deadline, "the tab never registered as a device"
-        time.sleep(0.05)
+    wait_for(lambda: device in [d["deviceId"] for d in nora.get("/devices").json()], what="the tab to register as a device")
 
     tab.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'})")
     task = nora.post("/tasks", json={"type": "prompt", "title": "Nightly report", "content": "x"}).json()
