@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from events import EventLog, TypeFilter, decode
+from events.types import Sha256
 
 CHUNK_BYTES = 1024 * 1024
 """How many bytes a backend writes, and `get` yields, at a time."""
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(Sha256.__metadata__[0].pattern)  # the events' rule for a hash, not a copy of it
 MAX_NAME = 255
 MEDIA_TYPE = re.compile(
     r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}"

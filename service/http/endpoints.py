@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from events.types import EVENT_TYPES
 from projections import lifecycle
+from service.artifacts import MAX_NAME, SHA256
 from service.http.auth import DESKTOP_NAME, Principal
 from service.http.bodies import MAX_INT, read_body
 
@@ -43,7 +44,7 @@ TEXT = {"type": "string"}
 DESKTOP = {"type": "string", "pattern": DESKTOP_NAME.pattern}
 PATH_PARAMS = {
     "desktop_id": DESKTOP, "device_id": {"type": "string", "minLength": 1, "maxLength": 200},
-    "name": {"type": "string", "minLength": 1, "maxLength": 255}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME}, "sha256": {"type": "string", "pattern": SHA256.pattern},
 }
 """A path parameter's schema when it is not a UUID."""
 LEASE = Param("MC-Lease", {"type": "string", "pattern": r"^[^:]+:[0-9]{1,18}$"},
