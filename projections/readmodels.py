@@ -60,6 +60,7 @@ class ReadModels(ABC):
     def __init__(self, log: EventLog):
         self.log = log
         log.projector = self.project_events
+        self._projects_seen: set[str] = set()  # `project_exists`'s yeses
 
     # --- keeping them: what a backend does inside a transaction of its log -----------------
 
@@ -176,11 +177,9 @@ class ReadModels(ABC):
     async def watchers(self, task_ids: list[str]) -> dict[str, list[str]]:
         """Devices whose presence has not expired, judged against the clock now."""
 
+    @abstractmethod
     async def _task_and_watchers(self, task_id: str) -> tuple[Task | None, list[str]]:
-        """The task and `watchers([task_id])`'s devices for it: two reads, unless the backend can
-        do with one (a round trip to a server costs more than a read on the loop)."""
-        found: Task | None = await self._get(TASKS, task_id)
-        return found, (await self.watchers([task_id])).get(task_id, []) if found is not None else []
+        """The task and `watchers([task_id])`'s devices for it, in one read: a GET of a task is this."""
 
     @abstractmethod
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
@@ -337,6 +336,18 @@ class ReadModels(ABC):
 
     async def project(self, project_id: str) -> Project | None:
         return await self._get(PROJECTS, project_id)
+
+    async def project_exists(self, project_id: str) -> bool:
+        """Whether the project exists. No event removes a project, so a yes is remembered and a
+        task created in a known one (as most are: in their user's default project) reads nothing."""
+        if project_id in self._projects_seen:
+            return True
+        if await self.project(project_id) is None:
+            return False
+        if len(self._projects_seen) >= 10_000:
+            self._projects_seen.clear()
+        self._projects_seen.add(project_id)
+        return True
 
     async def api_key(self, key_id: str) -> ApiKey | None:
         return await self._get(APIKEYS, key_id)

@@ -198,6 +198,16 @@ class SqliteReadModels(ReadModels):
             found.setdefault(task_id, []).append(DECODERS["presence"].decode(state).device_id)
         return found
 
+    async def _task_and_watchers(self, task_id: str) -> tuple[Task | None, list[str]]:
+        rows = await self.log.query(
+            "SELECT t.state, p.state FROM tasks t LEFT JOIN presence p ON p.task_id = t.id AND p.expires_at > ? "
+            "WHERE t.id = ? ORDER BY p.id", (now_rfc3339(), task_id),
+        )
+        if not rows:
+            return None, []
+        watchers = [DECODERS["presence"].decode(presence).device_id for _, presence in rows if presence is not None]
+        return DECODERS["tasks"].decode(rows[0][0]), watchers
+
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
         where, params = _conditions({"a.status": status}, {"t.project_id": projects})
         rows = await self.log.query(

@@ -143,11 +143,20 @@ def test_depends_on_naming_a_task_twice_is_refused(c, task):
     assert other.status_code == 201 and other.json()["dependsOn"] == [task["id"]]
 
 
+def test_the_ids_the_service_mints_are_random_uuids_in_canonical_form(c):
+    ids = [c.post("/tasks", json={"type": "prompt", "content": "x"}).json()["id"] for _ in range(20)]
+    assert len(set(ids)) == len(ids)
+    for minted in ids:
+        assert str(uuid.UUID(minted)) == minted and uuid.UUID(minted).version == 4
+        assert c.get(f"/tasks/{minted.upper()}").json()["id"] == minted  # any form of it names the task
+
+
 def test_a_request_id_over_200_characters_is_replaced_not_cut(shared_app_server, c):
     long_id = "r" * 300
     answer = c.get("/tasks", headers={"X-Request-ID": long_id})
     assert answer.status_code == 200
-    uuid.UUID(answer.headers["x-request-id"])  # a fresh id, not the first 200 of the client's
+    minted = answer.headers["x-request-id"]  # a fresh id, not the first 200 of the client's
+    assert str(uuid.UUID(minted)) == minted and uuid.UUID(minted).version == 4
     kept = shared_app_server.http().get(API + "/tasks", headers={
         "X-Request-ID": "r" * 200, "Authorization": f"Bearer {shared_app_server.admin_token}"})
     assert kept.headers["x-request-id"] == "r" * 200

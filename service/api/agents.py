@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 import msgspec
 from starlette.requests import Request
@@ -14,6 +13,7 @@ from events import types as t
 from projections import agents
 from projections.agents import AGENT_KINDS, Agent
 from projections.usage import Usage
+from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
@@ -82,7 +82,7 @@ async def create_agent(request: Request, who: Principal) -> Response:
     raw, body = await declared_body(request)
     _admin_only(who, body.kind)
     _check_config(body.kind, body.config)
-    agent_id = str(uuid.uuid4())
+    agent_id = new_id()
     event = t.AgentRegistered(agent_id=agent_id, name=body.name, kind=body.kind, config=body.config)
     agent = await record(request, who, streams.agent(agent_id), [event], 0, raw, agents.evolve)
     return json_response(agent, 201, {"Location": f"{API_PREFIX}/agents/{agent.id}"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,6 +11,7 @@ from events import streams
 from events import types as t
 from projections import projects
 from projections.projects import Project
+from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
@@ -53,7 +53,7 @@ async def get_project(request: Request, who: Principal) -> Response:
 )
 async def create_project(request: Request, who: Principal) -> Response:
     raw, body = await declared_body(request)
-    project_id = str(uuid.uuid4())
+    project_id = new_id()
     event = t.ProjectCreated(project_id=project_id, name=body.name, context=body.context, members=body.members)
     project = await record(request, who, streams.project(project_id), [event], 0, raw, projects.evolve)
     return json_response(project, 201, {"Location": f"{API_PREFIX}/projects/{project.id}"})

@@ -17,6 +17,7 @@ from projections import runs
 from projections.lifecycle import STATUSES
 from projections.readmodels import TaskOrder
 from projections.tasks import Task, served
+from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.api.devices import own_device
@@ -139,7 +140,7 @@ async def create_task(request: Request, who: Principal) -> Response:
         dep = await models.task(str(dependency), with_watchers=False)
         if dep is None or not await can_see_project(request, who, dep.project_id):
             raise Refused("not_found", f"Dependency {dependency} not found.")
-    task_id = str(uuid.uuid4())
+    task_id = new_id()
     event = t.TaskCreated(
         task_id=task_id, type=body.type, content=body.content, project_id=project_id, created_by=who.user,
         title=body.title, description=body.description, desktop_id=body.desktop_id,
@@ -164,7 +165,7 @@ async def _target_project(request: Request, who: Principal, requested: uuid.UUID
     else:
         project_id = str(requested)
     # Checked for every case: a key issued for a project its user has since left creates nothing.
-    if (not exists and await models.project(project_id) is None) or not await can_see_project(request, who, project_id):
+    if (not exists and not await models.project_exists(project_id)) or not await can_see_project(request, who, project_id):
         raise Refused("not_found", f"Project {project_id} not found.")
     return project_id
 
@@ -232,7 +233,7 @@ async def run_task(request: Request, who: Principal) -> Response:
         deps = {d: (dep.status if (dep := await models.task(d, with_watchers=False)) else None) for d in (state.depends_on if state else [])}
         agent = await models.agent(agent_id)
         return StartRun(
-            run_id=str(uuid.uuid4()), agent=agent, agent_id=agent_id,
+            run_id=new_id(), agent=agent, agent_id=agent_id,
             actor=who.user, actor_is_admin=who.has("admin"),
             running=await models.running_count(), limit=settings.max_concurrent, dependencies=deps,
             desktops=await models.placements(), queue=body.queue if body else False,

@@ -23,6 +23,7 @@ from events import streams
 from events import types as t
 from projections.projects import Project
 from projections.readmodels import ReadModels
+from service.ids import new_id
 from service.http.errors import HttpError
 from service.work.jobs import cancelled
 from service.work.wire import DesktopName
@@ -198,7 +199,7 @@ async def issue_key(
             expected=restricted_to.version, meta=meta,
         )
     token = "mc_" + secrets.token_urlsafe(32)
-    key_id = str(uuid.uuid4())
+    key_id = new_id()
     await log.append(
         streams.apikey(key_id),
         [t.ApiKeyIssued(key_id=key_id, user=user, scopes=scopes, project_id=project_id, token_hash=hash_token(token),
@@ -210,7 +211,7 @@ async def issue_key(
 
 async def ensure_default_project(log: EventLog, models: ReadModels, user: str, meta: Meta) -> str:
     project_id = default_project_id(user)
-    if await models.project(project_id) is None:
+    if not await models.project_exists(project_id):
         try:
             await log.append(
                 streams.project(project_id),

@@ -171,7 +171,14 @@ async def read_body(request: Request, type_: type[T], required: bool = True) -> 
     return raw, decode_body(raw, type_, settings.max_json_depth, settings.max_string_length)
 
 
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""A UUID as the API writes one: what nearly every path names, so it skips building a UUID."""
+
+
 def parse_uuid(value: str, what: str = "id") -> str:
+    """`value` in the API's form (lowercase, hyphenated); the other forms `uuid.UUID` reads, written so."""
+    if CANONICAL_UUID.fullmatch(value):
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:

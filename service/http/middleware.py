@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 import re
 import time
-import uuid
 
 import structlog
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import StorageError
+from service.ids import new_id
 from service.http.bodies import whole_number
 from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
@@ -28,9 +28,18 @@ REQUEST_ID = re.compile(r"[\x20-\x7e]{1,200}")
 """A client's X-Request-ID is kept (in every event's meta) only if it is printable ASCII."""
 
 
-def request_id_of(headers: Headers) -> str:
-    given = headers.get("x-request-id") or ""
-    return given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())  # replaced whole, never cut
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
+    return given if REQUEST_ID.fullmatch(given) else new_id()  # replaced whole, never cut
+
+
+def header_values(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name, the first of a repeated one (as Starlette's `Headers.get`),
+    gathered once: each `Headers.get` walks them all again."""
+    values: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        values.setdefault(name, value)
+    return values
 
 
 class ApiMiddleware:
@@ -45,7 +54,7 @@ class ApiMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        headers = Headers(scope=scope)
+        headers = header_values(scope)
         request_id = request_id_of(headers)
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
@@ -76,7 +85,7 @@ class ApiMiddleware:
             if metrics is not None:
                 metrics.observe_request(scope["method"], route, status, seconds)
 
-    async def _admit(self, scope: Scope, headers: Headers) -> HttpError | None:
+    async def _admit(self, scope: Scope, headers: dict[bytes, bytes]) -> HttpError | None:
         path = scope["path"]
         if scope.get("query_string"):
             empty = next((name for name, value in QueryParams(scope["query_string"]).multi_items() if not value), None)
@@ -88,7 +97,7 @@ class ApiMiddleware:
         if path in PUBLIC or path.startswith(PUBLIC_PREFIXES) or (path == "/metrics" and settings.metrics_public):
             return None
         token = None
-        authorization = headers.get("authorization", "")
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
             token = credentials.strip()
@@ -108,7 +117,7 @@ class ApiMiddleware:
                 429, "rate_limited", "Too many requests for this API key; slow down.",
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        declared = headers.get("content-length")
+        declared = headers.get(b"content-length", b"").decode("latin-1")
         size = whole_number(declared) if declared else 0
         # For every route; read_raw_body (an upload: the artifact store) counts chunked ones.
         limit = settings.max_artifact_bytes if takes_upload(scope["method"], path) else settings.max_body_bytes

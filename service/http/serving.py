@@ -234,6 +234,7 @@ def run(app, settings: Settings, sock: socket.socket, on_ready: Callable[[], Non
     config = uvicorn.Config(
         app, http=protocol_for(settings), access_log=False, log_level="warning",
         timeout_graceful_shutdown=3, lifespan="on",
+        proxy_headers=False,  # nothing reads the client's address or scheme: no layer to rewrite them
         log_config=None,  # uvicorn's records go through service.http.logs, as JSON when not on a terminal
     )
     Server(config).run(sockets=[sock])

@@ -22,6 +22,7 @@ from events import EventLog, Meta, StorageError, WrongExpectedVersion, streams
 from events import types as t
 from projections.agents import AGENT_KINDS
 from projections.artifacts import File
+from service.ids import new_id
 from service.artifacts import file_chunks
 from projections.readmodels import ReadModels
 from service.commands.deciders import FailRun, Fence, Refused
@@ -136,7 +137,7 @@ class LocalDesktop:
         self.reports, self.models, self.commands, self.settings = reports, models, commands, settings
         self.name = settings.local_desktop
         self.who = WorkerIdentity(desktop_id=self.name, key_id=None)
-        self.session_id = str(uuid.uuid4())
+        self.session_id = new_id()
         self.workdir = Path(settings.data_dir)
         self.epoch = 0
         self.pacing = Pacing()

@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import hashlib
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from decimal import Decimal
@@ -31,6 +30,7 @@ from projections.artifacts import File
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
 from projections.tasks import Task, TaskState
+from service.ids import new_id
 from service.artifacts import ArtifactStore, name_problem
 from service.commands.deciders import FailRun, Fence, FinishRun, RecordOutput, Refused, RequestInput, fenced
 from service.commands.desktops import Drain, MarkOffline, Register
@@ -351,7 +351,7 @@ class Reports:
         command: FinishRun | FailRun
         if body.outcome == "done":
             command = FinishRun(
-                run_id=run_id, approval_id=str(uuid.uuid4()), result=body.result, fence=fence,
+                run_id=run_id, approval_id=new_id(), result=body.result, fence=fence,
                 last_seq=body.last_seq, output=output, usage=used, artifacts=outputs,
             )
         else:

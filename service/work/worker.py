@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import urllib.parse
-import uuid
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +28,7 @@ import msgspec
 import structlog
 
 from events.types import AgentKind
+from service.ids import new_id
 from service.work import wire
 from service.work.agents.process import kill_orphans, records
 from projections.artifacts import File
@@ -279,7 +279,7 @@ class Worker:
         self.options = options
         self.api = api or Api(options.server, options.token)
         self.workdir = options.workdir.resolve()
-        self.session_id = str(uuid.uuid4())
+        self.session_id = new_id()
         self.desktop = options.desktop or ""
         self.epoch = 0
         self.intervals: wire.Registered | None = None
