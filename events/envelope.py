@@ -28,7 +28,7 @@ class Meta(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=False):
     schema: int = 1
 
 
-class RecordedEvent(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
+class RecordedEvent(msgspec.Struct, kw_only=True, rename="camel", frozen=True, gc=False):
     """An event as the log keeps and serves it.
 
     `payload` and `meta` stay raw JSON exactly as recorded, so serving, exporting and
