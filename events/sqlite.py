@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -83,6 +84,9 @@ class _Tx:
 
 
 _STREAM_VERSION = "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?"
+_STREAM_VERSIONS = (  # of the streams named in a JSON array that have events: one statement for any batch
+    "SELECT stream, MAX(version) FROM events WHERE stream IN (SELECT value FROM json_each(?)) GROUP BY stream"
+)
 
 
 def _filters(streams: Sequence[str] | None, types: TypeFilter | None) -> tuple[str, list[Any]]:
@@ -257,9 +261,7 @@ class SqliteLog(GroupCommitLog):
         tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
         return self._staged(
             batch, *(tail or (0, GENESIS_HASH)),
-            stream_versions=lambda names: {  # a read in the file is cheap: one per stream, by the index
-                name: conn.execute(_STREAM_VERSION, (name,)).fetchone()[0] for name in names
-            },
+            stream_versions=lambda names: dict(conn.execute(_STREAM_VERSIONS, (json.dumps(names),)).fetchall()),
             recorded_for_key=lambda key: self._recorded_for_key(conn, key),
         )
 
@@ -292,7 +294,7 @@ class SqliteLog(GroupCommitLog):
         try:
             tail = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
             chain = Chain(*(tail or (0, GENESIS_HASH)), version_of=lambda stream: conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)
+                _STREAM_VERSION, (stream,)
             ).fetchone()[0])
             batch: list[RecordedEvent] = []
             written: list[RecordedEvent] = []
