@@ -8,19 +8,17 @@ import math
 import re
 import time
 
-import structlog
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import StorageError
 from service.ids import new_id
 from service.http.bodies import whole_number
+from service.http.logs import access_line
 from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
 from service.api.artifacts import takes_upload
 from service.api.stream import PATH as STREAM_PATH
-
-access_log = structlog.get_logger("mission_control.access")
 
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/")
 PUBLIC_PREFIXES = ("/static/",)
@@ -77,8 +75,8 @@ class ApiMiddleware:
             endpoint = scope.get("endpoint")
             route = getattr(endpoint, "__name__", "unmatched")
             seconds = time.perf_counter() - started
-            access_log.info(
-                "request", method=scope["method"], path=scope["path"], route=route, status=status,
+            access_line(
+                method=scope["method"], path=scope["path"], route=route, status=status,
                 ms=round(seconds * 1000, 2), request_id=request_id,
             )
             metrics = getattr(self.state, "metrics", None)
