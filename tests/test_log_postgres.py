@@ -6,6 +6,8 @@ sentence, writing nothing."""
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -46,6 +48,25 @@ async def test_the_events_table_refuses_updates_deletes_and_truncation(postgres_
     log = await opened(postgres_database)
     try:
         assert [e.stream for e in (await log.read_all()).events] == ["task-a"]
+    finally:
+        await log.close()
+
+
+async def test_a_read_whose_caller_leaves_mid_statement_leaves_every_reader_usable(postgres_database):
+    # Reads run on the event loop: a request cancelled (its client gone) while its read is on the
+    # wire must not hand the next read a connection still busy with that statement (psycopg
+    # cancels it on the server and leaves the connection idle).
+    log = await opened(postgres_database)
+    try:
+        await log.append("task-a", [created("a")])
+        for _ in range(2):  # as many as the log has readers: each is cut off once
+            slow = asyncio.ensure_future(log.query("SELECT pg_sleep(2)"))
+            await asyncio.sleep(0.3)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+        reads = [asyncio.wait_for(log.query("SELECT stream FROM events"), 10) for _ in range(6)]
+        assert await asyncio.gather(*reads) == [[("task-a",)]] * 6
     finally:
         await log.close()
 
