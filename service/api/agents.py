@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,7 +12,6 @@ from events import types as t
 from projections import agents
 from projections.agents import AGENT_KINDS, Agent
 from projections.usage import Usage
-from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
@@ -22,6 +20,7 @@ from service.http.auth import Principal, visible_projects
 from service.http.bodies import parse_uuid
 from service.http.errors import bad_request, json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
+from service.ids import new_id
 from service.work.agents.kinds import check_config
 
 

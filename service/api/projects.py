@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -11,7 +10,6 @@ from events import streams
 from events import types as t
 from projections import projects
 from projections.projects import Project
-from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
@@ -20,6 +18,7 @@ from service.http.auth import Principal, visible_projects
 from service.http.bodies import parse_uuid
 from service.http.errors import json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
+from service.ids import new_id
 
 
 async def _project(request: Request, who: Principal) -> Project:

@@ -17,7 +17,6 @@ from projections import runs
 from projections.lifecycle import STATUSES
 from projections.readmodels import TaskOrder
 from projections.tasks import Task, served
-from service.ids import new_id
 from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.api.devices import own_device
@@ -32,6 +31,7 @@ from service.http.errors import bad_request, json_response
 from service.http.endpoints import (
     IDEMPOTENCY, IF_MATCH, TEXT, UUID, Param, declared_body, endpoint, whole,
 )
+from service.ids import new_id
 from service.work import outbound
 from service.work.local import ECHO_AGENT_ID
 

@@ -23,8 +23,8 @@ from events import streams
 from events import types as t
 from projections.projects import Project
 from projections.readmodels import ReadModels
-from service.ids import new_id
 from service.http.errors import HttpError
+from service.ids import new_id
 from service.work.jobs import cancelled
 from service.work.wire import DesktopName
 

@@ -12,13 +12,13 @@ from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import StorageError
-from service.ids import new_id
 from service.http.bodies import whole_number
 from service.http.logs import access_line
 from service.http.errors import HttpError, body_too_large, error_response, storage_unavailable
 from service.http.ratelimit import RateLimiter
 from service.api.artifacts import takes_upload
 from service.api.stream import PATH as STREAM_PATH
+from service.ids import new_id
 
 PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/")
 PUBLIC_PREFIXES = ("/static/",)

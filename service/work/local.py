@@ -22,11 +22,11 @@ from events import EventLog, Meta, StorageError, WrongExpectedVersion, streams
 from events import types as t
 from projections.agents import AGENT_KINDS
 from projections.artifacts import File
-from service.ids import new_id
 from service.artifacts import file_chunks
 from projections.readmodels import ReadModels
 from service.commands.deciders import FailRun, Fence, Refused
 from service.commands.handling import Commands
+from service.ids import new_id
 from service.settings import Settings
 from service.work import wire
 from service.work.agents.process import kill_orphans

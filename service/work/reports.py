@@ -30,11 +30,11 @@ from projections.artifacts import File
 from projections.desktops import Desktop
 from projections.readmodels import ReadModels
 from projections.tasks import Task, TaskState
-from service.ids import new_id
 from service.artifacts import ArtifactStore, name_problem
 from service.commands.deciders import FailRun, Fence, FinishRun, RecordOutput, Refused, RequestInput, fenced
 from service.commands.desktops import Drain, MarkOffline, Register
 from service.commands.handling import Commands, Idempotency
+from service.ids import new_id
 from service.settings import Settings
 from service.work import wire
 from service.work.leases import ENDINGS, LeaseStore, lapsed, lose
