@@ -196,6 +196,8 @@ class PostgresLog(GroupCommitLog):
         self.url = url
         self.durable = durable
         self.poll_interval = poll_interval
+        self.readers = readers
+        """Reads of the tables beside the log that may be out at once, each on a connection of its own."""
         self._free_readers: asyncio.Queue[psycopg.AsyncConnection | None] = asyncio.Queue()
         for _ in range(readers):
             self._free_readers.put_nowait(None)  # connected at its first read

@@ -17,6 +17,7 @@ from projections.agents import Agent
 from projections.apikeys import ApiKey
 from projections.approvals import Approval
 from projections.desktops import Desktop
+from projections.gathering import GatheredReads
 from projections.notifications import Pending
 from projections.lifecycle import ACTIVE
 from projections.projects import Project
@@ -90,6 +91,11 @@ def read_models(log: PostgresLog) -> PostgresReadModels:
 
 class PostgresReadModels(ReadModels):
     log: PostgresLog
+
+    def __init__(self, log: PostgresLog):
+        super().__init__(log)
+        # A GET of a task is this read: under load, one query answers the GETs of many.
+        self._tasks_and_watchers = GatheredReads(self._fetch_tasks_and_watchers, slots=log.readers)
 
     # --- keeping them -------------------------------------------------------------------
 
@@ -189,15 +195,20 @@ class PostgresReadModels(ReadModels):
         return found
 
     async def _task_and_watchers(self, task_id: str) -> tuple[Task | None, list[str]]:
-        # One round trip to the server instead of two: a GET of a task is this read.
-        rows = await self.log.query(
-            "SELECT t.state, ARRAY(SELECT p.state FROM presence p WHERE p.task_id = t.id AND p.expires_at > %s "
-            "ORDER BY p.id) FROM tasks t WHERE t.id = %s", (now_rfc3339(), _text(task_id)),
-        )
-        if not rows:
+        found = await self._tasks_and_watchers.get(task_id)
+        if found is None:
             return None, []
-        state, presence = rows[0]
+        state, presence = found
         return DECODERS["tasks"].decode(state), [DECODERS["presence"].decode(p).device_id for p in presence]
+
+    async def _fetch_tasks_and_watchers(self, task_ids: list[str]) -> dict[str, tuple[bytes, list[bytes]]]:
+        """Tasks with their live presence, in one round trip to the server."""
+        stored_as = {_text(key): key for key in task_ids}  # an id is stored as `_text` made it
+        rows = await self.log.query(
+            "SELECT t.id, t.state, ARRAY(SELECT p.state FROM presence p WHERE p.task_id = t.id AND p.expires_at > %s "
+            "ORDER BY p.id) FROM tasks t WHERE t.id = ANY(%s)", (now_rfc3339(), list(stored_as)),
+        )
+        return {stored_as[key]: (state, presence) for key, state, presence in rows}
 
     async def approvals(self, status: str | None, projects: list[str] | None) -> list[tuple[Approval, Task]]:
         where, params = ["TRUE"], []

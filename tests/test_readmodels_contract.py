@@ -63,6 +63,22 @@ async def test_a_task_by_id_with_its_watchers_and_as_it_stood(models):
     assert await models.watchers([]) == {}
 
 
+async def test_many_tasks_read_at_once_each_come_with_their_own_watchers(models):
+    # What many GETs at once ask: a backend may answer them together, but each its own task.
+    p = uid()
+    ids = [uid() for _ in range(40)]
+    for n, task_id in enumerate(ids):
+        await append(models, f"task-{task_id}", created(task_id, p, title=f"task {n}"))
+        if n % 3 == 0:
+            await append(models, f"presence-{task_id}", t.PresenceMarked(task_id=task_id, device_id=f"phone {n}"))
+    wanted = [*ids, uid(), *ids[:5]]  # one that does not exist, and some asked for twice
+    found = await asyncio.gather(*(models.task(task_id) for task_id in wanted))
+    assert [x.id if x else None for x in found] == [*ids, None, *ids[:5]]
+    assert [x.title for x in found[:40]] == [f"task {n}" for n in range(40)]
+    assert [x.watchers for x in found[:40]] == [[f"phone {n}"] if n % 3 == 0 else [] for n in range(40)]
+    assert found[0] is not found[41]  # each caller may change its own copy
+
+
 async def test_a_task_with_nul_in_its_text_is_kept_whole_and_found(models):
     a, p = uid(), uid()
     await append(models, f"task-{a}", created(a, p, title="a\x00b", content="x\x00y"))
