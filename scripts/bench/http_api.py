@@ -28,6 +28,7 @@ import functools
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import httpx
+import psycopg
 
 from events import types as t
 from tests.server import API, Server, Uvicorn
@@ -258,14 +260,19 @@ class Load:
     def __init__(self, wrk: str, args: argparse.Namespace, where: Path):
         self.wrk, self.args, self.where = wrk, args, where
 
-    def run(self, url: str, token: str | None = None, body: bytes | None = None) -> tuple[float, int, int]:
-        """(requests per second, requests, non-2xx answers) of one wrk run."""
+    def run(self, url: str, token: str | None = None, body: bytes | None = None,
+            paths: tuple[str, ...] = ()) -> tuple[float, int, int]:
+        """(requests per second, requests, non-2xx answers) of one wrk run; with `paths`, each
+        request asks for one of them at random."""
         script = self.where / f"wrk-{uuid.uuid4().hex}.lua"
         lines = ['wrk.headers["Content-Type"] = "application/json"']
         if token:
             lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
         if body is not None:
             lines += ['wrk.method = "POST"', f"wrk.body = [[{body.decode()}]]"]
+        if paths:
+            lines += ["local paths = {" + ",".join(f'"{path}"' for path in paths) + "}",
+                      "request = function() return wrk.format(nil, paths[math.random(#paths)]) end"]
         script.write_text("\n".join(lines) + "\n")
         args = self.args
         command = [self.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
@@ -291,6 +298,7 @@ class Target(NamedTuple):
     url: str
     token: str | None = None
     body: bytes | None = None
+    paths: tuple[str, ...] = ()
 
 
 def compare(load: Load, targets: list[Target], rounds: int, answered: list[int] | None = None) -> list[float]:
@@ -302,7 +310,7 @@ def compare(load: Load, targets: list[Target], rounds: int, answered: list[int] 
     total = [0] * len(targets)
     for _ in range(rounds):
         for n, target in enumerate(targets):
-            measured = load.run(target.url, target.token, target.body)
+            measured = load.run(target.url, target.token, target.body, target.paths)
             bad[n] += measured[2]
             total[n] += measured[1]
             best[n] = max(best[n], measured)
@@ -330,6 +338,34 @@ def storage_share(stored: float, floor: float, served: float) -> None:
     """Where the time goes: storage alone against the bare floor, and the route against storage alone."""
     line("  storage alone against bare", f"{share(stored, floor):.3f}")
     line("  the route against storage alone", f"{share(served, stored):.3f}")
+
+
+MANY = 1_000
+"""Tasks that `GET /tasks/{id}` asks for at random in its second comparison."""
+
+
+def ours_to_read(client: httpx.Client) -> list[str]:
+    """`MANY` of the tasks the POST comparison made, by their ids."""
+    ids: list[str] = []
+    while len(ids) < MANY:
+        page = client.get("/tasks", params={"limit": 500, "offset": len(ids)}).json()
+        if not page:
+            break
+        ids += [task["id"] for task in page]
+    return ids[:MANY]
+
+
+def many_tasks(load: Load, args: argparse.Namespace, ours: tuple[str, str, list[str]],
+               theirs: tuple[str, list[str]]) -> None:
+    """GET /tasks/{id} of one of a thousand tasks at random: the cache and a backend's gathering
+    of reads (PostgreSQL) meet as many different rows as requests."""
+    (url, token, our_ids), (naive, peer_ids) = ours, theirs
+    print(f"GET /tasks/{{id}} of {len(our_ids):,} tasks at random")
+    served, peer = compare(load, [
+        Target("mission-control serve (200)", url, token, paths=tuple(f"{API}/tasks/{i}" for i in our_ids)),
+        Target("the naive peer (SELECT by id)", naive, paths=tuple(f"{API}/tasks/{i}" for i in peer_ids)),
+    ], args.rounds)
+    verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
 
 
 # --- filling a log fast -------------------------------------------------------------------------
@@ -408,6 +444,9 @@ def bench_http(args: argparse.Namespace) -> None:
             verdict("ratio", share(served, floor), share(served, floor) >= 0.7, ">= 0.7")
             storage_share(stored, floor, served)
             verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
+            with sqlite3.connect(where / "naive-peer.db") as db:
+                peer_ids = [row[0] for row in db.execute("SELECT id FROM tasks LIMIT ?", (MANY,))]
+            many_tasks(load, args, (url, token, ours_to_read(client)), (naive, peer_ids))
             client.close()
 
         print("GET /overview")
@@ -452,3 +491,7 @@ def bench_http_postgres(wrk: str, args: argparse.Namespace) -> None:
                 Target("the naive asyncpg peer (SELECT by id)", f"{naive}{API}/tasks/{peer_id}"),
             ], args.rounds)
             verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
+            with psycopg.connect(theirs) as db:
+                peer_ids = [str(row[0]) for row in db.execute("SELECT id FROM naive_tasks LIMIT %s", (MANY,))]
+            with httpx.Client(base_url=url + API, headers={"Authorization": f"Bearer {token}"}) as client:
+                many_tasks(load, args, (url, token, ours_to_read(client)), (naive, peer_ids))
