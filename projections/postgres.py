@@ -121,17 +121,20 @@ class PostgresReadModels(ReadModels):
         return {stored_as[key]: bytes(state) for key, state in rows}
 
     def _save(self, tx, changes: Changes) -> None:
-        for model in MODELS:
-            tx.executemany(_UPSERTS[model.table], [tuple(map(_text, row)) for row in changes.rows(model)])
-            tx.executemany(f"DELETE FROM {model.table} WHERE id = %s", [(_text(key),) for key in changes.removed(model)])
-        moved = changes.moved()
-        tx.executemany(
-            "INSERT INTO counters VALUES (%s, %s) "
-            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
-            moved,
-        )
-        tx.executemany("DELETE FROM counters WHERE name = %s AND value = 0", [(name,) for name, _ in moved])
-        tx.execute("UPDATE checkpoint SET position = %s", (changes.position,))
+        with tx.pipeline():
+            for model in MODELS:
+                tx.executemany(_UPSERTS[model.table], [tuple(map(_text, row)) for row in changes.rows(model)])
+                tx.executemany(
+                    f"DELETE FROM {model.table} WHERE id = %s", [(_text(key),) for key in changes.removed(model)]
+                )
+            moved = changes.moved()
+            tx.executemany(
+                "INSERT INTO counters VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+                moved,
+            )
+            tx.executemany("DELETE FROM counters WHERE name = %s AND value = 0", [(name,) for name, _ in moved])
+            tx.execute("UPDATE checkpoint SET position = %s", (changes.position,))
 
     # --- reads ----------------------------------------------------------------------------
 
