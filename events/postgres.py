@@ -30,7 +30,7 @@ import psycopg
 from psycopg import pq
 
 from events.envelope import GENESIS_HASH, RecordedEvent
-from events.groupcommit import COLUMNS, GroupCommitLog, _Append, _Outcome, _ProjectorFailed, _Staged, row_event
+from events.groupcommit import COLUMNS, GroupCommitLog, _Append, _Outcome, _ProjectorFailed, row_event
 from events.log import LogClosed, Page, Projector, StorageError, TypeFilter
 from events.verify import Chain
 
@@ -281,18 +281,40 @@ class PostgresLog(GroupCommitLog):
         assert self._conn is not None
         return self._conn
 
-    def _begin(self) -> psycopg.Connection:
-        """The writer's connection in a new transaction. A connection found broken only now (the
-        server restarted since its last use) is made again once: nothing was sent on it yet."""
+    def _begin(self, streams: Sequence[str] = ()) -> tuple[psycopg.Connection, int, str, dict[str, int]]:
+        """The writer's connection in a new transaction holding the head's lock (appends commit one
+        at a time): the chain's tail (position, hash) and the versions of those of `streams` that
+        have events, as of that tail, in one round trip. A connection found broken only now (the
+        server restarted since its last use) is made again once: nothing was written on it yet."""
         conn = self._writer()
         try:
-            conn.execute("BEGIN")
+            return conn, *self._lock_head(conn, streams)
         except psycopg.OperationalError:
             if not conn.broken:
                 raise
             conn = self._writer()
-            conn.execute("BEGIN")
-        return conn
+            return conn, *self._lock_head(conn, streams)
+
+    @staticmethod
+    def _lock_head(conn: psycopg.Connection, streams: Sequence[str]) -> tuple[int, str, dict[str, int]]:
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                head = conn.execute("SELECT position, hash FROM head WHERE id = 1 FOR UPDATE")
+                # Each by the (stream, version) index, newest first; run once the lock is held, so as of the tail.
+                versions = conn.execute(
+                    "SELECT name, (SELECT version FROM events WHERE stream = name ORDER BY version DESC LIMIT 1) "
+                    "FROM unnest(%s::text[]) AS name", (list(streams),),
+                ) if streams else None
+            row = head.fetchone()
+            if row is None:
+                raise StorageError("the database's log has no head row: it is not a Mission Control log")
+            found = {} if versions is None else {name: v for name, v in versions.fetchall() if v is not None}
+            return row[0], row[1], found
+        except BaseException:  # the next transaction must not begin inside this one
+            if _in_transaction(conn):
+                conn.execute("ROLLBACK")
+            raise
 
     async def close(self) -> None:
         if self._closed:
@@ -345,9 +367,13 @@ class PostgresLog(GroupCommitLog):
     # --- appends -----------------------------------------------------------------
 
     def _commit(self, batch: list[_Append]) -> list[_Outcome]:
-        conn = self._begin()
+        conn, position, previous, versions = self._begin([*{append.stream: None for append in batch}])
         try:
-            staged = self._stage(conn, batch)
+            staged = self._staged(
+                batch, position, previous,
+                stream_versions=lambda names: {name: versions[name] for name in names if name in versions},
+                recorded_for_key=lambda key: self._recorded_for_key(conn, key),
+            )
             with conn.pipeline():  # nothing reads what these answer: one round trip for them all
                 if staged.rows:
                     with conn.cursor() as cursor:
@@ -377,35 +403,11 @@ class PostgresLog(GroupCommitLog):
             raise
 
     @staticmethod
-    def _lock_head(conn: psycopg.Connection) -> tuple[int, str]:
-        """The chain's tail, locked until the transaction ends: appends commit one at a time."""
-        row = conn.execute("SELECT position, hash FROM head WHERE id = 1 FOR UPDATE").fetchone()
-        if row is None:
-            raise StorageError("the database's log has no head row: it is not a Mission Control log")
-        return row
-
-    def _stage(self, conn: psycopg.Connection, batch: list[_Append]) -> _Staged:
-        return self._staged(
-            batch, *self._lock_head(conn),
-            stream_versions=lambda names: self._stream_versions(conn, names),
-            recorded_for_key=lambda key: self._recorded_for_key(conn, key),
-        )
-
-    @staticmethod
     def _stream_version(conn: psycopg.Connection, stream: str) -> int:
         row = conn.execute(
             "SELECT version FROM events WHERE stream = %s ORDER BY version DESC LIMIT 1", (stream,)
         ).fetchone()
         return row[0] if row else 0
-
-    @staticmethod
-    def _stream_versions(conn: psycopg.Connection, names: list[str]) -> dict[str, int]:
-        """In one round trip; each found by the (stream, version) index, newest first."""
-        rows = conn.execute(
-            "SELECT name, (SELECT version FROM events WHERE stream = name ORDER BY version DESC LIMIT 1) "
-            "FROM unnest(%s::text[]) AS name", (names,),
-        ).fetchall()
-        return {name: version for name, version in rows if version is not None}
 
     @staticmethod
     def _recorded_for_key(conn: psycopg.Connection, key: str):
@@ -430,9 +432,9 @@ class PostgresLog(GroupCommitLog):
     def _import(self, events: Iterable[RecordedEvent], chunk: int = 5000) -> list[RecordedEvent]:
         """Runs on the writer thread, in one transaction: a broken event leaves nothing behind.
         Returns the last chunk written, for the tail."""
-        conn = self._begin()
+        conn, position, previous, _ = self._begin()
         try:
-            chain = Chain(*self._lock_head(conn), version_of=lambda stream: self._stream_version(conn, stream))
+            chain = Chain(position, previous, version_of=lambda stream: self._stream_version(conn, stream))
             batch: list[RecordedEvent] = []
             written: list[RecordedEvent] = []
             for event in events:
@@ -470,9 +472,8 @@ class PostgresLog(GroupCommitLog):
         holds the head's lock (the PostgreSQL read models create, refold and rebuild so)."""
 
         def run() -> T:
-            conn = self._begin()
+            conn, *_ = self._begin()
             try:
-                self._lock_head(conn)
                 result = fn(_Tx(conn))
                 conn.execute("COMMIT")
             except BaseException:

@@ -115,10 +115,16 @@ class PostgresReadModels(ReadModels):
     def _checkpoint(self, tx) -> int:
         return tx.execute("SELECT position FROM checkpoint")[0][0]
 
-    def _load(self, tx, model: Model, keys: list[str]) -> dict[str, bytes]:
-        stored_as = {_text(key): key for key in keys}  # an id is stored as `_text` made it
-        rows = tx.execute(f"SELECT id, state FROM {model.table} WHERE id = ANY(%s)", (list(stored_as),))
-        return {stored_as[key]: bytes(state) for key, state in rows}
+    def _load(self, tx, keys: dict[str, list[str]]) -> dict[str, dict[str, bytes]]:
+        tables = list(keys)
+        stored_as = [{_text(key): key for key in keys[table]} for table in tables]  # ids as `_text` stored them
+        rows = tx.execute(" UNION ALL ".join(
+            f"SELECT {n}, id, state FROM {table} WHERE id = ANY(%s)" for n, table in enumerate(tables)
+        ), [list(ids) for ids in stored_as])
+        found: dict[str, dict[str, bytes]] = {table: {} for table in tables}
+        for n, key, state in rows:
+            found[tables[n]][stored_as[n][key]] = bytes(state)
+        return found
 
     def _save(self, tx, changes: Changes) -> None:
         with tx.pipeline():

@@ -82,8 +82,9 @@ class ReadModels(ABC):
         """The position of the last event folded."""
 
     @abstractmethod
-    def _load(self, tx: Any, model: Model, keys: list[str]) -> dict[str, bytes]:
-        """A model's stored states (JSON) under `keys`, by key: those it has."""
+    def _load(self, tx: Any, keys: dict[str, list[str]]) -> dict[str, dict[str, bytes]]:
+        """The stored states (JSON) under `keys` of each model's table, by table and key: those
+        they have. One round trip, however many tables."""
 
     @abstractmethod
     def _save(self, tx: Any, changes: Changes) -> None:
@@ -91,7 +92,7 @@ class ReadModels(ABC):
         keeps no row, so the stores do not depend on how events were batched), the checkpoint."""
 
     def _apply(self, tx: Any, events: list[RecordedEvent]) -> None:
-        self._save(tx, fold(events, lambda model, keys: self._load(tx, model, keys)))
+        self._save(tx, fold(events, lambda keys: self._load(tx, keys)))
 
     def _catch_up(self, tx: Transaction, until: int) -> int:
         """Fold at most a page of what lies between the checkpoint and `until`; the new checkpoint."""

@@ -100,8 +100,8 @@ COUNTER_TABLES = ("counters", "checkpoint")
 """Kept beside the models: named counts (`tasks.running`, `desktops.online`, ...) and the last folded position."""
 
 
-Loader = Callable[[Model, list[str]], dict[str, bytes]]
-"""The stored states (JSON) of a model under some keys: those it has, by key."""
+Loader = Callable[[dict[str, list[str]]], dict[str, dict[str, bytes]]]
+"""The stored states (JSON) under some keys of some models' tables, by table and key: those they have."""
 
 
 class Changes:
@@ -114,20 +114,22 @@ class Changes:
         self.position = 0
         """The last event folded."""
 
-    def prefetch(self, model: Model, keys: set[str]) -> None:
-        """Loads the states under `keys` in one read (one round trip to a database server),
-        rather than one read per key as events ask for them."""
-        cached = self.states[model.table]
-        wanted = [key for key in keys if key not in cached]
+    def prefetch(self, keys: dict[str, set[str]]) -> None:
+        """Loads the states under `keys` (by table), of every model, in one read (one round trip to
+        a database server), rather than one read per model or per key as events ask for them."""
+        wanted = {table: missing for table, some in keys.items()
+                  if (missing := [key for key in some if key not in self.states[table]])}
         if wanted:
-            stored = self._load(model, wanted)
-            for key in wanted:
-                found = stored.get(key)
-                cached[key] = None if found is None else msgspec.json.decode(found, type=model.state)
+            stored = self._load(wanted)
+            for table, missing in wanted.items():
+                cached, found = self.states[table], stored.get(table, {})
+                for key in missing:
+                    state = found.get(key)
+                    cached[key] = None if state is None else DECODERS[table].decode(state)
 
     def get(self, model: Model, key: str) -> Any:
         if key not in self.states[model.table]:
-            self.prefetch(model, {key})
+            self.prefetch({model.table: {key}})
         return self.states[model.table][key]
 
     def put(self, model: Model, key: str, old: Any, new: Any) -> None:
@@ -188,8 +190,7 @@ def fold(events: list[RecordedEvent], load: Loader) -> Changes:
         if (task_id := notifications.cause_task(event.data)) is not None:
             keys[WATCHES.table].add(task_id)  # its watchers, whom `fan_out` tells
         touched.append((event, states))
-    for model in MODELS:
-        changes.prefetch(model, keys[model.table])
+    changes.prefetch(keys)
     for event, states in touched:
         spent = _spent(changes, event.data)  # judged on the task as it was before the event
         for model, key in states:
