@@ -40,7 +40,7 @@ import httpx
 import psycopg
 
 from events import types as t
-from tests.server import API, Server, Uvicorn
+from tests.server import API, Server, Uvicorn, cli
 
 from . import common, raw_postgres
 from .common import command, fill_log, target, workdir
@@ -368,6 +368,33 @@ def many_tasks(load: Load, args: argparse.Namespace, ours: tuple[str, str, list[
     verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
 
 
+PROJECTS = 500
+"""Projects on the server when a member's key reads a task (`as_a_member`)."""
+
+
+def as_a_member(load: Load, args: argparse.Namespace, data_dir: Path, admin: httpx.Client,
+                theirs: tuple[str, str]) -> None:
+    """GET /tasks/{id} with the key of a user who is no admin, a member of one project in 50
+    of `PROJECTS`: the server checks that the task's project is one of the user's."""
+    naive, peer_id = theirs
+    mine = admin.post("/projects", json={"name": "mine", "members": ["member"]}).json()["id"]
+    for n in range(PROJECTS - 1):
+        members = [f"user-{n}", "member"] if n % 50 == 0 else [f"user-{n}"]
+        admin.post("/projects", json={"name": f"project {n}", "members": members}).raise_for_status()
+    token = cli(data_dir, "token", "create", "--user", "member", "--scopes", "task:read,task:write"
+                ).stdout.strip().splitlines()[-1]
+    base = str(admin.base_url).rstrip("/")  # the API's root
+    task = httpx.post(base + "/tasks", json={"type": "prompt", "content": "mine", "projectId": mine},
+                      headers={"Authorization": f"Bearer {token}"})
+    task.raise_for_status()
+    print(f"GET /tasks/{{id}} with a project member's key, {PROJECTS:,} projects")
+    served, peer = compare(load, [
+        Target("mission-control serve (200)", f"{base}/tasks/{task.json()['id']}", token),
+        Target("the naive peer (SELECT by id)", f"{naive}{API}/tasks/{peer_id}"),
+    ], args.rounds)
+    verdict("against the naive peer", share(served, peer), share(served, peer) >= 1.0, ">= 1.0")
+
+
 # --- filling a log fast -------------------------------------------------------------------------
 
 
@@ -447,6 +474,7 @@ def bench_http(args: argparse.Namespace) -> None:
             with sqlite3.connect(where / "naive-peer.db") as db:
                 peer_ids = [row[0] for row in db.execute("SELECT id FROM tasks LIMIT ?", (MANY,))]
             many_tasks(load, args, (url, token, ours_to_read(client)), (naive, peer_ids))
+            as_a_member(load, args, where / "api", client, (naive, peer_id))
             client.close()
 
         print("GET /overview")

@@ -9,14 +9,13 @@ from events import RecordedEvent, streams
 from projections.readmodels import ReadModels
 from projections.tasks import Task
 from service.commands.deciders import Refused
-from service.http.auth import Principal, visible_projects
+from service.http.auth import Principal, may_see_project, visible_projects
 from service.http.bodies import parse_uuid
 
 
 async def can_see_project(request: Request, who: Principal, project_id: str) -> bool:
     # A request that changes something acts: auditors see every project but act only in their own.
-    allowed = await visible_projects(request.state.models, who, acting=request.method != "GET")
-    return allowed is None or project_id in allowed
+    return await may_see_project(request.state.models, who, project_id, acting=request.method != "GET")
 
 
 async def visible_task(request: Request, who: Principal, task_id: str | None = None) -> Task:
