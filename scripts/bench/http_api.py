@@ -373,7 +373,7 @@ PROJECTS = 500
 
 
 def as_a_member(load: Load, args: argparse.Namespace, data_dir: Path, admin: httpx.Client,
-                theirs: tuple[str, str]) -> None:
+                theirs: tuple[str, str], database: str | None = None) -> None:
     """GET /tasks/{id} with the key of a user who is no admin, a member of one project in 50
     of `PROJECTS`: the server checks that the task's project is one of the user's."""
     naive, peer_id = theirs
@@ -381,8 +381,8 @@ def as_a_member(load: Load, args: argparse.Namespace, data_dir: Path, admin: htt
     for n in range(PROJECTS - 1):
         members = [f"user-{n}", "member"] if n % 50 == 0 else [f"user-{n}"]
         admin.post("/projects", json={"name": f"project {n}", "members": members}).raise_for_status()
-    token = cli(data_dir, "token", "create", "--user", "member", "--scopes", "task:read,task:write"
-                ).stdout.strip().splitlines()[-1]
+    token = cli(data_dir, "token", "create", "--user", "member", "--scopes", "task:read,task:write",
+                env={"MC_DATABASE_URL": database} if database else None).stdout.strip().splitlines()[-1]
     base = str(admin.base_url).rstrip("/")  # the API's root
     task = httpx.post(base + "/tasks", json={"type": "prompt", "content": "mine", "projectId": mine},
                       headers={"Authorization": f"Bearer {token}"})
@@ -523,3 +523,4 @@ def bench_http_postgres(wrk: str, args: argparse.Namespace) -> None:
                 peer_ids = [str(row[0]) for row in db.execute("SELECT id FROM naive_tasks LIMIT %s", (MANY,))]
             with httpx.Client(base_url=url + API, headers={"Authorization": f"Bearer {token}"}) as client:
                 many_tasks(load, args, (url, token, ours_to_read(client)), (naive, peer_ids))
+                as_a_member(load, args, where / "api", client, (naive, peer_id), ours)
