@@ -367,7 +367,7 @@ class PostgresLog(GroupCommitLog):
     # --- appends -----------------------------------------------------------------
 
     def _commit(self, batch: list[_Append]) -> list[_Outcome]:
-        conn, position, previous, versions = self._begin([*{append.stream: None for append in batch}])
+        conn, position, previous, versions = self._begin(list(dict.fromkeys(append.stream for append in batch)))
         try:
             staged = self._staged(
                 batch, position, previous,

@@ -56,21 +56,20 @@ class GatheredReads(Generic[K, R]):
         try:
             found = await self._fetch(list(waiting))
         except asyncio.CancelledError:  # the loop is closing: so are the waiters
-            for future in _unsettled(waiting):
+            for _, future in _unsettled(waiting):
                 future.cancel()
             raise
         except Exception as exc:  # the read failed: so does each read it was for
-            for future in _unsettled(waiting):
+            for _, future in _unsettled(waiting):
                 future.set_exception(exc)
         else:
-            for key, futures in waiting.items():
-                for future in _unsettled({key: futures}):
-                    future.set_result(found.get(key))
+            for key, future in _unsettled(waiting):
+                future.set_result(found.get(key))
         finally:
             self._out -= 1
             self._send()
 
 
-def _unsettled(waiting: dict) -> list[asyncio.Future]:
-    # A waiter whose caller left is cancelled already.
-    return [future for futures in waiting.values() for future in futures if not future.done()]
+def _unsettled(waiting: dict[K, list[asyncio.Future]]) -> list[tuple[K, asyncio.Future]]:
+    """Each waiter still waiting, with its key: one whose caller left is cancelled already."""
+    return [(key, future) for key, futures in waiting.items() for future in futures if not future.done()]

@@ -51,6 +51,11 @@ def _text(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
+def _stored_as(keys: list[str]) -> dict[str, str]:
+    """Each id as `_text` stored it, to the id asked for."""
+    return {_text(key): key for key in keys}
+
+
 def _column_type(name: str) -> str:
     return "BIGINT" if name in _INTEGER_COLUMNS else 'TEXT COLLATE "C"'
 
@@ -121,7 +126,7 @@ class PostgresReadModels(ReadModels):
 
     def _load(self, tx, keys: dict[str, list[str]]) -> dict[str, dict[str, bytes]]:
         tables = list(keys)
-        stored_as = [{_text(key): key for key in keys[table]} for table in tables]  # ids as `_text` stored them
+        stored_as = [_stored_as(keys[table]) for table in tables]
         rows = tx.execute(" UNION ALL ".join(
             f"SELECT {n}, id, state FROM {table} WHERE id = ANY(%s)" for n, table in enumerate(tables)
         ), [list(ids) for ids in stored_as])
@@ -153,7 +158,7 @@ class PostgresReadModels(ReadModels):
         return None if state is None else DECODERS[model.table].decode(state)
 
     async def _fetch_states(self, model: Model, keys: list[str]) -> dict[str, bytes]:
-        stored_as = {_text(key): key for key in keys}  # an id is stored as `_text` made it
+        stored_as = _stored_as(keys)
         rows = await self.log.query(f"SELECT id, state FROM {model.table} WHERE id = ANY(%s)", (list(stored_as),))
         return {stored_as[key]: state for key, state in rows}
 
@@ -221,7 +226,7 @@ class PostgresReadModels(ReadModels):
 
     async def _fetch_tasks_and_watchers(self, task_ids: list[str]) -> dict[str, tuple[bytes, list[bytes]]]:
         """Tasks with their live presence, in one round trip to the server."""
-        stored_as = {_text(key): key for key in task_ids}  # an id is stored as `_text` made it
+        stored_as = _stored_as(task_ids)
         rows = await self.log.query(
             "SELECT t.id, t.state, ARRAY(SELECT p.state FROM presence p WHERE p.task_id = t.id AND p.expires_at > %s "
             "ORDER BY p.id) FROM tasks t WHERE t.id = ANY(%s)", (now_rfc3339(), list(stored_as)),

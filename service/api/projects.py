@@ -14,7 +14,7 @@ from service.api import API_PREFIX, schemas
 from service.api.schemas import sent_fields
 from service.commands.deciders import Refused
 from service.commands.requests import record
-from service.http.auth import Principal, may_see_project, visible_projects
+from service.http.auth import Principal, sees_project, visible_projects
 from service.http.bodies import parse_uuid
 from service.http.errors import json_response
 from service.http.endpoints import IDEMPOTENCY, declared_body, endpoint
@@ -24,7 +24,7 @@ from service.ids import new_id
 async def _project(request: Request, who: Principal) -> Project:
     project_id = parse_uuid(request.path_params["project_id"], "Project id")
     project = await request.state.models.project(project_id)
-    if project is None or not await may_see_project(request.state.models, who, project_id):
+    if project is None or not sees_project(who, project):
         raise Refused("not_found", "Project not found.")
     return project
 

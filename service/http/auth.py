@@ -128,28 +128,34 @@ class Keys:
 KEY_EVENTS = TypeFilter(["apikey."])
 
 
+def _everywhere(principal: Principal, acting: bool) -> bool:
+    """`audit:read` reads every project but acts only where its user is a member; `admin` does both."""
+    return principal.has("admin") if acting else principal.has("audit:read")
+
+
+def sees_project(principal: Principal, project: Project, acting: bool = False) -> bool:
+    """Whether this principal sees the tasks of `project`, or with `acting` may change them: a key
+    issued for one project keeps to it (while its user is still a member, unless it reads or acts
+    everywhere)."""
+    if principal.project_id is not None and project.id != principal.project_id:
+        return False
+    return _everywhere(principal, acting) or principal.user in project.members
+
+
 async def visible_projects(models: ReadModels, principal: Principal, acting: bool = False) -> list[str] | None:
-    """The projects whose tasks this principal sees, or with `acting` may change; None means all.
-    `audit:read` reads every project but acts only where its user is a member; `admin` does both."""
-    everywhere = principal.has("admin") if acting else principal.has("audit:read")
-    if everywhere:
+    """The projects `sees_project` allows; None means all."""
+    if _everywhere(principal, acting):
         return None if principal.project_id is None else [principal.project_id]
-    member_of = [p.id for p in await models.projects() if principal.user in p.members]
-    if principal.project_id is not None:  # the key's project, while its user is still a member
-        return [principal.project_id] if principal.project_id in member_of else []
-    return member_of
+    return [p.id for p in await models.projects() if sees_project(principal, p, acting)]
 
 
 async def may_see_project(models: ReadModels, principal: Principal, project_id: str, acting: bool = False) -> bool:
-    """Whether `project_id` is among `visible_projects`, by reading that one project rather than
-    every project: a request on one task of a user who is no admin asks this."""
-    everywhere = principal.has("admin") if acting else principal.has("audit:read")
-    if principal.project_id is not None and project_id != principal.project_id:
-        return False
-    if everywhere:
-        return True
+    """`sees_project` for a project named by id, reading that one project rather than every
+    project (a request on one task asks this), and none at all for a key that sees everywhere."""
+    if _everywhere(principal, acting):
+        return principal.project_id is None or project_id == principal.project_id
     project = await models.project(project_id)
-    return project is not None and principal.user in project.members
+    return project is not None and sees_project(principal, project, acting)
 
 
 async def find_project(models: ReadModels, id_or_name: str) -> Project:
